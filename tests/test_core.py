@@ -1,0 +1,271 @@
+"""The core's math, one property per test (design, sections 1-6)."""
+import math
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+import minflow
+
+
+@pytest.mark.parametrize("n,shift", [(1, 3.0), (10, 3.0), (40, 3.0), (10, 1.0), (25, 5.0)])
+def test_sigma_grid_equals_diffusers(n, shift):
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    scheduler.set_timesteps(n)
+    ours = minflow.sd3_sigmas(n, shift)
+    assert ours.shape == (n + 1,)
+    torch.testing.assert_close(ours, scheduler.sigmas.float(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("sampler", minflow.SAMPLERS)
+def test_every_sampler_at_noise_level_zero_is_the_euler_step(sampler):
+    g = torch.Generator().manual_seed(0)
+    x, v = torch.randn(6, 3, 4, 4, generator=g), torch.randn(6, 3, 4, 4, generator=g)
+    for t, t_next in [(1.0, 0.96), (0.7, 0.6), (0.278, 0.009), (0.009, 0.0),
+                      (torch.rand(6, generator=g) * 0.5 + 0.5, torch.rand(6, generator=g) * 0.4)]:
+        x_next, mean, std = minflow.sde_step(x, v, t, t_next, sampler, noise_level=0.0, noise=torch.randn_like(x))
+        dt = torch.as_tensor(t - t_next).reshape(-1, 1, 1, 1) if torch.is_tensor(t) else t - t_next
+        torch.testing.assert_close(mean, x - dt * v, rtol=0, atol=1e-6)
+        torch.testing.assert_close(x_next, mean, rtol=0, atol=0)
+        assert float(torch.as_tensor(std).abs().max()) == 0.0
+
+
+def test_log_prob_equals_torch_normal():
+    g = torch.Generator().manual_seed(1)
+    x, mean = torch.randn(5, 2, 3, generator=g), torch.randn(5, 2, 3, generator=g)
+    std = torch.rand(5, 1, 1, generator=g) + 0.1
+    expected = torch.distributions.Normal(mean, std.expand_as(mean)).log_prob(x).flatten(1).mean(1)
+    torch.testing.assert_close(minflow.gaussian_log_prob(x, mean, std), expected)
+
+
+def test_kl_is_the_exact_gaussian_kl():
+    g = torch.Generator().manual_seed(2)
+    mean, ref = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
+    std = torch.tensor(0.3)
+    p, q = torch.distributions.Normal(mean, std), torch.distributions.Normal(ref, std)
+    torch.testing.assert_close(minflow.kl_divergence(mean, ref, std), torch.distributions.kl_divergence(p, q).mean(1))
+
+
+def gaussian_velocity(m, s):
+    """The exact velocity E[eps - x0 | x_t] of data N(m, s^2 I)."""
+    def velocity(x, t):
+        mu, var = (1 - t) * m, ((1 - t) * s) ** 2 + t**2
+        return (t - (1 - t) * s**2) * (x - mu) / var - m
+    return velocity
+
+
+def marginal(m, s, t):
+    return (1 - t) * m, ((1 - t) * s) ** 2 + t**2
+
+
+def flow_grpo_variance_errors(num_steps, m=1.5, s=0.5):
+    """|sampled - analytic| marginal variance at t = 3/4 and at t = 0, from 40k samples."""
+    sigmas = minflow.sd3_sigmas(num_steps, shift=1.0)
+    x = torch.randn(40000, 1, generator=torch.Generator().manual_seed(0))
+    traj = minflow.rollout(gaussian_velocity(m, s), x, sigmas, "flow_grpo", 0.7, torch.Generator().manual_seed(1))
+    assert (traj.stds[:-1] > 0).all() and (traj.log_probs[:, :-1] != 0).all()
+    for k in range(0, num_steps + 1, num_steps // 10):
+        assert abs(traj.xs[:, k].mean() - marginal(m, s, float(sigmas[k]))[0]) < 0.02
+    return [abs(float(traj.xs[:, k].var()) - marginal(m, s, float(sigmas[k]))[1]) for k in (num_steps // 4, num_steps)]
+
+
+def test_flow_grpo_sde_reproduces_the_marginals():
+    # Measured: the final variance is off by 0.003 at 100 steps (Monte Carlo noise is 0.002);
+    # on the way the error comes from the coarse first steps and shrinks as steps grow.
+    early_50, _ = flow_grpo_variance_errors(50)
+    early_200, final_200 = flow_grpo_variance_errors(200)
+    assert final_200 < 0.01
+    assert early_200 < 0.04 and early_200 < 0.75 * early_50
+
+
+@pytest.mark.parametrize("sampler,a", [("ddim", 0.7), ("cps", 0.8)])
+def test_ddim_and_cps_keep_the_mean_and_never_exceed_the_marginal_variance(sampler, a):
+    m, s = 1.5, 0.5
+    sigmas = minflow.sd3_sigmas(100, shift=1.0)
+    x = torch.randn(40000, 1, generator=torch.Generator().manual_seed(0))
+    traj = minflow.rollout(gaussian_velocity(m, s), x, sigmas, sampler, a, torch.Generator().manual_seed(1))
+    for k in range(1, 101):
+        mu, var = marginal(m, s, float(sigmas[k]))
+        assert abs(traj.xs[:, k].mean() - mu) < 0.02
+        assert traj.xs[:, k].var() <= var * 1.02 + 1e-4, (k, traj.xs[:, k].var(), var)
+    # The deficit is real (design: 0.213 for ddim, 0.155 for cps, against 0.25).
+    assert traj.xs[:, -1].var() < 0.235
+
+
+def toy_velocity(seed=0):
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 32), torch.nn.SiLU(), torch.nn.Linear(32, 2))
+
+    def velocity(x, t):
+        t = torch.as_tensor(t, dtype=torch.float32).expand(x.shape[0])[:, None]
+        return net(torch.cat([x, t], 1))
+    return net, velocity
+
+
+@pytest.mark.parametrize("sampler", ["flow_grpo", "ddim", "cps"])
+def test_on_policy_ratio_is_exactly_one(sampler):
+    net, velocity = toy_velocity()
+    sigmas = minflow.sd3_sigmas(10)
+    traj = minflow.rollout(velocity, torch.randn(16, 2), sigmas, sampler, 0.7, torch.Generator().manual_seed(0))
+    adv = torch.randn(16)
+    for k in torch.nonzero(minflow.trained_steps(traj.stds))[:, 0]:
+        loss, stats = minflow.policy_loss(velocity, traj.xs[:, k], traj.xs[:, k + 1], sigmas[k], sigmas[k + 1],
+                                          traj.log_probs[:, k], adv, sampler, 0.7, clip_range=1e-4)
+        assert stats["ratio"] == 1.0 and stats["clipfrac"] == 0.0 and stats["approx_kl"] == 0.0
+        torch.testing.assert_close(loss, -adv.mean())
+
+
+def test_ppo_clip_stops_the_gradient_outside_the_range():
+    log_prob = torch.tensor([0.5, -0.5, 0.0], requires_grad=True)
+    adv = torch.tensor([1.0, -1.0, 1.0])
+    loss, stats = minflow.grpo_loss(log_prob, torch.zeros(3), adv, clip_range=0.2)
+    loss.backward()
+    # ratio e^0.5 with A > 0 and e^-0.5 with A < 0 are clipped: no gradient; the third is not.
+    assert log_prob.grad[0] == 0 and log_prob.grad[1] == 0 and log_prob.grad[2] != 0
+    assert stats["clipfrac"] == pytest.approx(2 / 3)
+
+
+def test_one_step_on_a_positive_advantage_raises_its_log_prob():
+    net, velocity = toy_velocity(1)
+    sigmas = minflow.sd3_sigmas(10)
+    traj = minflow.rollout(velocity, torch.randn(8, 2), sigmas, "flow_grpo", 0.7, torch.Generator().manual_seed(0))
+    k = 3
+    args = (traj.xs[:, k], traj.xs[:, k + 1], sigmas[k], sigmas[k + 1], traj.log_probs[:, k])
+    before = traj.log_probs[:, k].clone()
+    opt = torch.optim.SGD(net.parameters(), lr=1e-2)
+    loss, _ = minflow.policy_loss(velocity, *args, torch.ones(8), "flow_grpo", 0.7, clip_range=10.0)
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        _, mean, std = minflow.sde_step(args[0], velocity(args[0], args[2]), args[2], args[3], "flow_grpo", 0.7,
+                                        prev_sample=args[1])
+        after = minflow.gaussian_log_prob(args[1], mean, std)
+    assert after.mean() > before.mean() + 1e-4
+
+
+def test_group_advantages_normalise_within_groups():
+    rewards = torch.tensor([1.0, 2.0, 3.0, 10.0, 30.0, 5.0, 5.0, 5.0])
+    groups = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2])
+    a = minflow.group_advantages(rewards, groups, eps=0.0, clip=100.0)
+    for g in (0, 1):
+        assert abs(a[groups == g].mean()) < 1e-6 and abs(a[groups == g].std(unbiased=False) - 1) < 1e-5
+    assert (a[groups == 2] == 0).all()  # constant group: exactly zero
+    glob = minflow.group_advantages(rewards, groups, std="global", eps=0.0, clip=100.0)
+    torch.testing.assert_close(glob[:3], (rewards[:3] - 2.0) / rewards.std(unbiased=False))
+    assert (glob[groups == 2] == 0).all()
+    assert minflow.zero_std_fraction(rewards, groups) == pytest.approx(1 / 3)
+    assert minflow.group_advantages(rewards, groups, clip=0.5).abs().max() <= 0.5
+
+
+def test_constant_float_rewards_give_exact_zeros():
+    # 0.1 * 3 / 3 != 0.1 in floating point: the zero must not come from subtraction.
+    rewards, groups = torch.full((6,), 0.1), torch.tensor([0, 0, 0, 1, 1, 1])
+    assert (minflow.group_advantages(rewards, groups) == 0).all()
+    assert (minflow.stepwise_advantages(torch.full((6, 5), 0.1), groups) == 0).all()
+
+
+def test_gains_telescope_and_joint_normalisation():
+    g = torch.Generator().manual_seed(3)
+    step_r = torch.rand(12, 6, generator=g)
+    groups = torch.arange(3).repeat_interleave(4)
+    gains = step_r[:, 1:] - step_r[:, :-1]
+    torch.testing.assert_close(gains.sum(1), step_r[:, -1] - step_r[:, 0])
+    a = minflow.stepwise_advantages(step_r, groups, eps=0.0, clip=100.0)
+    assert a.shape == (12, 5)
+    for grp in range(3):
+        block = a[groups == grp]
+        assert abs(block.mean()) < 1e-5 and abs(block.std(unbiased=False) - 1) < 1e-5
+    # Joint, not per step: a step whose gains are all large keeps a large mean advantage.
+    step_r[:, 1] += 5.0
+    a = minflow.stepwise_advantages(step_r, groups, eps=0.0, clip=100.0)
+    assert (a[:, 0] > 0).all() and (a[:, 1] < 0).all()
+    masked = minflow.stepwise_advantages(step_r, groups, mask=torch.tensor([True, True, False, True, False]))
+    assert (masked[:, [2, 4]] == 0).all()
+
+
+def test_noise_weighted_advantages_have_mean_one_weights_on_trained_steps():
+    stds = torch.tensor([0.7, 0.5, 0.3, 0.0, 0.006])
+    trained = minflow.trained_steps(stds)
+    assert trained.tolist() == [True, True, True, False, False]
+    a = minflow.noise_weighted_advantages(torch.tensor([2.0, -1.0]), stds, trained)
+    weights = a[0] / 2.0
+    torch.testing.assert_close(weights[trained].mean(), torch.tensor(1.0))
+    assert (weights[~trained] == 0).all() and weights[0] > weights[1] > weights[2]
+    torch.testing.assert_close(a[1], -weights)
+
+
+def test_allocation_sums_respects_bounds_and_is_monotone():
+    g = torch.Generator().manual_seed(4)
+    for trial in range(200):
+        K = int(torch.randint(2, 12, (1,), generator=g))
+        n_min = int(torch.randint(2, 4, (1,), generator=g))
+        n_max = n_min + int(torch.randint(0, 20, (1,), generator=g))
+        budget = int(torch.randint(n_min * K, n_max * K + 1, (1,), generator=g))
+        var = torch.rand(K, generator=g) ** 3 * (torch.rand(K, generator=g) > 0.2)
+        sizes = minflow.allocate_group_sizes(var, budget, n_min, n_max)
+        assert sizes.dtype == torch.long and int(sizes.sum()) == budget
+        assert (sizes >= n_min).all() and (sizes <= n_max).all()
+        larger_var = var[:, None] > var[None, :]
+        assert (sizes[:, None] >= sizes[None, :])[larger_var].all(), (var, sizes)
+    sizes = minflow.allocate_group_sizes(torch.tensor([0.0, 0.01, 0.25, 0.25]), 64)
+    assert sizes[0] == 2 < sizes[1] < min(sizes[2], sizes[3]) and abs(sizes[2] - sizes[3]) <= 1
+    assert minflow.allocate_group_sizes(torch.zeros(4), 64).tolist() == [16] * 4
+    with pytest.raises(ValueError, match="cannot be split"):
+        minflow.allocate_group_sizes(torch.ones(4), 7)
+
+
+def test_tracker_forgets_and_round_trips():
+    tracker = minflow.PromptTracker(3, rho=0.8)
+    ids = torch.tensor([0, 0, 1, 1])
+    tracker.update(ids, torch.tensor([0.0, 0.0, 0.0, 1.0]))
+    assert tracker.mean(torch.tensor([0, 1])).tolist() == [0.0, 0.5]
+    assert tracker.variance(torch.tensor([1, 2])).tolist() == [0.25, 0.25]  # unseen = most uncertain seen
+    b = tracker.baseline(torch.tensor([0, 2, 2]), torch.tensor([1.0, 0.2, 0.4]))
+    torch.testing.assert_close(b, torch.tensor([0.0, 0.3, 0.3]))  # unseen: its group's mean
+    for _ in range(30):
+        tracker.update(ids, torch.tensor([1.0, 1.0, 1.0, 1.0]))
+    assert tracker.mean(torch.tensor([0]))[0] > 0.99 and tracker.variance(torch.tensor([1]))[0] < 0.01
+    clone = minflow.PromptTracker(3)
+    clone.load_state_dict(tracker.state_dict())
+    assert torch.equal(clone.moments, tracker.moments) and clone.rho == 0.8
+
+
+def test_presets_are_axis_choices_and_mix():
+    assert minflow.make_algorithm("flow_grpo") == minflow.Algorithm()
+    mix = minflow.make_algorithm("stepwise:group_sizes=variance:n_min=4")
+    assert (mix.sampler, mix.shared_noise, mix.step_credit, mix.group_sizes, mix.n_min) == ("ddim", True, "gains", "variance", 4)
+    for bad, message in [("grpo", "unknown algorithm 'grpo'"), ("flow_grpo:sampler=euler", "unknown sampler 'euler'"),
+                         ("stepwise:baseline=tracker", "baseline must be 'group'"),
+                         ("superflow:n_min=x", "bad value for --n_min: 'x'"), ("superflow:size=3", "unknown flag --size")]:
+        with pytest.raises(ValueError, match=message):
+            minflow.make_algorithm(bad)
+
+
+def test_shared_initial_noise_and_group_sizes():
+    sizes = torch.tensor([3, 2])
+    x = minflow.initial_noise(sizes, (2,), shared=True, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(x[0], x[2]) and torch.equal(x[3], x[4]) and not torch.equal(x[0], x[3])
+    x = minflow.initial_noise(sizes, (2,), shared=False, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(x[0], x[1])
+    assert minflow.group_sizes(minflow.Algorithm(), 4, 32).tolist() == [8] * 4
+    with pytest.raises(ValueError, match="does not split evenly"):
+        minflow.group_sizes(minflow.Algorithm(), 3, 32)
+
+
+def test_short_ode_estimate_is_tweedie_at_one_substep_and_exact_for_straight_flows():
+    m = torch.tensor([[1.0, -2.0]])
+    x1 = torch.randn(5, 2)
+    xt = 0.4 * m + 0.6 * x1   # t = 0.6 on the straight path from x1 to the point mass m
+    velocity = lambda x, t: (x - m) / t  # noqa: E731  (the exact velocity of a point mass)
+    torch.testing.assert_close(minflow.short_ode_x0(velocity, xt, 0.6, 1), minflow.tweedie_x0(xt, velocity(xt, 0.6), 0.6))
+    torch.testing.assert_close(minflow.short_ode_x0(velocity, xt, 0.6, 5), m.expand(5, 2))
+
+
+def test_step_rewards_score_every_state_and_reuse_the_final_reward():
+    net, velocity = toy_velocity(2)
+    traj = minflow.rollout(velocity, torch.randn(4, 2), minflow.sd3_sigmas(6), "ddim", 0.7)
+    calls = []
+    reward = lambda x: calls.append(1) or -x.pow(2).sum(1)  # noqa: E731
+    r = minflow.step_rewards(velocity, traj, reward, substeps=2, final=reward(traj.xs[:, -1]))
+    assert r.shape == (4, 7) and len(calls) == 7  # 6 estimates + the one final reward
+    torch.testing.assert_close(r[:, -1], -traj.xs[:, -1].pow(2).sum(1))

@@ -1,0 +1,16 @@
+"""The repository's promises to its users: two commands, pinned versions, CI runs the tests."""
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_test_command_is_what_ci_runs():
+    ci = re.search(r"^TEST_COMMAND='(.+)'$", (ROOT / ".ci" / "run").read_text(), re.M).group(1)
+    assert f"\n{ci}\n" in (ROOT / "README.md").read_text()
+
+
+def test_requirements_are_exact_pins():
+    lines = [line for line in (ROOT / "requirements.txt").read_text().splitlines() if line.strip()]
+    assert "torch==2.13.0" in lines
+    assert all(re.fullmatch(r"[A-Za-z0-9_.\-]+==[0-9][A-Za-z0-9.+]*", line) for line in lines), lines
