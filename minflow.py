@@ -382,40 +382,46 @@ def allocate_group_sizes(variances, budget, n_min=2, n_max=None, floor=0.1):
 # 6. The loss
 
 
-def grpo_loss(log_prob, old_log_prob, advantages, clip_range):
+def grpo_loss(log_prob, old_log_prob, advantages, clip_range, weight=None):
     """Eq. (PPO-clip): mean of max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps)).
 
-    Returns (loss, stats) with the ratio's mean, clipfrac (share outside the clip range) and
-    approx_kl = mean(log_ratio^2) / 2, the usual estimate of KL(old || new).
+    With `weight` [N] the loss is the weighted sum instead of the mean: a data-parallel
+    trainer weights each row by 1 / (rows in the global batch) so that gradients summed over
+    ranks equal one big batch's, and gives padding rows weight 0. Returns (loss, stats) with
+    the ratio's mean, clipfrac (share outside the clip range) and approx_kl =
+    mean(log_ratio^2) / 2, the usual estimate of KL(old || new), over rows of nonzero weight.
     """
     log_ratio = log_prob - old_log_prob
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
-    loss = torch.maximum(unclipped, clipped).mean()
+    per_row = torch.maximum(unclipped, clipped)
+    loss = per_row.mean() if weight is None else (per_row * weight).sum()
     with torch.no_grad():
+        real = slice(None) if weight is None else weight != 0
         stats = {
-            "ratio": ratio.mean().item(),
-            "clipfrac": ((ratio - 1).abs() > clip_range).float().mean().item(),
-            "approx_kl": 0.5 * (log_ratio**2).mean().item(),
+            "ratio": ratio[real].mean().item(),
+            "clipfrac": ((ratio[real] - 1).abs() > clip_range).float().mean().item(),
+            "approx_kl": 0.5 * (log_ratio[real] ** 2).mean().item(),
         }
     return loss, stats
 
 
 def policy_loss(velocity, x, x_next, t, t_next, old_log_prob, advantages, sampler, noise_level,
-                clip_range, beta=0.0, ref_velocity=None):
+                clip_range, beta=0.0, ref_velocity=None, weight=None):
     """The training loss of a batch of stored transitions (x -> x_next from t to t_next, each
     [N] or shared): the policy's log-prob of x_next, PPO-clip, plus beta times the exact KL
-    to the reference policy (`ref_velocity`, e.g. the model with its LoRA switched off)."""
+    to the reference policy (`ref_velocity`, e.g. the model with its LoRA switched off).
+    `weight` as in grpo_loss."""
     v = velocity(x, t)
     _, mean, std = sde_step(x, v, t, t_next, sampler, noise_level, prev_sample=x_next)
-    loss, stats = grpo_loss(gaussian_log_prob(x_next, mean, std), old_log_prob, advantages, clip_range)
+    loss, stats = grpo_loss(gaussian_log_prob(x_next, mean, std), old_log_prob, advantages, clip_range, weight)
     if beta > 0:
         with torch.no_grad():
             _, ref_mean, _ = sde_step(x, ref_velocity(x, t), t, t_next, sampler, noise_level, prev_sample=x_next)
-        kl = kl_divergence(mean, ref_mean, std).mean()
-        loss = loss + beta * kl
-        stats["kl"] = kl.item()
+        kl = kl_divergence(mean, ref_mean, std)
+        loss = loss + beta * (kl.mean() if weight is None else (kl * weight).sum())
+        stats["kl"] = (kl.mean() if weight is None else kl[weight != 0].mean()).item()
     return loss, stats
 
 
@@ -511,10 +517,11 @@ def advantages(algo, rewards, group_ids, stds, step_rewards=None, baseline=None,
     return a[:, None] * trained.float()
 
 
-def transitions(traj, adv):
-    """Flatten the (trajectory, step) pairs with nonzero advantage into training rows:
-    a dict of x, x_next, t, t_next, old_log_prob, advantage, and the trajectory index."""
-    b, k = torch.nonzero(adv != 0, as_tuple=True)
+def transitions(traj, adv, mask=None):
+    """Flatten (trajectory, step) pairs into training rows: a dict of x, x_next, t, t_next,
+    old_log_prob, advantage and the trajectory index. `mask` [B, T] picks the pairs; by default
+    those with nonzero advantage (constant-reward groups and untrained steps carry no signal)."""
+    b, k = torch.nonzero(adv != 0 if mask is None else mask, as_tuple=True)
     return {
         "x": traj.xs[b, k], "x_next": traj.xs[b, k + 1], "t": traj.sigmas[k], "t_next": traj.sigmas[k + 1],
         "old_log_prob": traj.log_probs[b, k], "advantage": adv[b, k], "sample": b,

@@ -1,0 +1,423 @@
+"""Reward functions for RL fine-tuning, and a weighted mix of them chosen by a spec string.
+
+Every reward has the same signature::
+
+    reward(images, prompts, metadata) -> torch.Tensor[B]  (float32, CPU)
+
+- ``images``: float tensor [B, 3, H, W] with values in [0, 1], on any device;
+- ``prompts``: list of B strings;
+- ``metadata``: list of B dicts (often empty) from the prompt file, e.g. ``{"text": "OPEN"}``.
+
+A spec such as ``"ocr=0.8,pickscore=0.2"`` (the ``--reward`` flag) picks rewards
+by name from ``REWARDS`` and weights them. ``RewardMix`` validates the spec
+before it loads any model, then returns the weighted total and every term, so
+a training loop can log each reward separately.
+
+None of the rewards is differentiable: policy-gradient methods such as
+Flow-GRPO only need a number per image.
+"""
+
+import base64
+import http.client
+import io
+import json
+import math
+import re
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from PIL import Image
+
+RewardFn = Callable[[torch.Tensor, list[str], list[dict]], torch.Tensor]
+
+
+class RewardError(RuntimeError):
+    """A reward could not score its batch. The message names the reward and the prompt."""
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """Convert a [B, 3, H, W] float tensor in [0, 1] to B RGB PIL images (8 bits per channel)."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected images of shape [B, 3, H, W], got {list(images.shape)}")
+    pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+    pixels = pixels.permute(0, 2, 3, 1).cpu().numpy()  # PIL wants height, width, channel
+    return [Image.fromarray(p) for p in pixels]  # uint8 [H, W, 3] is read as RGB
+
+
+def levenshtein(a: str, b: str) -> int:
+    """Edit distance: the fewest single-character insertions, deletions and substitutions turning a into b."""
+    # Dynamic programming over prefixes, keeping one row: previous[j] = distance(a[:i-1], b[:j]).
+    previous = list(range(len(b) + 1))
+    for i, char_a in enumerate(a, start=1):
+        current = [i]
+        for j, char_b in enumerate(b, start=1):
+            current.append(
+                min(
+                    previous[j] + 1,  # delete char_a
+                    current[j - 1] + 1,  # insert char_b
+                    previous[j - 1] + (char_a != char_b),  # substitute (free if equal)
+                )
+            )
+        previous = current
+    return previous[-1]
+
+
+# --------------------------------------------------------------------------- OCR
+
+
+def ocr_target(prompt: str, metadata: dict) -> str:
+    """The text an image should show: ``metadata["text"]`` if present, else the first "double-quoted" span."""
+    if "text" in metadata:
+        return str(metadata["text"])
+    quoted = re.search(r'"([^"]*)"', prompt)
+    if quoted is None:
+        raise RewardError(
+            f"reward 'ocr': no target text for prompt {prompt!r}; "
+            'put the text in double quotes or set metadata["text"]'
+        )
+    return quoted.group(1)
+
+
+def normalize_ocr_text(text: str) -> str:
+    """Lowercase and drop all whitespace.
+
+    Case and spacing are the least reliable parts of OCR output (and of a
+    generated sign), so only the sequence of characters is compared.
+    """
+    return "".join(text.lower().split())
+
+
+def ocr_similarity(recognised: str, target: str) -> float:
+    """max(0, 1 - edit_distance / len(target)) on normalised strings: 1 for a perfect match, 0 for nothing right."""
+    recognised, target = normalize_ocr_text(recognised), normalize_ocr_text(target)
+    if not target:
+        raise ValueError("the target text is empty after removing whitespace")
+    return max(0.0, 1.0 - levenshtein(recognised, target) / len(target))
+
+
+class OcrReward:
+    """How well the text in each image matches the text the prompt asks for, in [0, 1].
+
+    Uses RapidOCR (PP-OCRv4 detection + recognition, the ONNX models ship inside
+    the ``rapidocr-onnxruntime`` wheel, so it runs offline on the CPU). All
+    recognised lines are concatenated in reading order before comparing.
+    """
+
+    def __init__(self):
+        from rapidocr_onnxruntime import RapidOCR  # imported here: loading ONNX sessions takes a moment
+
+        self.engine = RapidOCR()
+
+    def read_text(self, image: Image.Image) -> str:
+        lines, _timings = self.engine(image)  # lines: [[box, text, confidence], ...] or None
+        return "".join(text for _box, text, _confidence in lines or [])
+
+    def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> torch.Tensor:
+        scores = []
+        for image, prompt, meta in zip(to_pil(images), prompts, metadata):
+            target = ocr_target(prompt, meta)
+            try:
+                scores.append(ocr_similarity(self.read_text(image), target))
+            except Exception as error:
+                raise RewardError(f"reward 'ocr' failed on prompt {prompt!r}: {error}") from error
+        return torch.tensor(scores, dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------- CLIP-based
+
+
+class ClipCosine:
+    """A CLIP-style dual encoder that returns cosine(image embedding, text embedding) per (image, prompt) pair.
+
+    ``model_path`` and ``processor_path`` are hub ids or local folders. Weights
+    are read only from safetensors files (never unpickled) and no repository code
+    is executed.
+    """
+
+    def __init__(self, model_path: str, processor_path: str, device: str | torch.device):
+        from transformers import AutoModel, AutoProcessor
+
+        self.device = torch.device(device)
+        self.processor = AutoProcessor.from_pretrained(processor_path)
+        self.model = AutoModel.from_pretrained(model_path, use_safetensors=True).to(self.device).eval()
+
+    @torch.no_grad()
+    def cosine(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        # The processor does CLIP's own resize, centre crop and normalisation, and truncates
+        # prompts to the text encoder's context (77 tokens for CLIP).
+        inputs = self.processor(
+            text=prompts, images=to_pil(images), padding=True, truncation=True, return_tensors="pt"
+        ).to(self.device)
+        outputs = self.model(**inputs)
+        # text_embeds and image_embeds come out projected and L2-normalised.
+        return (outputs.image_embeds * outputs.text_embeds).sum(dim=-1).float().cpu()
+
+
+class PickScore(ClipCosine):
+    """PickScore v1 (CLIP-H fine-tuned on human preferences): logit_scale * cosine / 26.
+
+    logit_scale is about 100, so raw PickScores sit near 20-23; dividing by 26
+    (as Flow-GRPO does) brings them to roughly 0.8-0.9.
+    """
+
+    def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> torch.Tensor:
+        logit_scale = self.model.logit_scale.exp().item()
+        return logit_scale * self.cosine(images, prompts) / 26
+
+
+class ClipScore(ClipCosine):
+    """Raw CLIP cosine similarity between image and prompt, in [-1, 1] (typically 0.2-0.4 for a good match).
+
+    The published "CLIPScore" metric is 2.5 * max(cosine, 0) and some papers
+    report 100 * cosine; this reward returns the cosine itself.
+    """
+
+    def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> torch.Tensor:
+        return self.cosine(images, prompts)
+
+
+# --------------------------------------------------------------------------- JPEG
+
+
+def jpeg_compressibility(images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> torch.Tensor:
+    """Minus the JPEG size (quality 95) in kilobytes (1 kB = 1000 bytes): simpler images score higher.
+
+    A classic toy reward (from DDPO): cheap, needs no model, and easy to hack
+    (flat, blurry images win), which makes reward hacking visible quickly.
+    """
+    sizes_kb = []
+    for image in to_pil(images):
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=95)
+        sizes_kb.append(buffer.tell() / 1000)
+    return -torch.tensor(sizes_kb, dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------- remote
+
+
+class RewardServerError(RuntimeError):
+    """The reward server could not be reached or answered something unusable."""
+
+
+class RemoteReward:
+    """Scores from a reward server that speaks JSON over HTTP (e.g. a GenEval server on another machine).
+
+    Request (POST, ``Content-Type: application/json``)::
+
+        {"prompts": [str, ...], "metadata": [dict, ...], "images": [base64 PNG, ...]}
+
+    Expected response: ``{"scores": [float, ...]}`` with one score per image.
+
+    JSON rather than pickle: unpickling a reply would let the server run code here.
+    Connection failures, timeouts and 5xx replies are retried ``attempts`` times in
+    total, sleeping ``backoff_s``, 2 * ``backoff_s``, 4 * ``backoff_s``, ... in
+    between; anything else (4xx, a reply that is not JSON, the wrong number of
+    scores) fails at once, since asking again would give the same answer.
+    ``timeout_s`` bounds each connect and each read, not the whole request.
+    Proxy settings from the environment are ignored: the server is expected on
+    the same network (often 127.0.0.1), where a proxy would only get in the way.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        timeout_s: float = 120.0,
+        attempts: int = 3,
+        backoff_s: float = 2.0,
+        max_response_bytes: int = 1_000_000,
+    ):
+        if not str(url).startswith(("http://", "https://")):
+            raise ValueError(f"reward server URL {url!r} must start with http:// or https://")
+        self.url = url
+        self.timeout_s = timeout_s
+        self.attempts = attempts
+        self.backoff_s = backoff_s
+        self.max_response_bytes = max_response_bytes
+        self.opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # {}: no proxies
+
+    def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> torch.Tensor:
+        request_body = json.dumps(
+            {"prompts": list(prompts), "metadata": list(metadata), "images": [png_base64(i) for i in to_pil(images)]}
+        ).encode("utf-8")
+        reply = self._post(request_body)
+        try:
+            scores = json.loads(reply)["scores"]
+        except (ValueError, TypeError, KeyError):
+            raise RewardServerError(
+                f"reward server {self.url} did not reply with JSON of the form "
+                f'{{"scores": [...]}}; the reply starts with {reply[:200]!r}'
+            ) from None
+        if not isinstance(scores, list) or len(scores) != len(prompts):
+            count = len(scores) if isinstance(scores, list) else type(scores).__name__
+            raise RewardServerError(
+                f"reward server {self.url} returned {count} scores for {len(prompts)} images; "
+                f"expected a list of {len(prompts)}"
+            )
+        if not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores):
+            raise RewardServerError(f"reward server {self.url} returned non-numeric scores: {scores[:8]!r}")
+        return torch.tensor(scores, dtype=torch.float32)
+
+    def _post(self, body: bytes) -> bytes:
+        """POST ``body`` and return the raw reply, retrying transient failures."""
+        last_error = ""
+        for attempt in range(self.attempts):
+            if attempt > 0:
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+            request = urllib.request.Request(
+                self.url, data=body, headers={"Content-Type": "application/json"}, method="POST"
+            )
+            try:
+                with self.opener.open(request, timeout=self.timeout_s) as response:
+                    # Read one byte past the limit to tell "exactly at the limit" from "too big".
+                    reply = response.read(self.max_response_bytes + 1)
+            except urllib.error.HTTPError as error:
+                if error.code < 500:  # the request itself is wrong; retrying will not help
+                    detail = error.read(300).decode("utf-8", "replace")
+                    raise RewardServerError(
+                        f"reward server {self.url} rejected the request: HTTP {error.code} {detail!r}"
+                    ) from None
+                last_error = f"HTTP {error.code}"
+            except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as error:
+                # urllib wraps connect-time failures in URLError(reason); read timeouts and
+                # dropped connections arrive bare.
+                reason = getattr(error, "reason", error)
+                last_error = f"no answer within {self.timeout_s} s" if isinstance(reason, TimeoutError) else str(reason)
+            else:
+                if len(reply) > self.max_response_bytes:
+                    raise RewardServerError(
+                        f"reward server {self.url} sent more than {self.max_response_bytes} bytes; "
+                        "expected a small JSON object"
+                    )
+                return reply
+        raise RewardServerError(
+            f"reward server {self.url} failed after {self.attempts} attempts (last error: {last_error}); is it running?"
+        )
+
+
+def png_base64(image: Image.Image) -> str:
+    """Encode an image as a base64 PNG string (lossless, so the server sees exactly our pixels)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@dataclass
+class RewardOptions:
+    """Settings the reward constructors need; each reward reads only its own."""
+
+    device: str = "cpu"
+    remote_url: str | None = None
+    remote_timeout_s: float = 120.0
+    clip_model: str = "openai/clip-vit-large-patch14"  # also its processor
+    pickscore_model: str = "yuvalkirstain/PickScore_v1"
+    pickscore_processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # PickScore was fine-tuned from CLIP-H
+
+
+# name -> constructor taking RewardOptions. Constructors may load models, so call them only
+# after the spec has been validated.
+REWARDS: dict[str, Callable[[RewardOptions], RewardFn]] = {
+    "clipscore": lambda o: ClipScore(o.clip_model, o.clip_model, o.device),
+    "jpeg_compressibility": lambda o: jpeg_compressibility,
+    "ocr": lambda o: OcrReward(),
+    "pickscore": lambda o: PickScore(o.pickscore_model, o.pickscore_processor, o.device),
+    "remote": lambda o: RemoteReward(o.remote_url, timeout_s=o.remote_timeout_s),
+}
+
+
+def parse_reward_spec(spec: str) -> dict[str, float]:
+    """Parse ``"name=weight,name=weight"`` (the ``--reward`` flag) into ``{name: weight}``.
+
+    A bare ``name`` has weight 1. Weights may be any finite number. Raises
+    ``ValueError`` with a one-line message naming the bad part.
+    """
+    flag = "--reward"
+    expected_names = ", ".join(sorted(REWARDS))
+    example = f"e.g. {flag} ocr=0.8,pickscore=0.2"
+    if not spec.strip():
+        raise ValueError(f"empty {flag}; expected reward names with optional weights, {example}")
+    weights: dict[str, float] = {}
+    for entry in spec.split(","):
+        name, has_weight, weight_text = (part.strip() for part in entry.partition("="))
+        if not name:
+            raise ValueError(
+                f"empty entry in {flag} {spec!r}; expected name or name=weight separated by commas, {example}"
+            )
+        if name not in REWARDS:
+            raise ValueError(f"unknown reward {name!r} in {flag}; expected one of: {expected_names}")
+        if name in weights:
+            raise ValueError(f"reward {name!r} appears twice in {flag} {spec!r}; give each reward once")
+        if not has_weight:
+            weights[name] = 1.0
+            continue
+        if not weight_text:
+            raise ValueError(f"missing weight after '{name}=' in {flag}; expected name=number, {example}")
+        try:
+            weight = float(weight_text)
+        except ValueError:
+            weight = math.nan
+        if not math.isfinite(weight):
+            raise ValueError(f"weight {weight_text!r} for reward {name!r} in {flag} is not a finite number; {example}")
+        weights[name] = weight
+    return weights
+
+
+class RewardMix:
+    """A weighted sum of named rewards.
+
+    >>> mix = RewardMix("ocr=0.8,jpeg_compressibility=0.2")   # doctest: +SKIP
+    >>> total, terms = mix(images, prompts, metadata)          # doctest: +SKIP
+
+    ``spec`` is a spec string (see ``parse_reward_spec``). It is validated, and
+    so are the options it needs, before any model loads; the models then load
+    here, once.
+    """
+
+    def __init__(self, spec: str, options: RewardOptions | None = None):
+        self.weights = parse_reward_spec(spec)
+        options = options or RewardOptions()
+        # Checked up front: the other rewards may take minutes to load before 'remote' is built.
+        if "remote" in self.weights and not options.remote_url:
+            raise ValueError("reward 'remote' needs a reward server URL (RewardOptions.remote_url)")
+        self.rewards = {name: REWARDS[name](options) for name in self.weights}
+
+    def __call__(
+        self, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Return ``(total [B], {name: term [B]})`` with total = sum of weight * term, all float32 on the CPU."""
+        batch_size = len(prompts)
+        metadata = [{} for _ in prompts] if metadata is None else metadata
+        if images.shape[0] != batch_size or len(metadata) != batch_size:
+            raise ValueError(
+                f"got {images.shape[0]} images, {batch_size} prompts and {len(metadata)} metadata dicts; "
+                "expected equal counts"
+            )
+        where = f"on prompt {prompts[0]!r}" + (f" (first of {batch_size})" if batch_size > 1 else "")
+        terms = {}
+        for name, reward in self.rewards.items():
+            try:
+                scores = reward(images, prompts, metadata)
+            except RewardError:
+                raise  # already names the reward and the prompt
+            except Exception as error:
+                raise RewardError(f"reward {name!r} failed {where}: {error}") from error
+            scores = scores.detach().float().cpu()
+            if scores.shape != (batch_size,):
+                raise RewardError(
+                    f"reward {name!r} returned shape {list(scores.shape)} {where}; expected [{batch_size}]"
+                )
+            if not torch.isfinite(scores).all():
+                raise RewardError(f"reward {name!r} returned a non-finite score {where}: {scores.tolist()}")
+            terms[name] = scores
+        total = sum(self.weights[name] * terms[name] for name in terms)
+        return total, terms

@@ -1,0 +1,387 @@
+"""Fine-tune Stable Diffusion 3.5 Medium with Flow-GRPO, Stepwise-Flow-GRPO or SuperFlow.
+
+One file that runs alone or under torchrun, as nanoGPT's train.py does: torchrun's
+environment (RANK, WORLD_SIZE, LOCAL_RANK) switches DDP on, NCCL on GPUs and gloo on CPUs;
+rank 0 logs, evaluates to disk and saves.
+
+    python sd35/train.py --model=tiny --resolution=64 --iters=2     # CPU smoke run, no download
+    python sd35/train.py --reward=ocr --prompts=ocr                  # one GPU, defaults below
+    torchrun --nproc_per_node=8 sd35/train.py --algo=superflow --reward=pickscore --prompts=general
+    torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --master_port=29500 --nproc_per_node=8 \\
+        sd35/train.py --algo=stepwise --group_size=24 --prompts_per_iter=48   # node_rank=1 on the other
+    python sd35/train.py --eval_only --resume=runs/sd35              # evaluate the newest checkpoint
+
+`--algo` picks a preset; any field of minflow.Algorithm given as a flag overrides that axis
+(`--algo=stepwise --group_sizes=variance`, `--sampler=cps --noise_level=0.8`). Every RL formula
+lives in minflow.py; this file only feeds it images, rewards and gradients.
+"""
+import hashlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from einops import rearrange
+from PIL import Image
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import minflow  # noqa: E402
+from sd35 import checkpoint, policy  # noqa: E402
+from sd35.data import load_prompts  # noqa: E402
+from sd35.rewards import RewardMix, RewardOptions, parse_reward_spec  # noqa: E402
+
+
+@dataclass
+class Config:
+    model: str = "stabilityai/stable-diffusion-3.5-medium"  # hub id, local diffusers folder, or "tiny" (built in code)
+    algo: str = "flow_grpo"  # preset: flow_grpo, stepwise, superflow (axis flags override it)
+    reward: str = "ocr"  # reward or weighted mix, e.g. ocr=0.8,pickscore=0.2 (sd35/rewards.py)
+    reward_url: str = ""  # the reward server's URL, for the remote reward
+    prompts: str = "ocr"  # shipped set (ocr, general) or a folder with train/test .txt or .jsonl
+    group_size: int = 8  # G, trajectories per prompt (the mean size under variance-aware sizes); 24 in the paper
+    prompts_per_iter: int = 8  # groups per iteration; samples per iteration = group_size x this, over all ranks
+    num_steps: int = 10  # sampling steps in training
+    eval_num_steps: int = 40  # ODE steps in evaluation
+    guidance_scale: float = 4.5  # CFG in sampling and training; 1 switches CFG off
+    resolution: int = 512  # image side in pixels; a multiple of 16 (VAE 8x, patch 2)
+    iters: int = 300  # RL iterations
+    minibatches: int = 2  # optimiser steps per iteration, each over a share of the transitions
+    train_batch: int = 8  # transitions per forward-backward (gradients accumulate beyond it)
+    sample_batch: int = 16  # trajectories per forward pass while sampling and decoding
+    lr: float = 3e-4  # AdamW learning rate of the LoRA
+    weight_decay: float = 1e-4  # AdamW weight decay
+    grad_clip: float = 1.0  # gradient-norm clip
+    clip_range: float = 1e-4  # PPO clip; tiny because log-probs average over 65k latent dims
+    beta: float = 0.004  # KL weight; our KL is exact (divides by std^2), so 0.004 ~ the reference's 0.04 at dt ~ 0.1
+    lora_rank: int = 32  # LoRA rank r
+    lora_alpha: int = 64  # LoRA alpha (scale alpha / r)
+    mixed_precision: str = "auto"  # fp16 (preferred: smaller log-prob mismatch), bf16, no; auto = fp16 on CUDA, no on CPU
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, about 30 % slower
+    device: str = ""  # "" = cuda:LOCAL_RANK if CUDA is there, else cpu
+    seed: int = 0  # seeds every random draw, per iteration and rank
+    out: str = "runs/sd35"  # run folder: log.jsonl, eval/ grids, checkpoints/
+    resume: str = ""  # a run folder (newest checkpoint in it) or a checkpoint folder to continue from
+    eval_every: int = 20  # iterations between evaluations (0 = only at the end)
+    eval_images: int = 16  # test prompts per evaluation (0 = all)
+    save_every: int = 20  # iterations between checkpoints (and always at the end and on SIGINT/SIGTERM)
+    eval_only: bool = False  # evaluate the loaded (or base) model once and exit
+
+
+AXES = {f.name for f in fields(minflow.Algorithm)}
+
+
+def parse_args(argv, world_size):
+    """Flags -> (cfg, algo, train prompts, test prompts); a ValueError (one line) for any bad
+    input, before anything heavy is loaded."""
+    axis_flags = [a for a in argv if a.removeprefix("--").partition("=")[0] in AXES]
+    cfg = Config(**minflow.parse_flags(Config, [a for a in argv if a not in axis_flags]))
+    algo = replace(minflow.make_algorithm(cfg.algo), **minflow.parse_flags(minflow.Algorithm, axis_flags))
+    if cfg.group_size < 2:
+        raise ValueError(f"--group_size={cfg.group_size}: a group needs at least 2 samples to be normalised")
+    budget = cfg.group_size * cfg.prompts_per_iter
+    if cfg.prompts_per_iter < 1 or budget % world_size:
+        raise ValueError(f"{budget} samples per iteration (group_size x prompts_per_iter) do not split over "
+                         f"{world_size} ranks; expected a multiple of {world_size}")
+    if cfg.resolution <= 0 or cfg.resolution % 16:
+        raise ValueError(f"--resolution={cfg.resolution}: expected a positive multiple of 16 (VAE 8x, patch 2)")
+    if cfg.mixed_precision not in ("auto", "fp16", "bf16", "no"):
+        raise ValueError(f"--mixed_precision={cfg.mixed_precision!r}; expected auto, fp16, bf16 or no")
+    if cfg.num_steps < 2 or cfg.eval_num_steps < 1 or cfg.iters < 0 or cfg.minibatches < 1 or cfg.train_batch < 1:
+        raise ValueError("need num_steps >= 2, eval_num_steps >= 1, iters >= 0, minibatches >= 1, train_batch >= 1")
+    parse_reward_spec(cfg.reward)
+    train_prompts, test_prompts = load_prompts(cfg.prompts)
+    return cfg, algo, train_prompts, test_prompts
+
+
+# ----------------------------------------------------------------------------------
+# Ranks. Every rank computes the iteration's plan (prompts, group sizes, initial noise) from
+# the same seeded generator, samples its contiguous share of the budget, and all-gathers the
+# rewards. Advantages are then computed on the whole batch, identically on every rank, and
+# each rank trains on its share. So a group is normalised whole even when it spans ranks or
+# when SuperFlow makes group sizes uneven; normalising per rank would bias the baseline.
+
+
+class Ranks:
+    def __init__(self, device_flag):
+        self.ddp = "RANK" in os.environ
+        self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        cuda = torch.cuda.is_available() and not device_flag.startswith("cpu")
+        if self.ddp:
+            self.device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if cuda else "cpu")
+        else:
+            self.device = torch.device(device_flag or ("cuda" if cuda else "cpu"))
+        self.master = self.rank == 0
+
+    def start(self):
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if self.ddp:
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+    def gather(self, local):
+        """Concatenate every rank's tensor in rank order (CPU in, CPU out)."""
+        if not self.ddp:
+            return local
+        local = local.to(self.device).contiguous()
+        parts = [torch.empty_like(local) for _ in range(self.world)]
+        dist.all_gather(parts, local)
+        return torch.cat(parts).cpu()
+
+    def share(self, total):
+        """This rank's contiguous slice of `total` items."""
+        per = total // self.world
+        return slice(self.rank * per, (self.rank + 1) * per)
+
+
+def generator(*key, device="cpu"):
+    """A generator seeded by a tuple (seed, iteration, purpose, ...): random draws are a
+    function of where they happen, so a resumed run repeats them exactly. (Not Python's
+    hash(), which differs between processes, so ranks would disagree.)"""
+    return torch.Generator(device).manual_seed(int(hashlib.sha256(repr(key).encode()).hexdigest()[:15], 16))
+
+
+# ----------------------------------------------------------------------------------
+# One iteration: sample, score, credit, update
+
+
+def sample_and_score(it, cfg, algo, pipe, model_dtype, autocast, reward, prompts, tracker, ranks):
+    """Roll out this rank's share of the iteration's groups; score them (and every
+    intermediate state for gains); return the local trajectories, conditioning and the
+    advantages [b, T], plus logs."""
+    timer, logs = time.perf_counter(), {}
+    plan = generator(cfg.seed, it, "plan")
+    K, budget = cfg.prompts_per_iter, cfg.group_size * cfg.prompts_per_iter
+    prompt_ids = torch.randperm(len(prompts), generator=plan)[:K] if K <= len(prompts) else \
+        torch.randint(len(prompts), (K,), generator=plan)
+    sizes = minflow.group_sizes(algo, K, budget, tracker, prompt_ids)
+    group_ids = torch.repeat_interleave(torch.arange(K), sizes)
+    latent = cfg.resolution // 8
+    noise = minflow.initial_noise(sizes, (pipe.transformer.config.in_channels, latent, latent), algo.shared_noise, plan)
+    mine = ranks.share(budget)
+    local_prompts = [prompts[i] for i in prompt_ids[group_ids[mine]].tolist()]
+    texts, metadata = [p for p, _ in local_prompts], [m for _, m in local_prompts]
+
+    cond = policy.encode_prompts(pipe, texts, cfg.guidance_scale, ranks.device)
+    velocity = policy.guided_velocity(pipe.transformer, cond, cfg.guidance_scale, model_dtype, cfg.sample_batch, autocast)
+    sigmas = minflow.sd3_sigmas(cfg.num_steps)
+    traj = minflow.rollout(velocity, noise[mine].to(ranks.device), sigmas, algo.sampler, algo.noise_level,
+                           generator(cfg.seed, it, "sde", ranks.rank, device=ranks.device))
+    logs["seconds_sampling"] = time.perf_counter() - timer
+
+    timer = time.perf_counter()
+
+    def score(latents):
+        return reward(policy.decode(pipe.vae, latents, cfg.sample_batch), texts, metadata)
+
+    local_rewards, terms = score(traj.xs[:, -1])
+    step_rewards = None
+    if algo.step_credit == "gains":
+        step_rewards = ranks.gather(minflow.step_rewards(velocity, traj, lambda x0: score(x0)[0], algo.substeps,
+                                                         local_rewards))
+    rewards = ranks.gather(local_rewards.float().cpu())
+    if not torch.equal(ranks.gather(prompt_ids[group_ids[mine]]), prompt_ids[group_ids]):
+        raise RuntimeError("ranks disagree on the iteration's prompts; check that every rank runs the same flags")
+    logs["seconds_reward"] = time.perf_counter() - timer
+
+    baseline = tracker.baseline(prompt_ids[group_ids], rewards) if algo.baseline == "tracker" else None
+    adv = minflow.advantages(algo, rewards, group_ids, traj.stds, step_rewards, baseline)
+    if tracker is not None:
+        tracker.update(prompt_ids[group_ids], rewards)
+    logs.update({"reward_mean": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item(),
+                 "zero_std_ratio": minflow.zero_std_fraction(rewards, group_ids), "group_sizes": sizes.tolist(),
+                 **{f"reward_{k}": ranks.gather(v.float().cpu()).mean().item() for k, v in terms.items()}})
+    return traj, cond, adv[mine], logs
+
+
+def optimise(it, cfg, algo, model, transformer, params, traj, cond, adv, opt, scaler, model_dtype, autocast, ranks):
+    """The PPO update of one iteration: cfg.minibatches optimiser steps over this rank's
+    informative transitions. Every rank runs the same number of forward-backward passes (DDP
+    needs that); short ranks pad with rows of weight 0. Each real row weighs world / N, N the
+    step's rows over all ranks, so DDP's gradient average equals one big batch's mean."""
+    trained = minflow.trained_steps(traj.stds)
+    rows = minflow.transitions(traj, adv, trained.expand_as(adv))
+    shuffle = generator(cfg.seed, it, "shuffle", ranks.rank)
+    informative = (rows["advantage"] != 0).nonzero()[:, 0]
+    informative = informative[torch.randperm(len(informative), generator=shuffle)]
+    padding = torch.randperm(len(rows["advantage"]), generator=shuffle)
+    stats, grad_norms, sync = [], [], nullcontext if not ranks.ddp else model.no_sync
+    for step_rows in informative.tensor_split(cfg.minibatches):
+        counts = ranks.gather(torch.tensor([len(step_rows)]))
+        if counts.sum() == 0:
+            continue
+        passes = math.ceil(int(counts.max()) / cfg.train_batch)
+        fill = passes * cfg.train_batch - len(step_rows)
+        order = torch.cat([step_rows, padding.repeat(fill // len(padding) + 1)[:fill]])
+        weight = torch.zeros(len(order))
+        weight[:len(step_rows)] = ranks.world / counts.sum()
+        for p in range(passes):
+            idx, w = order[p * cfg.train_batch:(p + 1) * cfg.train_batch], weight[p * cfg.train_batch:(p + 1) * cfg.train_batch]
+            step_cond = cond.select(rows["sample"][idx])
+            velocity = policy.guided_velocity(model, step_cond, cfg.guidance_scale, model_dtype, None, autocast)
+            reference = policy.guided_velocity(transformer, step_cond, cfg.guidance_scale, model_dtype, None, autocast)
+
+            def ref_velocity(x, t):
+                with policy.adapter_disabled(transformer):
+                    return reference(x, t)
+
+            dev = ranks.device
+            with sync() if p < passes - 1 else nullcontext():
+                loss, s = minflow.policy_loss(
+                    velocity, rows["x"][idx].to(dev), rows["x_next"][idx].to(dev), rows["t"][idx].to(dev),
+                    rows["t_next"][idx].to(dev), rows["old_log_prob"][idx].to(dev), rows["advantage"][idx].to(dev),
+                    algo.sampler, algo.noise_level, cfg.clip_range, cfg.beta, ref_velocity, weight=w.to(dev))
+                scaler.scale(loss).backward()
+            if w.any():
+                stats.append({**s, "policy_loss": loss.item()})
+        scaler.unscale_(opt)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        grad_norms.append(grad_norm.item())
+    logs = {key: sum(s[key] for s in stats) / len(stats) for key in (stats[0] if stats else {})}
+    return {**logs, "grad_norm": max(grad_norms, default=0.0), "optimiser_steps": len(grad_norms)}
+
+
+@torch.no_grad()
+def evaluate(it, cfg, pipe, model_dtype, autocast, reward, test_prompts, ranks, out):
+    """ODE samples of the test prompts from fixed noise: mean reward per term, and a grid PNG."""
+    chosen = test_prompts[:cfg.eval_images or len(test_prompts)]
+    per_rank = math.ceil(len(chosen) / ranks.world)
+    padded = (chosen * ranks.world)[:per_rank * ranks.world]  # every rank scores the same number
+    mine = padded[ranks.rank * per_rank:(ranks.rank + 1) * per_rank]
+    texts, metadata = [p for p, _ in mine], [m for _, m in mine]
+    latent = cfg.resolution // 8
+    noise = torch.randn((len(padded), pipe.transformer.config.in_channels, latent, latent), generator=generator(cfg.seed, "eval"))
+    cond = policy.encode_prompts(pipe, texts, cfg.guidance_scale, ranks.device)
+    velocity = policy.guided_velocity(pipe.transformer, cond, cfg.guidance_scale, model_dtype, cfg.sample_batch, autocast)
+    traj = minflow.rollout(velocity, noise[ranks.share(len(padded))].to(ranks.device), minflow.sd3_sigmas(cfg.eval_num_steps), "ode")
+    images = policy.decode(pipe.vae, traj.xs[:, -1], cfg.sample_batch)
+    total, terms = reward(images, texts, metadata)
+    logs = {"eval_reward": ranks.gather(total.float().cpu())[:len(chosen)].mean().item(),
+            **{f"eval_reward_{k}": ranks.gather(v.float().cpu())[:len(chosen)].mean().item() for k, v in terms.items()}}
+    grid = ranks.gather((images * 255).round().to(torch.uint8).cpu())[:len(chosen)]
+    if ranks.master:
+        cols = math.ceil(math.sqrt(len(grid)))
+        grid = torch.cat([grid, torch.zeros((cols * math.ceil(len(grid) / cols) - len(grid), *grid.shape[1:]), dtype=torch.uint8)])
+        (out / "eval").mkdir(exist_ok=True)
+        Image.fromarray(rearrange(grid, "(r c) ch h w -> (r h) (c w) ch", c=cols).numpy()).save(out / "eval" / f"iter_{it:06d}.png")
+    return logs
+
+
+# ----------------------------------------------------------------------------------
+
+
+def main(argv):
+    ranks = Ranks(next((a.partition("=")[2] for a in argv if a.startswith("--device=")), ""))
+    try:
+        cfg, algo, train_prompts, test_prompts = parse_args(argv, ranks.world)
+        out = Path(cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        resume_from = checkpoint.newest(cfg.resume) if cfg.resume else None
+        if cfg.resume and resume_from is None:
+            raise ValueError(f"--resume={cfg.resume}: no complete checkpoint there")
+        if not cfg.resume and not cfg.eval_only and ((out / "log.jsonl").exists() or checkpoint.newest(out)):
+            raise ValueError(f"--out={out} already holds a run; pass --resume={out} to continue it, or another --out")
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+    ranks.start()
+    torch.manual_seed(cfg.seed)  # only the LoRA's initial weights draw from the global generator
+
+    precision = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("fp16" if ranks.device.type == "cuda" else "no")
+    model_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}[precision]
+    autocast = (lambda: torch.autocast(ranks.device.type, dtype=model_dtype)) if precision != "no" else None
+    reward = RewardMix(cfg.reward, RewardOptions(device=str(ranks.device), remote_url=cfg.reward_url or None))
+    pipe = policy.load_pipeline(cfg.model, model_dtype, ranks.device)
+    transformer = pipe.transformer
+    latent_side = cfg.resolution // 8 // transformer.config.patch_size
+    if latent_side > transformer.config.pos_embed_max_size:
+        sys.exit(f"error: --resolution={cfg.resolution} needs {latent_side} patches a side; this model takes at most "
+                 f"{transformer.config.pos_embed_max_size} ({transformer.config.pos_embed_max_size * 16} px)")
+    params = policy.add_lora(transformer, cfg.lora_rank, cfg.lora_alpha)
+    if cfg.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler(ranks.device.type, enabled=precision == "fp16")
+    tracker = minflow.PromptTracker(len(train_prompts), algo.rho) if algo.uses_tracker else None
+    identity = {"model": cfg.model, "lora_rank": cfg.lora_rank, "algorithm": asdict(algo)}
+    start = checkpoint.load(resume_from, transformer, opt, scaler, tracker, identity) if resume_from else 0
+    model = DDP(transformer, device_ids=[ranks.device.index] if ranks.device.type == "cuda" else None) if ranks.ddp else transformer
+
+    budget = cfg.group_size * cfg.prompts_per_iter
+    sigmas = minflow.sd3_sigmas(cfg.num_steps)
+    trained = int(minflow.trained_steps(minflow.step_std(sigmas[:-1], sigmas[1:], algo.sampler, algo.noise_level)).sum())
+    if ranks.master:
+        print(f"batch: {ranks.world} rank(s) x {budget // ranks.world} samples = {budget} per iteration "
+              f"({cfg.prompts_per_iter} prompts x {'mean ' if algo.group_sizes == 'variance' else ''}{cfg.group_size}); "
+              f"{trained} of {cfg.num_steps} steps trained -> up to {budget * trained} transitions per iteration in "
+              f"{cfg.minibatches} optimiser steps of micro-batches of {cfg.train_batch}; "
+              f"{len(train_prompts)} train / {len(test_prompts)} test prompts; {precision}; "
+              f"{sum(p.numel() for p in params) / 1e6:.2f}M LoRA parameters; from iteration {start}")
+        print(f"algorithm: {algo}")
+
+    log_path = out / "log.jsonl"
+    if ranks.master and log_path.exists():  # drop lines past the checkpoint we continue from
+        kept = [line for line in log_path.read_text().splitlines() if line.strip() and json.loads(line).get("iteration", 0) <= start]
+        log_path.write_text("".join(line + "\n" for line in kept))
+
+    def log(entry):
+        if ranks.master:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+    def save(it):
+        if ranks.master:
+            checkpoint.save(out, it, transformer, opt, scaler, tracker, identity)
+        if ranks.ddp:
+            dist.barrier()
+
+    if cfg.eval_only:
+        log({"iteration": start, **evaluate(start, cfg, pipe, model_dtype, autocast, reward, test_prompts, ranks, out)})
+    stop = {"signal": 0}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop.update(signal=signum))
+    progress = tqdm(range(start, cfg.iters if not cfg.eval_only else start), disable=not ranks.master, desc="RL iterations")
+    for it in progress:
+        traj, cond, adv, logs = sample_and_score(it, cfg, algo, pipe, model_dtype, autocast, reward, train_prompts, tracker, ranks)
+        timer = time.perf_counter()
+        logs.update(optimise(it, cfg, algo, model, transformer, params, traj, cond, adv, opt, scaler, model_dtype, autocast, ranks))
+        logs["seconds_training"] = time.perf_counter() - timer
+        done = it + 1
+        if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.iters:
+            logs.update(evaluate(done, cfg, pipe, model_dtype, autocast, reward, test_prompts, ranks, out))
+        log({"iteration": done, **logs})
+        progress.set_postfix(reward=f"{logs['reward_mean']:.3f}", ratio=f"{logs.get('ratio', 1):.4f}")
+        interrupted = torch.tensor([stop["signal"]])
+        if ranks.ddp:
+            interrupted = ranks.gather(interrupted)
+        if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.iters or interrupted.any():
+            save(done)
+        if interrupted.any():
+            if ranks.master:
+                print(f"stopped by signal {int(interrupted.max())} after iteration {done}; checkpoint saved")
+            break
+    if ranks.ddp:
+        in_sync = ranks_in_sync(params, ranks)
+        if ranks.master:
+            log({"ranks_in_sync": in_sync})
+        dist.destroy_process_group()
+
+
+def ranks_in_sync(params, ranks):
+    """Whether every rank ends with bitwise the same LoRA weights (DDP's promise, checked)."""
+    flat = torch.cat([p.detach().float().flatten().cpu() for p in params])
+    return bool((ranks.gather(flat[None]) == flat).all())
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

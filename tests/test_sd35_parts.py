@@ -1,0 +1,432 @@
+"""Tests for the SD3.5 building blocks that need no real weights: tiny pipeline, rewards, prompt sets.
+
+Everything runs offline on the CPU. Models that would come from the hub
+(CLIP, PickScore) are replaced by a tiny random CLIP saved to a temporary
+folder, so the real loading code still runs.
+"""
+
+import base64
+import http.server
+import inspect
+import io
+import json
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from diffusers import SD3Transformer2DModel
+from PIL import Image, ImageDraw, ImageFont
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+from sd35 import data, rewards, tiny
+from sd35.rewards import RewardError, RewardMix, RewardOptions, RewardServerError, RemoteReward
+
+
+# --------------------------------------------------------------------------- tiny pipeline
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny.tiny_pipeline(seed=0)
+
+
+def test_tiny_pipeline_same_seed_same_weights_other_seed_differs(pipe):
+    again, other = tiny.tiny_pipeline(seed=0), tiny.tiny_pipeline(seed=1)
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        params = list(getattr(pipe, name).parameters())
+        assert all(torch.equal(a, b) for a, b in zip(params, getattr(again, name).parameters())), name
+        assert not all(torch.equal(a, b) for a, b in zip(params, getattr(other, name).parameters())), name
+
+
+def test_tiny_pipeline_has_sd35_architecture(pipe):
+    blocks = pipe.transformer.transformer_blocks
+    dual = [block.attn2 is not None for block in blocks]
+    assert any(dual) and not all(dual)  # dual attention in some layers only, as in SD3.5 (0-12 of 24)
+    assert all(type(block.attn.norm_q).__name__ == "RMSNorm" for block in blocks)
+    assert pipe.transformer.config.in_channels == pipe.vae.config.latent_channels == 16
+    assert (pipe.vae.config.scaling_factor, pipe.vae.config.shift_factor) == (1.5305, 0.0609)
+    assert pipe.scheduler.config.shift == 3.0
+    assert not any(m.training for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3))
+    real = tiny.SD35_MEDIUM_TRANSFORMER_CONFIG  # checked, not built: it has 2.2B parameters
+    assert set(real) <= set(inspect.signature(SD3Transformer2DModel.__init__).parameters)
+    assert real["dual_attention_layers"] == tuple(range(13)) and real["qk_norm"] == "rms_norm"
+
+
+def test_tiny_pipeline_samples_latents_with_cfg(pipe):
+    def sample():
+        return pipe(
+            ["a red cube", 'a sign that reads "HI"'],
+            num_images_per_prompt=2,
+            height=64,
+            width=64,
+            num_inference_steps=3,
+            guidance_scale=4.5,  # > 1, so classifier-free guidance runs
+            generator=torch.Generator().manual_seed(0),
+            output_type="latent",
+        ).images
+
+    latents = sample()
+    assert latents.shape == (4, 16, 8, 8)
+    assert torch.isfinite(latents).all()
+    assert torch.equal(latents, sample())  # eval mode: no dropout noise between calls
+
+
+def test_char_tokenizer_wraps_with_special_tokens_and_pads():
+    clip_tok = tiny.char_tokenizer(77, add_bos=True)
+    ids = clip_tok("Hi!", padding="max_length", max_length=77).input_ids
+    assert ids[:5] == [tiny.BOS_ID, tiny.VOCAB["h"], tiny.VOCAB["i"], tiny.VOCAB["!"], tiny.EOS_ID]
+    assert len(ids) == 77 and set(ids[5:]) == {tiny.PAD_ID}
+    assert tiny.char_tokenizer(512, add_bos=False)("é").input_ids == [tiny.UNK_ID, tiny.EOS_ID]
+
+
+# --------------------------------------------------------------------------- text and image helpers
+
+
+def image_with_text(text: str, size=(320, 128)) -> torch.Tensor:
+    """Black text, large, on a white background, as a [3, H, W] tensor in [0, 1]."""
+    image = Image.new("RGB", size, "white")
+    ImageDraw.Draw(image).text((12, 30), text, fill="black", font=ImageFont.load_default(size=56))
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255
+
+
+def test_levenshtein_and_ocr_similarity():
+    assert rewards.levenshtein("kitten", "sitting") == 3
+    assert rewards.levenshtein("", "abc") == rewards.levenshtein("abc", "") == 3
+    assert rewards.levenshtein("same", "same") == 0
+    assert rewards.ocr_similarity("Open  late", "OPEN LATE") == 1.0  # case and spaces ignored
+    assert rewards.ocr_similarity("OPEN", "OPEN LATE") == 0.5  # 4 of 8 characters missing
+    assert rewards.ocr_similarity("a completely different long text", "OPEN") == 0.0  # clipped at 0
+
+
+def test_to_pil_round_trips_pixels():
+    images = torch.rand(2, 3, 5, 7)
+    pil = rewards.to_pil(images)
+    assert pil[1].size == (7, 5)
+    back = torch.from_numpy(np.array(pil[1])).permute(2, 0, 1).float() / 255
+    assert torch.allclose(back, images[1], atol=1 / 255)
+
+
+# --------------------------------------------------------------------------- OCR
+
+
+@pytest.fixture(scope="module")
+def ocr():
+    return rewards.OcrReward()
+
+
+def test_ocr_reads_rendered_word_and_not_a_blank_image(ocr):
+    word, other_word = image_with_text("HELLO"), image_with_text("QUIZ")
+    blank = torch.ones_like(word)
+    scores = ocr(
+        torch.stack([word, other_word, blank]),
+        ['a sign that says "hello"', 'a sign that says "hello"', "a blank sign"],
+        [{}, {}, {"text": "HELLO"}],  # target from the quotes, or from metadata
+    )
+    assert scores.shape == (3,) and scores.dtype == torch.float32
+    assert scores[0] > 0.8
+    assert scores[1] < 0.3  # wrong word: at most one letter in common
+    assert scores[2] < 0.1
+
+
+def test_ocr_without_target_text_names_the_prompt(ocr):
+    with pytest.raises(RewardError, match="'ocr'.*'a cat without quotes'"):
+        ocr(torch.ones(1, 3, 32, 32), ["a cat without quotes"], [{}])
+
+
+# --------------------------------------------------------------------------- spec parsing
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("ocr=0.8,pickscore=0.2", {"ocr": 0.8, "pickscore": 0.2}),
+        ("ocr", {"ocr": 1.0}),
+        (" ocr = 0.5 , jpeg_compressibility ", {"ocr": 0.5, "jpeg_compressibility": 1.0}),
+        ("jpeg_compressibility=-1e-1", {"jpeg_compressibility": -0.1}),
+    ],
+)
+def test_parse_reward_spec_accepts(spec, expected):
+    assert rewards.parse_reward_spec(spec) == expected
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        (
+            "ocrr",
+            "unknown reward 'ocrr' in --reward; "
+            "expected one of: clipscore, jpeg_compressibility, ocr, pickscore, remote",
+        ),
+        ("ocr=", "missing weight after 'ocr='"),
+        ("ocr=abc", "weight 'abc' for reward 'ocr'"),
+        ("ocr=inf", "weight 'inf' for reward 'ocr' in --reward is not a finite number"),
+        ("ocr,ocr=2", "reward 'ocr' appears twice"),
+        ("", "empty --reward"),
+        ("ocr,,pickscore", "empty entry"),
+    ],
+)
+def test_parse_reward_spec_rejects_with_one_clear_line(spec, message):
+    with pytest.raises(ValueError) as error:
+        rewards.parse_reward_spec(spec)
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_mix_validates_spec_and_options_before_building_any_reward(monkeypatch):
+    built = []
+    monkeypatch.setitem(rewards.REWARDS, "ocr", lambda options: built.append("ocr"))
+    with pytest.raises(ValueError, match="unknown reward 'nope'"):
+        RewardMix("ocr,nope")
+    with pytest.raises(ValueError, match="'remote' needs a reward server URL"):
+        RewardMix("ocr,remote")
+    assert built == []
+
+
+# --------------------------------------------------------------------------- mixing
+
+
+def mean_brightness(images, prompts, metadata):
+    return images.mean(dim=(1, 2, 3))
+
+
+def test_mix_is_the_weighted_sum_of_its_terms(monkeypatch):
+    monkeypatch.setitem(rewards.REWARDS, "brightness", lambda options: mean_brightness)
+    flat = torch.full((3, 64, 64), 0.5)
+    noise = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))
+    images = torch.stack([flat, noise])
+    prompts = ["flat grey", "noise"]
+
+    total, terms = RewardMix("jpeg_compressibility=0.5,brightness=2")(images, prompts)
+
+    jpeg = rewards.jpeg_compressibility(images, prompts, [{}, {}])
+    assert set(terms) == {"jpeg_compressibility", "brightness"}
+    assert torch.equal(terms["jpeg_compressibility"], jpeg)
+    assert torch.allclose(terms["brightness"], images.mean(dim=(1, 2, 3)))
+    assert torch.allclose(total, 0.5 * jpeg + 2 * images.mean(dim=(1, 2, 3)))
+    assert jpeg[0] > jpeg[1] and (jpeg < 0).all()  # a flat image compresses far better than noise
+
+
+def test_mix_errors_name_the_reward_and_the_prompt(monkeypatch):
+    def broken(images, prompts, metadata):
+        raise ZeroDivisionError("boom")
+
+    monkeypatch.setitem(rewards.REWARDS, "broken", lambda options: broken)
+    monkeypatch.setitem(rewards.REWARDS, "wrong_shape", lambda options: lambda i, p, m: torch.zeros(len(p), 1))
+    images = torch.zeros(2, 3, 8, 8)
+    with pytest.raises(RewardError, match=r"reward 'broken' failed on prompt 'a dog' \(first of 2\): boom"):
+        RewardMix("broken")(images, ["a dog", "a cat"])
+    with pytest.raises(RewardError, match=r"'wrong_shape' returned shape \[2, 1\].*expected \[2\]"):
+        RewardMix("wrong_shape")(images, ["a dog", "a cat"])
+
+
+# --------------------------------------------------------------------------- CLIP and PickScore loading
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory):
+    """A random 2-layer CLIP with its tokenizer and image processor, saved like a hub checkpoint."""
+    folder = tmp_path_factory.mktemp("tiny_clip")
+    text_config = dict(
+        vocab_size=len(tiny.VOCAB),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        pad_token_id=tiny.PAD_ID,
+        bos_token_id=tiny.BOS_ID,
+        eos_token_id=tiny.EOS_ID,
+    )
+    vision_config = dict(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    torch.manual_seed(0)
+    config = CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=8)
+    CLIPModel(config).save_pretrained(folder)
+    tiny.char_tokenizer(77, add_bos=True).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return str(folder)
+
+
+def test_clipscore_and_pickscore_load_and_score(tiny_clip_dir):
+    options = RewardOptions(clip_model=tiny_clip_dir, pickscore_model=tiny_clip_dir, pickscore_processor=tiny_clip_dir)
+    mix = RewardMix("clipscore,pickscore", options)
+    images = torch.rand(3, 3, 48, 40, generator=torch.Generator().manual_seed(0))
+    _total, terms = mix(images, ["a cat", "a dog on a skateboard", "x"])
+
+    for name in ("clipscore", "pickscore"):
+        assert terms[name].shape == (3,) and torch.isfinite(terms[name]).all()
+    assert (terms["clipscore"].abs() <= 1).all()  # a cosine
+    # Same model in both: PickScore is the cosine times logit_scale / 26.
+    logit_scale = mix.rewards["pickscore"].model.logit_scale.exp().item()
+    assert torch.allclose(terms["pickscore"], terms["clipscore"] * logit_scale / 26, atol=1e-5)
+    assert terms["clipscore"].unique().numel() == 3  # each image is paired with its own prompt
+
+
+# --------------------------------------------------------------------------- remote reward
+
+
+class RewardHandler(http.server.BaseHTTPRequestHandler):
+    """A fake reward server. Path /score answers len(prompt) + metadata bonus + mean pixel value of the PNG."""
+
+    def do_POST(self):
+        self.server.hits[self.path] = self.server.hits.get(self.path, 0) + 1
+        request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        status, reply = 200, b""
+        if self.path == "/score":
+            scores = []
+            for prompt, meta, png in zip(request["prompts"], request["metadata"], request["images"]):
+                image = Image.open(io.BytesIO(base64.b64decode(png)))
+                mean_pixel = np.asarray(image.convert("L")).mean() / 255
+                scores.append(len(prompt) + meta.get("bonus", 0) + mean_pixel)
+            reply = json.dumps({"scores": scores}).encode()
+        elif self.path == "/wrong-count":
+            reply = json.dumps({"scores": [1.0]}).encode()
+        elif self.path == "/not-json":
+            reply = b"<html>oops</html>"
+        elif self.path == "/too-big":
+            reply = json.dumps({"scores": [0.0] * 1000}).encode()
+        elif self.path == "/unavailable":
+            status = 503
+        elif self.path == "/slow":
+            time.sleep(1.0)
+            reply = json.dumps({"scores": [0.0] * len(request["prompts"])}).encode()
+        try:
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up waiting (/slow)
+            pass
+
+    def log_message(self, *args):  # keep test output quiet
+        pass
+
+
+@pytest.fixture(scope="module")
+def server():
+    """The fake reward server on 127.0.0.1, serving from a daemon thread until the module's tests end."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RewardHandler)  # port 0: any free port
+    server.hits = {}  # path -> number of requests
+    server.url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
+
+
+def test_remote_reward_scores_each_image_with_its_prompt(server):
+    images = torch.stack([torch.zeros(3, 8, 8), torch.ones(3, 8, 8)])
+    scores = RemoteReward(server.url + "/score")(images, ["ab", "abcd"], [{}, {"bonus": 10}])
+    assert scores.dtype == torch.float32
+    assert torch.allclose(scores, torch.tensor([2.0 + 0.0, 4.0 + 10 + 1.0]))
+
+
+@pytest.mark.parametrize(
+    "path, message",
+    [
+        ("/wrong-count", "returned 1 scores for 2 images"),
+        ("/not-json", "did not reply with JSON"),
+        ("/too-big", "sent more than 100 bytes"),
+    ],
+)
+def test_remote_reward_rejects_bad_replies(server, path, message):
+    remote = RemoteReward(server.url + path, max_response_bytes=100)
+    with pytest.raises(RewardServerError, match=message):
+        remote(torch.zeros(2, 3, 8, 8), ["a", "b"], [{}, {}])
+
+
+def test_remote_reward_retries_server_errors_then_gives_up(server):
+    remote = RemoteReward(server.url + "/unavailable", attempts=3, backoff_s=0.01)
+    with pytest.raises(RewardServerError, match="failed after 3 attempts.*HTTP 503"):
+        remote(torch.zeros(1, 3, 8, 8), ["a"], [{}])
+    assert server.hits["/unavailable"] == 3
+
+
+def test_remote_reward_times_out_on_a_slow_server(server):
+    remote = RemoteReward(server.url + "/slow", timeout_s=0.2, attempts=2, backoff_s=0.01)
+    start = time.monotonic()
+    with pytest.raises(RewardServerError, match=r"failed after 2 attempts \(last error: no answer within 0.2 s\)"):
+        remote(torch.zeros(1, 3, 8, 8), ["a"], [{}])
+    assert time.monotonic() - start < 2
+
+
+def test_remote_reward_reports_a_server_that_is_down():
+    with socket.socket() as probe:  # find a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    remote = RemoteReward(f"http://127.0.0.1:{port}/score", timeout_s=0.5, attempts=3, backoff_s=0.01)
+    start = time.monotonic()
+    with pytest.raises(RewardServerError, match="failed after 3 attempts.*is it running"):
+        remote(torch.zeros(1, 3, 8, 8), ["a"], [{}])
+    assert time.monotonic() - start < 3
+
+
+def test_remote_failure_through_the_mix_names_reward_and_prompt(server):
+    mix = RewardMix("remote", RewardOptions(remote_url=server.url + "/not-json"))
+    with pytest.raises(RewardError, match=r"reward 'remote' failed on prompt 'a red bus'.*did not reply with JSON"):
+        mix(torch.zeros(1, 3, 8, 8), ["a red bus"], [{}])
+
+
+# --------------------------------------------------------------------------- prompt sets
+
+
+def test_shipped_prompt_sets_load():
+    ocr_train, ocr_test = data.load_prompts("ocr")
+    assert len(ocr_train) >= 50 and len(ocr_test) >= 12
+    for prompt, metadata in ocr_train + ocr_test:
+        assert f'"{metadata["text"]}"' in prompt  # the OCR target is the quoted text
+    assert not {m["text"] for _, m in ocr_train} & {m["text"] for _, m in ocr_test}
+
+    general_train, general_test = data.load_prompts("general")
+    assert len(general_train) >= 50 and len(general_test) >= 12
+    assert all(metadata == {} and prompt for prompt, metadata in general_train + general_test)
+    assert not {p for p, _ in general_train} & {p for p, _ in general_test}
+
+
+def test_load_prompts_from_txt_and_jsonl_folders(tmp_path):
+    (tmp_path / "train.txt").write_text("  a cat  \n\n\na dog\n", encoding="utf-8")
+    (tmp_path / "test.jsonl").write_text(
+        '{"prompt": "a sign reading \\"HI\\"", "text": "HI", "seed": 3}\n\n{"prompt": "café"}\n', encoding="utf-8"
+    )
+    train, test = data.load_prompts(tmp_path)
+    assert train == [("a cat", {}), ("a dog", {})]
+    assert test == [('a sign reading "HI"', {"text": "HI", "seed": 3}), ("café", {})]
+
+
+def write_split(folder, name, content: bytes):
+    folder.mkdir(exist_ok=True)
+    (folder / name).write_bytes(content)
+
+
+@pytest.mark.parametrize(
+    "files, message",
+    [
+        ({}, "is neither a folder nor a shipped set"),
+        ({"train.txt": b"a cat\n"}, "has neither test.txt and test.jsonl"),
+        (
+            {"train.txt": b"a\n", "train.jsonl": b'{"prompt": "a"}\n', "test.txt": b"b\n"},
+            "has both train.txt and train.jsonl",
+        ),
+        ({"train.txt": b"\n  \n", "test.txt": b"b\n"}, "train.txt holds no prompts"),
+        ({"train.txt": b"caf\xe9\n", "test.txt": b"b\n"}, "train.txt is not UTF-8 text"),
+        ({"train.txt": b"a\n", "test.jsonl": b'{"prompt": "a"}\n{"prompt": "b",}\n'}, "test.jsonl:2: invalid JSON"),
+        (
+            {"train.txt": b"a\n", "test.jsonl": b'{"text": "HI"}\n'},
+            'test.jsonl:1: expected an object with a non-empty "prompt"',
+        ),
+    ],
+)
+def test_load_prompts_rejects_bad_input_with_one_line(tmp_path, files, message):
+    folder = tmp_path / "set"
+    for name, content in files.items():
+        write_split(folder, name, content)
+    with pytest.raises(ValueError) as error:
+        data.load_prompts(folder)
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)

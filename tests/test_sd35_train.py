@@ -1,0 +1,209 @@
+"""sd35/train.py on the tiny pipeline: the same minflow functions, real diffusers, peft and
+torch.distributed (gloo), all on CPU and offline."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+import minflow
+from sd35 import checkpoint, policy
+from sd35 import train as sd35_train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--model=tiny", "--resolution=64", "--num_steps=4", "--eval_num_steps=4", "--eval_images=4",
+        "--prompts=general", "--reward=jpeg_compressibility", "--prompts_per_iter=2", "--group_size=4",
+        "--train_batch=4", "--sample_batch=8"]
+PROMPTS = ['a sign that reads "OPEN"', "a red bicycle", "a bowl of soup"]
+
+
+def tiny_policy(lora_seed=None, rank=4):
+    """The tiny pipeline with a LoRA; with lora_seed its B matrices are random (not zero), so
+    the policy differs from the reference."""
+    pipe = policy.load_pipeline("tiny", torch.float32, "cpu")
+    params = policy.add_lora(pipe.transformer, rank, 2 * rank)
+    if lora_seed is not None:
+        g = torch.Generator().manual_seed(lora_seed)
+        with torch.no_grad():
+            for p in params:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return pipe, params
+
+
+@pytest.mark.parametrize("guidance", [4.5, 1.0])
+def test_minflow_ode_reproduces_the_pipeline(guidance):
+    pipe = policy.load_pipeline("tiny", torch.float32, "cpu")
+    noise = torch.randn(3, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    expected = pipe(prompt=PROMPTS, num_inference_steps=6, guidance_scale=guidance, height=64, width=64,
+                    latents=noise.clone(), output_type="latent").images
+    cond = policy.encode_prompts(pipe, PROMPTS, guidance, "cpu")
+    velocity = policy.guided_velocity(pipe.transformer, cond, guidance, torch.float32, batch_size=2)
+    traj = minflow.rollout(velocity, noise, minflow.sd3_sigmas(6), "ode")
+    torch.testing.assert_close(traj.xs[:, -1], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sampler", ["flow_grpo", "ddim"])
+def test_on_policy_ratio_is_exactly_one_through_the_transformer(sampler):
+    pipe, _ = tiny_policy(lora_seed=1)
+    cond = policy.encode_prompts(pipe, PROMPTS, 4.5, "cpu")
+    velocity = policy.guided_velocity(pipe.transformer, cond, 4.5, torch.float32)
+    sigmas = minflow.sd3_sigmas(5)
+    traj = minflow.rollout(velocity, torch.randn(3, 16, 8, 8), sigmas, sampler, 0.7, torch.Generator().manual_seed(0))
+    reference = policy.guided_velocity(pipe.transformer, cond, 4.5, torch.float32)
+
+    def ref_velocity(x, t):
+        with policy.adapter_disabled(pipe.transformer):
+            return reference(x, t)
+
+    for k in torch.nonzero(minflow.trained_steps(traj.stds))[:, 0]:
+        _, stats = minflow.policy_loss(velocity, traj.xs[:, k], traj.xs[:, k + 1], sigmas[k], sigmas[k + 1],
+                                       traj.log_probs[:, k], torch.ones(3), sampler, 0.7, 1e-4, 0.1, ref_velocity)
+        assert stats["ratio"] == 1.0 and stats["clipfrac"] == 0.0
+        assert stats["kl"] > 0  # random LoRA: the policy is not the reference
+
+
+def run(tmp_path, name, *args):
+    out = tmp_path / name
+    sd35_train.main([*TINY, f"--out={out}", *args])
+    return out, [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def lora(out, iteration):
+    return load_file(out / "checkpoints" / f"iter_{iteration:06d}" / checkpoint.LORA_FILE)
+
+
+@pytest.mark.parametrize("algo", ["flow_grpo", "stepwise", "superflow"])
+def test_one_iteration_of_each_algorithm_trains_and_logs(tmp_path, algo):
+    out, logs = run(tmp_path, algo, f"--algo={algo}", "--iters=1")
+    entry = logs[-1]
+    for key in ("reward_mean", "reward_std", "zero_std_ratio", "ratio", "clipfrac", "approx_kl", "kl", "policy_loss",
+                "grad_norm", "seconds_sampling", "seconds_reward", "seconds_training", "eval_reward"):
+        assert torch.isfinite(torch.tensor(entry[key])), (key, entry[key])
+    assert sum(entry["group_sizes"]) == 8 and entry["optimiser_steps"] >= 1
+    assert abs(entry["ratio"] - 1) < 1e-3
+    b = [v for k, v in lora(out, 1).items() if "lora_B" in k]
+    assert b and any(v.abs().max() > 0 for v in b)  # B starts at zero: any nonzero B means training moved it
+    assert (out / "eval" / "iter_000001.png").exists()
+
+
+def test_resumed_run_ends_with_the_same_lora_as_an_uninterrupted_one(tmp_path):
+    flags = ["--algo=superflow", "--save_every=1", "--eval_every=0", "--lr=1e-2"]
+    whole, _ = run(tmp_path, "whole", *flags, "--iters=3")
+    part, _ = run(tmp_path, "part", *flags, "--iters=2")
+    _, logs = run(tmp_path, "part", *flags, "--iters=3", f"--resume={part}")
+    assert [e["iteration"] for e in logs if "iteration" in e] == [1, 2, 3]
+    a, b = lora(whole, 3), lora(part, 3)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], lora(whole, 2)[k]) for k in a)
+
+
+def test_saved_lora_loads_with_diffusers_and_changes_the_output(tmp_path):
+    out, _ = run(tmp_path, "lora", "--iters=2", "--lr=1e-2", "--eval_every=0")
+    folder = out / "checkpoints" / "iter_000002"
+    noise = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def sample(pipe):
+        return pipe(prompt=PROMPTS[:2], num_inference_steps=4, guidance_scale=4.5, height=64, width=64,
+                    latents=noise.clone(), output_type="latent").images
+
+    base = policy.load_pipeline("tiny", torch.float32, "cpu")
+    before = sample(base)
+    base.load_lora_weights(folder)
+    after = sample(base)
+    assert (after - before).abs().max() > 1e-4
+    # diffusers' loader and our own resume path give the same policy.
+    ours, params = tiny_policy(rank=sd35_train.Config.lora_rank)
+    opt = torch.optim.AdamW(params)
+    identity = json.loads((folder / checkpoint.RUN_FILE).read_text())
+    identity.pop("iteration")
+    checkpoint.load(folder, ours.transformer, opt, torch.amp.GradScaler("cpu", enabled=False), None, identity)
+    torch.testing.assert_close(sample(ours), after)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_ranks_train_and_stay_in_sync(tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", str(ROOT / "sd35" / "train.py"), *TINY, "--algo=stepwise", "--iters=2",
+           "--eval_every=1", f"--out={out}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [e.get("iteration") for e in logs[:2]] == [1, 2] and logs[-1] == {"ranks_in_sync": True}
+    assert "2 rank(s) x 4 samples = 8 per iteration" in proc.stdout
+    assert (out / "checkpoints" / "iter_000002" / checkpoint.LORA_FILE).exists()
+
+
+def _gradient_step(rank, world, port, result_path):
+    """One optimiser step (SGD, lr 1) of sd35_train.optimise on a fixed global batch of 6
+    trajectories, with this rank's share of it; rank 0 saves the parameter change."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    ranks = sd35_train.Ranks("cpu")
+    ranks.start()
+    pipe, params = tiny_policy(lora_seed=2)
+    prompts = PROMPTS * 2
+    cond = policy.encode_prompts(pipe, prompts, 4.5, "cpu")
+    velocity = policy.guided_velocity(pipe.transformer, cond, 4.5, torch.float32)
+    traj = minflow.rollout(velocity, torch.randn(6, 16, 8, 8, generator=torch.Generator().manual_seed(3)),
+                           minflow.sd3_sigmas(4), "flow_grpo", 0.7, torch.Generator().manual_seed(4))
+    adv = torch.randn(6, 4, generator=torch.Generator().manual_seed(5)) * minflow.trained_steps(traj.stds)
+    adv[1] = 0  # a sample without signal: its rows are skipped, so the ranks hold unequal row counts
+    mine = ranks.share(6)
+    local = minflow.Trajectory(traj.xs[mine], traj.log_probs[mine], traj.stds, traj.sigmas)
+    cfg = sd35_train.Config(minibatches=1, train_batch=2, grad_clip=1e9, beta=0.05, guidance_scale=4.5)
+    algo = minflow.Algorithm()
+    model = torch.nn.parallel.DistributedDataParallel(pipe.transformer)
+    before = [p.detach().clone() for p in params]
+    opt = torch.optim.SGD(params, lr=1.0)
+    sd35_train.optimise(0, cfg, algo, model, pipe.transformer, params, local, cond.select(torch.arange(6)[mine]),
+                        adv[mine], opt, torch.amp.GradScaler("cpu", enabled=False), torch.float32, None, ranks)
+    if rank == 0:
+        torch.save([b - p.detach() for b, p in zip(before, params)], result_path)
+    dist.destroy_process_group()
+
+
+def test_gradients_from_two_ranks_equal_one_rank_on_the_same_global_batch(tmp_path):
+    mp.spawn(_gradient_step, args=(1, free_port(), tmp_path / "one.pt"), nprocs=1, join=True)
+    mp.spawn(_gradient_step, args=(2, free_port(), tmp_path / "two.pt"), nprocs=2, join=True)
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert any(g.abs().max() > 0 for g in one)
+    for a, b in zip(one, two):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--group_size=1"], "--group_size=1: a group needs at least 2"),
+    (["--resolution=60"], "--resolution=60: expected a positive multiple of 16"),
+    (["--algo=ppo"], "unknown algorithm 'ppo'"),
+    (["--sampler=euler"], "unknown sampler 'euler'"),
+    (["--reward=ocr=x"], "weight 'x' for reward 'ocr'"),
+    (["--iters=many"], "bad value for --iters: 'many'; expected int"),
+    (["--resume=/nonexistent/run"], "no complete checkpoint there"),
+    (["--resolution=1024"], "--resolution=1024 needs 64 patches a side"),
+])
+def test_bad_input_stops_with_one_line(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as stop:
+        sd35_train.main([*TINY, f"--out={tmp_path / 'run'}", *args])
+    assert message in str(stop.value.code) and "\n" not in str(stop.value.code)
+
+
+def test_a_fresh_run_never_overwrites_an_existing_one(tmp_path):
+    out, logs = run(tmp_path, "run", "--iters=1", "--eval_every=0")
+    before = (out / "log.jsonl").read_bytes()
+    with pytest.raises(SystemExit, match="already holds a run"):
+        sd35_train.main([*TINY, f"--out={out}", "--iters=1"])
+    assert (out / "log.jsonl").read_bytes() == before
