@@ -533,12 +533,15 @@ def transitions(traj, adv, mask=None):
 
 
 def parse_flags(settings, argv):
-    """Read `--key=value` flags as the types of the dataclass `settings`' fields -> dict.
-    Errors are one line naming the bad flag and what is expected."""
+    """Read `--key=value` flags (a bare `--key` for a bool means true) as the types of the
+    dataclass `settings`' fields -> dict. Errors are one line naming the bad flag and what
+    is expected."""
     types = {f.name: f.type if isinstance(f.type, type) else type(f.default) for f in fields(settings)}
     out = {}
     for arg in argv:
         key, sep, value = arg.removeprefix("--").partition("=")
+        if arg.startswith("--") and not sep and types.get(key) is bool:
+            sep, value = "=", "true"
         if not arg.startswith("--") or not sep:
             raise ValueError(f"bad argument {arg!r}; expected --key=value")
         if key not in types:

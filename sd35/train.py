@@ -15,6 +15,7 @@ rank 0 logs, evaluates to disk and saves.
 (`--algo=stepwise --group_sizes=variance`, `--sampler=cps --noise_level=0.8`). Every RL formula
 lives in minflow.py; this file only feeds it images, rewards and gradients.
 """
+import gc
 import hashlib
 import json
 import math
@@ -314,7 +315,10 @@ def main(argv):
     scaler = torch.amp.GradScaler(ranks.device.type, enabled=precision == "fp16")
     tracker = minflow.PromptTracker(len(train_prompts), algo.rho) if algo.uses_tracker else None
     identity = {"model": cfg.model, "lora_rank": cfg.lora_rank, "algorithm": asdict(algo)}
-    start = checkpoint.load(resume_from, transformer, opt, scaler, tracker, identity) if resume_from else 0
+    try:
+        start = checkpoint.load(resume_from, transformer, opt, scaler, tracker, identity) if resume_from else 0
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     model = DDP(transformer, device_ids=[ranks.device.index] if ranks.device.type == "cuda" else None) if ranks.ddp else transformer
 
     budget = cfg.group_size * cfg.prompts_per_iter
@@ -330,7 +334,7 @@ def main(argv):
         print(f"algorithm: {algo}")
 
     log_path = out / "log.jsonl"
-    if ranks.master and log_path.exists():  # drop lines past the checkpoint we continue from
+    if ranks.master and log_path.exists() and not cfg.eval_only:  # drop lines past the checkpoint we continue from
         kept = [line for line in log_path.read_text().splitlines() if line.strip() and json.loads(line).get("iteration", 0) <= start]
         log_path.write_text("".join(line + "\n" for line in kept))
 
@@ -374,6 +378,11 @@ def main(argv):
         in_sync = ranks_in_sync(params, ranks)
         if ranks.master:
             log({"ranks_in_sync": in_sync})
+        # Free DDP while the process group is still registered. Otherwise DDP's Reducer is the
+        # group's last owner and destroys it while holding the GIL, which can deadlock with
+        # gloo's worker thread (pytorch/pytorch#56297); destroy_process_group releases it.
+        del model
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -201,9 +201,13 @@ def test_bad_input_stops_with_one_line(tmp_path, capsys, args, message):
     assert message in str(stop.value.code) and "\n" not in str(stop.value.code)
 
 
-def test_a_fresh_run_never_overwrites_an_existing_one(tmp_path):
+def test_existing_runs_are_never_overwritten_or_resumed_wrongly(tmp_path):
     out, logs = run(tmp_path, "run", "--iters=1", "--eval_every=0")
     before = (out / "log.jsonl").read_bytes()
     with pytest.raises(SystemExit, match="already holds a run"):
         sd35_train.main([*TINY, f"--out={out}", "--iters=1"])
-    assert (out / "log.jsonl").read_bytes() == before
+    for flag, message in [("--lora_rank=8", "lora_rank=32, this run has 8"), ("--algo=superflow", "made with algorithm=")]:
+        with pytest.raises(SystemExit, match=message):
+            sd35_train.main([*TINY, f"--out={out}", "--iters=2", f"--resume={out}", flag])
+    _, evaluated = run(tmp_path, "run", "--eval_only", f"--resume={out}")
+    assert (out / "log.jsonl").read_bytes().startswith(before) and "eval_reward" in evaluated[-1]
