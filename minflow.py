@@ -35,7 +35,9 @@ rewards (3) -> advantages (4) -> group sizes (5) -> loss (6) -> the axes as pres
 Choices that the sources leave open are marked [recon] and are options, not constants.
 """
 import math
+import os
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 
 import torch
 
@@ -529,7 +531,30 @@ def transitions(traj, adv, mask=None):
 
 
 # ----------------------------------------------------------------------------------
-# Appendix: `--key=value` flags onto a dataclass of settings (the toy and sd35 share it)
+# Appendix: flags and files (the toy and sd35 share them)
+
+
+def atomic_write(path, data):
+    """Write bytes so that a crash at any moment leaves either the old file or the new one,
+    never a torn one: a temporary file in the same folder, flushed and fsynced, renamed over
+    `path`, then the folder fsynced so the rename itself survives a power cut."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder):
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
 
 
 def parse_flags(settings, argv):

@@ -1,37 +1,39 @@
 """Checkpoints: one folder per iteration, `OUT/checkpoints/iter_000020/`, holding
 
     pytorch_lora_weights.safetensors   the LoRA in diffusers' format: pipe.load_lora_weights(folder)
-    trainer_state.pt                   optimiser, grad scaler, SuperFlow tracker, iteration (tensors
-                                       and numbers only, read back with torch.load(weights_only=True))
-    run.json                           what the checkpoint belongs to: model, LoRA rank, algorithm
+    trainer_state.safetensors          the optimiser's and the SuperFlow tracker's tensors
+    run.json                           what the checkpoint belongs to (model, LoRA rank, algorithm),
+                                       the iteration, and the rest of the state as plain numbers
 
-A folder is written under a temporary name and renamed when complete, so a crash while saving
-leaves the previous checkpoint intact and no half-written one that looks complete. The random
-state needs no saving: every random draw of iteration i comes from generators seeded with
-(seed, i, rank), so resuming at iteration i draws exactly what an uninterrupted run would.
+No pickle anywhere: tensors go to safetensors, everything else to JSON, so loading a
+checkpoint can never run code. A folder is written under a temporary name, fsynced, and
+renamed when complete, so a kill at any moment leaves the previous checkpoint intact and no
+half-written one that looks complete (`newest` only sees renamed folders). The random state
+needs no saving: every random draw of iteration i comes from generators seeded with
+(seed, i, rank), so a resumed run draws exactly what an uninterrupted one would.
 """
 import json
 import os
 import shutil
 from pathlib import Path
 
-import torch
 from diffusers import StableDiffusion3Pipeline
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-LORA_FILE, STATE_FILE, RUN_FILE = "pytorch_lora_weights.safetensors", "trainer_state.pt", "run.json"
+import minflow
+
+LORA_FILE, STATE_FILE, RUN_FILE = "pytorch_lora_weights.safetensors", "trainer_state.safetensors", "run.json"
 
 
-def _fsync_tree(folder):
-    for path in folder.iterdir():
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _flatten(optimizer, tracker):
+    """Optimiser and tracker state -> (tensors for safetensors, numbers for JSON)."""
+    state = optimizer.state_dict()
+    tensors = {f"optimizer.{i}.{k}": v.contiguous() for i, s in state["state"].items() for k, v in s.items()}
+    if tracker is not None:
+        tracker_state = tracker.state_dict()
+        tensors.update({"tracker.moments": tracker_state["moments"], "tracker.visits": tracker_state["visits"]})
+    return tensors, {"param_groups": state["param_groups"], "tracker_rho": None if tracker is None else tracker.rho}
 
 
 def save(run_dir, iteration, transformer, optimizer, scaler, tracker, identity):
@@ -45,13 +47,17 @@ def save(run_dir, iteration, transformer, optimizer, scaler, tracker, identity):
     StableDiffusion3Pipeline.save_lora_weights(
         tmp, transformer_lora_layers=get_peft_model_state_dict(transformer),
         transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict())
-    torch.save({"iteration": iteration, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "tracker": None if tracker is None else tracker.state_dict()}, tmp / STATE_FILE)
-    (tmp / RUN_FILE).write_text(json.dumps({**identity, "iteration": iteration}, indent=1))
-    _fsync_tree(tmp)
-    if final.exists():
+    tensors, numbers = _flatten(optimizer, tracker)
+    save_file(tensors, tmp / STATE_FILE)
+    (tmp / RUN_FILE).write_text(json.dumps({**identity, "iteration": iteration, "scaler": scaler.state_dict(), **numbers}))
+    for path in tmp.iterdir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    minflow.fsync_dir(tmp)
+    if final.exists():  # only when the same iteration is saved twice
         shutil.rmtree(final)
     os.replace(tmp, final)
+    minflow.fsync_dir(final.parent)
     return final
 
 
@@ -65,20 +71,32 @@ def newest(path):
     return done[-1] if done else None
 
 
-def load(folder, transformer, optimizer, scaler, tracker, identity):
-    """Restore a checkpoint into the live objects; returns the iteration to continue from.
-    Refuses (one line) a checkpoint made for another model, LoRA rank or algorithm."""
-    saved = json.loads((folder / RUN_FILE).read_text())
+def check_identity(folder, identity):
+    """Refuse (one line) a checkpoint made for another model, LoRA rank or algorithm; cheap,
+    so it runs before any model loads."""
+    saved = json.loads((Path(folder) / RUN_FILE).read_text())
     for key, value in identity.items():
         if saved.get(key) != value:
             raise ValueError(f"checkpoint {folder} was made with {key}={saved.get(key)!r}, this run has {value!r}")
+
+
+def load(folder, transformer, optimizer, scaler, tracker, identity):
+    """Restore a checkpoint into the live objects; returns the iteration to continue from."""
+    check_identity(folder, identity)
+    saved = json.loads((folder / RUN_FILE).read_text())
     lora = {k.removeprefix("transformer."): v for k, v in load_file(folder / LORA_FILE).items()}
     result = set_peft_model_state_dict(transformer, lora)
     if result.unexpected_keys:
         raise ValueError(f"checkpoint {folder} has LoRA weights this model lacks: {result.unexpected_keys[:3]}")
-    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
+    tensors = load_file(folder / STATE_FILE)
+    per_param = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            per_param.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": per_param, "param_groups": saved["param_groups"]})
+    scaler.load_state_dict(saved["scaler"])
     if tracker is not None:
-        tracker.load_state_dict(state["tracker"])
-    return state["iteration"]
+        tracker.load_state_dict({"rho": saved["tracker_rho"], "moments": tensors["tracker.moments"],
+                                 "visits": tensors["tracker.visits"]})
+    return saved["iteration"]

@@ -9,7 +9,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
-from diffusers import StableDiffusion3Pipeline
+from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from peft import LoraConfig
 
 # The joint-attention projections of every MMDiT block: image-stream q/k/v/out and the text
@@ -31,6 +31,15 @@ def load_pipeline(model, dtype, device):
     for part in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
         part.requires_grad_(False).eval()
     return pipe
+
+
+def transformer_config(model):
+    """The transformer's config alone (a small JSON file; for "tiny", the tiny model's), so
+    that flags can be checked against the model before gigabytes of weights load."""
+    if model == "tiny":
+        from sd35.tiny import tiny_pipeline
+        return dict(tiny_pipeline().transformer.config)
+    return SD3Transformer2DModel.load_config(model, subfolder="transformer")
 
 
 def add_lora(transformer, rank, alpha):

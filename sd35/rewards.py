@@ -409,15 +409,28 @@ class RewardMix:
                 scores = reward(images, prompts, metadata)
             except RewardError:
                 raise  # already names the reward and the prompt
-            except Exception as error:
+            except RewardServerError as error:  # the server's fault, not any one prompt's
                 raise RewardError(f"reward {name!r} failed {where}: {error}") from error
+            except Exception as error:
+                raise self._blame(name, reward, images, prompts, metadata, error) from error
             scores = scores.detach().float().cpu()
             if scores.shape != (batch_size,):
                 raise RewardError(
                     f"reward {name!r} returned shape {list(scores.shape)} {where}; expected [{batch_size}]"
                 )
-            if not torch.isfinite(scores).all():
-                raise RewardError(f"reward {name!r} returned a non-finite score {where}: {scores.tolist()}")
+            # Non-finite scores pass through: the trainer drops those samples and counts them.
             terms[name] = scores
         total = sum(self.weights[name] * terms[name] for name in terms)
         return total, terms
+
+    @staticmethod
+    def _blame(name, reward, images, prompts, metadata, error):
+        """A RewardError naming the prompt the reward fails on: the batch is scored again one
+        image at a time (only on failure, so the cost is paid only then)."""
+        for i, prompt in enumerate(prompts):
+            try:
+                reward(images[i:i + 1], prompts[i:i + 1], metadata[i:i + 1])
+            except Exception as single:
+                return RewardError(f"reward {name!r} failed on prompt {prompt!r}: {single}")
+        return RewardError(f"reward {name!r} failed on a batch of {len(prompts)} starting with prompt "
+                           f"{prompts[0]!r}, though not on any one image alone: {error}")

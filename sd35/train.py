@@ -17,6 +17,7 @@ lives in minflow.py; this file only feeds it images, rewards and gradients.
 """
 import gc
 import hashlib
+import io
 import json
 import math
 import os
@@ -38,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import minflow  # noqa: E402
 from sd35 import checkpoint, policy  # noqa: E402
 from sd35.data import load_prompts  # noqa: E402
-from sd35.rewards import RewardMix, RewardOptions, parse_reward_spec  # noqa: E402
+from sd35.rewards import RewardError, RewardMix, RewardOptions, parse_reward_spec  # noqa: E402
 
 
 @dataclass
@@ -75,9 +76,14 @@ class Config:
     eval_images: int = 16  # test prompts per evaluation (0 = all)
     save_every: int = 20  # iterations between checkpoints (and always at the end and on SIGINT/SIGTERM)
     eval_only: bool = False  # evaluate the loaded (or base) model once and exit
+    max_bad_steps: int = 5  # stop after this many optimiser steps in a row with a NaN/inf gradient (each is skipped)
 
 
 AXES = {f.name for f in fields(minflow.Algorithm)}
+
+
+class RunError(RuntimeError):
+    """Something at run time that training cannot go on from; the message is one line."""
 
 
 def parse_args(argv, world_size):
@@ -183,23 +189,39 @@ def sample_and_score(it, cfg, algo, pipe, model_dtype, autocast, reward, prompts
     def score(latents):
         return reward(policy.decode(pipe.vae, latents, cfg.sample_batch), texts, metadata)
 
-    local_rewards, terms = score(traj.xs[:, -1])
-    step_rewards = None
-    if algo.step_credit == "gains":
-        step_rewards = ranks.gather(minflow.step_rewards(velocity, traj, lambda x0: score(x0)[0], algo.substeps,
-                                                         local_rewards))
+    # A reward that fails on one rank must stop every rank, not leave the others waiting in
+    # the gather below: each rank reports whether it failed, and all stop together.
+    failure, step_rewards = None, None
+    try:
+        local_rewards, terms = score(traj.xs[:, -1])
+        if algo.step_credit == "gains":
+            step_rewards = minflow.step_rewards(velocity, traj, lambda x0: score(x0)[0], algo.substeps, local_rewards)
+    except RewardError as error:
+        failure = str(error)
+    failed = ranks.gather(torch.tensor([failure is not None]))
+    if failed.any():
+        raise RunError(failure or f"a reward failed on rank {int(failed.nonzero()[0])}; its output says which")
     rewards = ranks.gather(local_rewards.float().cpu())
+    step_rewards = None if step_rewards is None else ranks.gather(step_rewards)
     if not torch.equal(ranks.gather(prompt_ids[group_ids[mine]]), prompt_ids[group_ids]):
-        raise RuntimeError("ranks disagree on the iteration's prompts; check that every rank runs the same flags")
+        raise RunError("ranks disagree on the iteration's prompts; check that every rank runs the same flags")
     logs["seconds_reward"] = time.perf_counter() - timer
 
-    baseline = tracker.baseline(prompt_ids[group_ids], rewards) if algo.baseline == "tracker" else None
-    adv = minflow.advantages(algo, rewards, group_ids, traj.stds, step_rewards, baseline)
+    # Samples with a NaN or infinite reward are dropped (advantage 0, not in any statistic).
+    valid = torch.isfinite(rewards) & (True if step_rewards is None else torch.isfinite(step_rewards).all(1))
+    if not valid.any():
+        raise RunError(f"iteration {it + 1}: every reward is NaN or infinite; check the reward function")
+    keep = (lambda x: None if x is None else x[valid])
+    ids = prompt_ids[group_ids][valid]
+    baseline = tracker.baseline(ids, rewards[valid]) if algo.baseline == "tracker" else None
+    adv = torch.zeros(budget, len(traj.stds))
+    adv[valid] = minflow.advantages(algo, rewards[valid], group_ids[valid], traj.stds, keep(step_rewards), baseline)
     if tracker is not None:
-        tracker.update(prompt_ids[group_ids], rewards)
-    logs.update({"reward_mean": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item(),
-                 "zero_std_ratio": minflow.zero_std_fraction(rewards, group_ids), "group_sizes": sizes.tolist(),
-                 **{f"reward_{k}": ranks.gather(v.float().cpu()).mean().item() for k, v in terms.items()}})
+        tracker.update(ids, rewards[valid])
+    terms = {k: ranks.gather(v.float().cpu()) for k, v in terms.items()}
+    logs.update({"reward_mean": rewards[valid].mean().item(), "reward_std": rewards[valid].std(unbiased=False).item(),
+                 "dropped_samples": int((~valid).sum()), "zero_std_ratio": minflow.zero_std_fraction(rewards[valid], group_ids[valid]),
+                 "group_sizes": sizes.tolist(), **{f"reward_{k}": v[v.isfinite()].mean().item() for k, v in terms.items()}})
     return traj, cond, adv[mine], logs
 
 
@@ -245,12 +267,15 @@ def optimise(it, cfg, algo, model, transformer, params, traj, cond, adv, opt, sc
                 stats.append({**s, "policy_loss": loss.item()})
         scaler.unscale_(opt)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        scaler.step(opt)
+        if torch.isfinite(grad_norm):  # a NaN/inf loss or gradient: skip the step (all ranks agree)
+            scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
         grad_norms.append(grad_norm.item())
     logs = {key: sum(s[key] for s in stats) / len(stats) for key in (stats[0] if stats else {})}
-    return {**logs, "grad_norm": max(grad_norms, default=0.0), "optimiser_steps": len(grad_norms)}
+    finite = [g for g in grad_norms if math.isfinite(g)]
+    return {**logs, "grad_norm": max(finite, default=0.0), "optimiser_steps": len(grad_norms),
+            "skipped_steps": [not math.isfinite(g) for g in grad_norms]}
 
 
 @torch.no_grad()
@@ -275,7 +300,9 @@ def evaluate(it, cfg, pipe, model_dtype, autocast, reward, test_prompts, ranks, 
         cols = math.ceil(math.sqrt(len(grid)))
         grid = torch.cat([grid, torch.zeros((cols * math.ceil(len(grid) / cols) - len(grid), *grid.shape[1:]), dtype=torch.uint8)])
         (out / "eval").mkdir(exist_ok=True)
-        Image.fromarray(rearrange(grid, "(r c) ch h w -> (r h) (c w) ch", c=cols).numpy()).save(out / "eval" / f"iter_{it:06d}.png")
+        png = io.BytesIO()
+        Image.fromarray(rearrange(grid, "(r c) ch h w -> (r h) (c w) ch", c=cols).numpy()).save(png, format="PNG")
+        minflow.atomic_write(out / "eval" / f"iter_{it:06d}.png", png.getvalue())
     return logs
 
 
@@ -284,15 +311,28 @@ def evaluate(it, cfg, pipe, model_dtype, autocast, reward, test_prompts, ranks, 
 
 def main(argv):
     ranks = Ranks(next((a.partition("=")[2] for a in argv if a.startswith("--device=")), ""))
-    try:
+    try:  # every check that needs no model weights, before any load
         cfg, algo, train_prompts, test_prompts = parse_args(argv, ranks.world)
+        identity = {"model": cfg.model, "lora_rank": cfg.lora_rank, "algorithm": asdict(algo)}
         out = Path(cfg.out)
-        out.mkdir(parents=True, exist_ok=True)
+        # A folder with a checkpoint holds a run to continue, not to overwrite. (A log alone is
+        # a run killed before its first save: starting afresh replays exactly what it lost.)
+        if not cfg.resume and not cfg.eval_only and checkpoint.newest(out):
+            raise ValueError(f"--out={out} already holds a run; pass --resume={out} to continue it, or another --out")
         resume_from = checkpoint.newest(cfg.resume) if cfg.resume else None
         if cfg.resume and resume_from is None:
             raise ValueError(f"--resume={cfg.resume}: no complete checkpoint there")
-        if not cfg.resume and not cfg.eval_only and ((out / "log.jsonl").exists() or checkpoint.newest(out)):
-            raise ValueError(f"--out={out} already holds a run; pass --resume={out} to continue it, or another --out")
+        if resume_from:
+            checkpoint.check_identity(resume_from, identity)
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{ranks.rank}"
+        probe.write_bytes(b"")
+        probe.unlink()
+        config = policy.transformer_config(cfg.model)
+        side = cfg.resolution // 8 // config["patch_size"]
+        if side > config["pos_embed_max_size"]:
+            raise ValueError(f"--resolution={cfg.resolution} needs {side} patches a side; this model takes at most "
+                             f"{config['pos_embed_max_size']} ({config['pos_embed_max_size'] * 8 * config['patch_size']} px)")
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     ranks.start()
@@ -304,21 +344,13 @@ def main(argv):
     reward = RewardMix(cfg.reward, RewardOptions(device=str(ranks.device), remote_url=cfg.reward_url or None))
     pipe = policy.load_pipeline(cfg.model, model_dtype, ranks.device)
     transformer = pipe.transformer
-    latent_side = cfg.resolution // 8 // transformer.config.patch_size
-    if latent_side > transformer.config.pos_embed_max_size:
-        sys.exit(f"error: --resolution={cfg.resolution} needs {latent_side} patches a side; this model takes at most "
-                 f"{transformer.config.pos_embed_max_size} ({transformer.config.pos_embed_max_size * 16} px)")
     params = policy.add_lora(transformer, cfg.lora_rank, cfg.lora_alpha)
     if cfg.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(ranks.device.type, enabled=precision == "fp16")
     tracker = minflow.PromptTracker(len(train_prompts), algo.rho) if algo.uses_tracker else None
-    identity = {"model": cfg.model, "lora_rank": cfg.lora_rank, "algorithm": asdict(algo)}
-    try:
-        start = checkpoint.load(resume_from, transformer, opt, scaler, tracker, identity) if resume_from else 0
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    start = checkpoint.load(resume_from, transformer, opt, scaler, tracker, identity) if resume_from else 0
     model = DDP(transformer, device_ids=[ranks.device.index] if ranks.device.type == "cuda" else None) if ranks.ddp else transformer
 
     budget = cfg.group_size * cfg.prompts_per_iter
@@ -334,14 +366,17 @@ def main(argv):
         print(f"algorithm: {algo}")
 
     log_path = out / "log.jsonl"
-    if ranks.master and log_path.exists() and not cfg.eval_only:  # drop lines past the checkpoint we continue from
-        kept = [line for line in log_path.read_text().splitlines() if line.strip() and json.loads(line).get("iteration", 0) <= start]
-        log_path.write_text("".join(line + "\n" for line in kept))
+    if ranks.master and log_path.exists() and not cfg.eval_only:  # after the checks above: nothing durable is lost
+        # Keep the lines up to the checkpoint we continue from; a line torn by a kill is dropped.
+        kept = [e for e in read_log(log_path) if e.get("iteration", 0) <= start]
+        minflow.atomic_write(log_path, "".join(json.dumps(e) + "\n" for e in kept).encode())
 
     def log(entry):
         if ranks.master:
             with open(log_path, "a") as f:
                 f.write(json.dumps(entry) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
 
     def save(it):
         if ranks.master:
@@ -355,11 +390,24 @@ def main(argv):
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: stop.update(signal=signum))
     progress = tqdm(range(start, cfg.iters if not cfg.eval_only else start), disable=not ranks.master, desc="RL iterations")
+    saved, bad_steps = start, 0
     for it in progress:
-        traj, cond, adv, logs = sample_and_score(it, cfg, algo, pipe, model_dtype, autocast, reward, train_prompts, tracker, ranks)
-        timer = time.perf_counter()
-        logs.update(optimise(it, cfg, algo, model, transformer, params, traj, cond, adv, opt, scaler, model_dtype, autocast, ranks))
-        logs["seconds_training"] = time.perf_counter() - timer
+        try:
+            traj, cond, adv, logs = sample_and_score(it, cfg, algo, pipe, model_dtype, autocast, reward, train_prompts, tracker, ranks)
+            timer = time.perf_counter()
+            logs.update(optimise(it, cfg, algo, model, transformer, params, traj, cond, adv, opt, scaler, model_dtype, autocast, ranks))
+            logs["seconds_training"] = time.perf_counter() - timer
+            for skipped in logs["skipped_steps"]:
+                bad_steps = bad_steps + 1 if skipped else 0
+                if bad_steps >= cfg.max_bad_steps:
+                    raise RunError(f"{bad_steps} optimiser steps in a row had a NaN or infinite gradient (all "
+                                   f"skipped); lower --lr, or check the rewards and --mixed_precision")
+        except RunError as error:
+            if it > saved:  # keep the work of the iterations since the last checkpoint
+                save(it)
+            if ranks.master:
+                print(f"error: {error}" + (f" (checkpoint: iteration {it})" if it > start else ""), file=sys.stderr)
+            sys.exit(1)
         done = it + 1
         if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.iters:
             logs.update(evaluate(done, cfg, pipe, model_dtype, autocast, reward, test_prompts, ranks, out))
@@ -370,6 +418,7 @@ def main(argv):
             interrupted = ranks.gather(interrupted)
         if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.iters or interrupted.any():
             save(done)
+            saved = done
         if interrupted.any():
             if ranks.master:
                 print(f"stopped by signal {int(interrupted.max())} after iteration {done}; checkpoint saved")
@@ -384,6 +433,18 @@ def main(argv):
         del model
         gc.collect()
         dist.destroy_process_group()
+
+
+def read_log(path):
+    """The log's entries, skipping a last line torn by a kill (a JSONL line is complete only
+    with its newline)."""
+    entries = []
+    for line in Path(path).read_text(errors="replace").split("\n")[:-1]:
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return entries
 
 
 def ranks_in_sync(params, ranks):

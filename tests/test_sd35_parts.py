@@ -211,13 +211,24 @@ def test_mix_is_the_weighted_sum_of_its_terms(monkeypatch):
 
 def test_mix_errors_name_the_reward_and_the_prompt(monkeypatch):
     def broken(images, prompts, metadata):
-        raise ZeroDivisionError("boom")
+        if "a cat" in prompts:
+            raise ZeroDivisionError("boom")
+        return torch.zeros(len(prompts))
+
+    def batch_only(images, prompts, metadata):
+        if len(prompts) > 1:
+            raise MemoryError("batch too large")
+        return torch.zeros(len(prompts))
 
     monkeypatch.setitem(rewards.REWARDS, "broken", lambda options: broken)
+    monkeypatch.setitem(rewards.REWARDS, "batch_only", lambda options: batch_only)
     monkeypatch.setitem(rewards.REWARDS, "wrong_shape", lambda options: lambda i, p, m: torch.zeros(len(p), 1))
+    images = torch.zeros(3, 3, 8, 8)
+    with pytest.raises(RewardError, match=r"^reward 'broken' failed on prompt 'a cat': boom$"):
+        RewardMix("broken")(images, ["a dog", "a cat", "a cow"])
+    with pytest.raises(RewardError, match=r"batch of 3 starting with prompt 'a dog', though not on any one image"):
+        RewardMix("batch_only")(images, ["a dog", "a cat", "a cow"])
     images = torch.zeros(2, 3, 8, 8)
-    with pytest.raises(RewardError, match=r"reward 'broken' failed on prompt 'a dog' \(first of 2\): boom"):
-        RewardMix("broken")(images, ["a dog", "a cat"])
     with pytest.raises(RewardError, match=r"'wrong_shape' returned shape \[2, 1\].*expected \[2\]"):
         RewardMix("wrong_shape")(images, ["a dog", "a cat"])
 

@@ -13,8 +13,11 @@ import math
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save
 from torch import nn
 from tqdm import tqdm
+
+import minflow
 
 NUM_PROMPTS = 8
 RADIUS, MODE_STD, REWARD_WIDTH = 2.0, 0.15, 0.25
@@ -68,10 +71,10 @@ class ToyVelocity(nn.Module):
 def pretrain(steps=4000, batch=1024, lr=2e-3, width=128, depth=3, seed=0, cache=True):
     """Flow matching: regress v = eps - x0 at x_t = (1 - t) x0 + t eps, t ~ U(0, 1)."""
     settings = dict(steps=steps, batch=batch, lr=lr, width=width, depth=depth, seed=seed)
-    path = CACHE / f"base-{hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]}.pt"
+    path = CACHE / f"base-{hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]}.safetensors"
     model = ToyVelocity(width, depth)
     if cache and path.exists():
-        model.load_state_dict(torch.load(path, weights_only=True))
+        model.load_state_dict(load_file(path))
         return model.eval()
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -90,7 +93,5 @@ def pretrain(steps=4000, batch=1024, lr=2e-3, width=128, depth=3, seed=0, cache=
         sched.step()
     if cache:
         CACHE.mkdir(exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(model.state_dict(), tmp)
-        tmp.replace(path)
+        minflow.atomic_write(path, save(model.state_dict()))
     return model.eval()

@@ -1,11 +1,22 @@
 """The toy's figures, drawn from results.json alone (so they can be redrawn without training)."""
+import io
+
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+import minflow  # noqa: E402
 from toy import flow  # noqa: E402
+
+
+def _save(fig, path):
+    """Render to memory, then write atomically: a killed run never leaves a torn PNG."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    minflow.atomic_write(path, buffer.getvalue())
 
 
 def _seed_band(ax, runs, label):
@@ -25,8 +36,7 @@ def reward_curves(results, path):
     axes[1].set(xlabel="training seconds (sampling + update, no eval)", ylabel="eval reward (ODE)", title="reward vs wall-clock")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def sample_clouds(results, path):
@@ -42,8 +52,7 @@ def sample_clouds(results, path):
         ax.title.set_fontsize(8)
     fig.suptitle("ODE samples, coloured by prompt; circles: each prompt's target mode (seed 0 after training)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def gain_profiles(results, path):
@@ -55,8 +64,7 @@ def gain_profiles(results, path):
     ax.set(xlabel="step k (x_k -> x_k+1)", ylabel="mean |gain|  |r_k+1 - r_k|", title="per-step reward gains")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def group_sizes(results, path):
@@ -73,8 +81,7 @@ def group_sizes(results, path):
         ax.set(xlabel="iteration", ylabel="group size (mean over seeds)", title=name)
         ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 

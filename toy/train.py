@@ -158,9 +158,7 @@ def main(argv):
     results["eval_prompts"] = eval_prompts.tolist()
     results["table"] = summarise(results, names[0])
     print_table(results["table"], names[0])
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results))
-    tmp.replace(out / "results.json")
+    minflow.atomic_write(out / "results.json", json.dumps(results).encode())
     for path in plots.all_figures(results, out):
         print(f"wrote {path}")
 
@@ -183,7 +181,8 @@ def summarise(results, baseline):
         for k, v in targets.items():
             count = trajectories_to_reach(curves, v)
             row[f"trajectories_to_{k}"] = count
-            row[f"ratio_to_{k}"] = None if count is None else count / base_counts[k]
+            # No ratio when the baseline reached the target at once (count 0) or never.
+            row[f"ratio_to_{k}"] = count / base_counts[k] if count is not None and base_counts[k] else None
         table[name] = row
     return table
 
@@ -192,8 +191,8 @@ def print_table(table, baseline):
     print(f"\n{'algorithm':<30} {'final reward':>15} {'traj. to halfway':>17} {'traj. to ' + baseline + ' final':>25}"
           f" {'s/run':>6} {'s/iter':>7}")
     for name, row in table.items():
-        reach = ["never" if row[f"trajectories_to_{k}"] is None else
-                 f"{row[f'trajectories_to_{k}']} ({row[f'ratio_to_{k}']:.2f}x)" for k in ("half", "final")]
+        reach = ["never" if row[f"trajectories_to_{k}"] is None else f"{row[f'trajectories_to_{k}']}" +
+                 ("" if row[f"ratio_to_{k}"] is None else f" ({row[f'ratio_to_{k}']:.2f}x)") for k in ("half", "final")]
         print(f"{name:<30} {row['final_mean']:>7.3f} ± {row['final_std']:.3f} {reach[0]:>17} {reach[1]:>25} "
               f"{row['seconds_per_run']:>6.2f} {row['seconds_per_iter']:>7.3f}")
     print(f"(base model: {next(iter(table.values()))['base_reward']:.3f}; spread = std over seeds; halfway = "

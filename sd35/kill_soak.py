@@ -1,0 +1,122 @@
+"""Kill soak: SIGKILL a tiny CPU training run at random moments, resume it every time, and
+check that a kill never costs more than the work since the last checkpoint.
+
+    python sd35/kill_soak.py                       # 25 kills
+    python sd35/kill_soak.py --kills=100 --iters=120
+
+1. A reference run of `iters` iterations, never interrupted.
+2. The same run started, SIGKILLed after a random delay, and restarted with --resume (from
+   scratch while no checkpoint exists), `kills` times; then left to finish. After every kill
+   each complete checkpoint must load (LoRA and trainer state in safetensors, run.json) and
+   every line of log.jsonl but a torn last one must parse.
+3. The finished run must have logged each iteration once and end with a LoRA bitwise equal
+   to the reference's.
+Prints what it saw and exits non-zero if anything failed.
+"""
+import json
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import minflow  # noqa: E402
+from sd35 import checkpoint  # noqa: E402
+
+TRAIN = Path(__file__).resolve().parent / "train.py"
+RUN = ["--model=tiny", "--resolution=64", "--num_steps=4", "--eval_num_steps=2", "--eval_images=2", "--eval_every=3",
+       "--prompts=general", "--reward=jpeg_compressibility", "--prompts_per_iter=2", "--group_size=4", "--save_every=1",
+       "--algo=superflow"]
+
+
+@dataclass
+class Settings:
+    kills: int = 25  # SIGKILLs to deliver before letting the run finish
+    iters: int = 40  # iterations of the soaked run (about 0.4 s each; start-up about 3 s)
+    min_delay: float = 1.0  # seconds after a (re)start before the kill, drawn uniformly
+    max_delay: float = 5.0  # (so kills land in start-up, sampling, training and checkpoint saves)
+    seed: int = 0  # seeds the kill delays
+    workdir: str = ""  # where the runs go ("" = a fresh temporary folder)
+
+
+def train(out, iters, resume):
+    args = [sys.executable, str(TRAIN), *RUN, f"--iters={iters}", f"--out={out}"] + ([f"--resume={out}"] if resume else [])
+    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def audit(out):
+    """Problems a kill left behind: unreadable checkpoints, unparsable log lines."""
+    problems = []
+    for folder in sorted((out / "checkpoints").glob("iter_*")) if (out / "checkpoints").exists() else []:
+        if folder.suffix == ".tmp":
+            continue  # a save the kill interrupted: invisible to --resume, replaced by the next save
+        try:
+            load_file(folder / checkpoint.LORA_FILE), load_file(folder / checkpoint.STATE_FILE)
+            json.loads((folder / checkpoint.RUN_FILE).read_text())
+        except Exception as error:  # noqa: BLE001 - any failure to read is what we are looking for
+            problems.append(f"{folder.name}: {error}")
+    log = out / "log.jsonl"
+    lines = log.read_text(errors="replace").split("\n")[:-1] if log.exists() else []
+    for number, line in enumerate(lines[:-1], 1):  # the last complete line may not be torn either
+        try:
+            json.loads(line)
+        except json.JSONDecodeError:
+            problems.append(f"log.jsonl line {number} unparsable: {line[:60]!r}")
+    return problems
+
+
+def soak(settings):
+    rng = random.Random(settings.seed)
+    root = Path(settings.workdir or tempfile.mkdtemp(prefix="kill-soak-"))
+    reference, soaked = root / "reference", root / "soaked"
+    if train(reference, settings.iters, False).wait() != 0:
+        raise SystemExit("the reference run failed")
+    report = {"kills": 0, "resumes": 0, "kills_during_save": 0, "problems": []}
+    for _ in range(settings.kills):
+        proc = train(soaked, settings.iters, checkpoint.newest(soaked) is not None)
+        report["resumes"] += checkpoint.newest(soaked) is not None
+        time.sleep(rng.uniform(settings.min_delay, settings.max_delay))
+        if proc.poll() is not None:  # finished before the kill: the soak is over early
+            break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        report["kills"] += 1
+        report["kills_during_save"] += any((soaked / "checkpoints").glob("*.tmp")) if (soaked / "checkpoints").exists() else 0
+        report["problems"] += audit(soaked)
+    finish = train(soaked, settings.iters, checkpoint.newest(soaked) is not None)
+    if finish.wait() != 0:
+        report["problems"].append(f"the final resume failed: {finish.stderr.read()[-500:]}")
+    entries = [json.loads(line) for line in (soaked / "log.jsonl").read_text().splitlines()]
+    iterations = [e["iteration"] for e in entries if "iteration" in e]
+    if iterations != list(range(1, settings.iters + 1)):
+        report["problems"].append(f"logged iterations {iterations}, expected 1..{settings.iters} once each")
+    a = load_file(checkpoint.newest(reference) / checkpoint.LORA_FILE)
+    b = load_file(checkpoint.newest(soaked) / checkpoint.LORA_FILE)
+    report["lora_equal"] = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if not report["lora_equal"]:
+        report["problems"].append("the soaked run's final LoRA differs from the uninterrupted run's")
+    return report
+
+
+def main(argv):
+    try:
+        settings = Settings(**minflow.parse_flags(Settings, argv))
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+    report = soak(settings)
+    print(f"kills {report['kills']} (during a checkpoint save: {report['kills_during_save']}), "
+          f"resumes {report['resumes']}, final LoRA equal to the uninterrupted run's: {report['lora_equal']}")
+    for problem in report["problems"]:
+        print(f"PROBLEM {problem}")
+    sys.exit(1 if report["problems"] else 0)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,228 @@
+"""What happens when things go wrong: crashes, kills, bad flags, bad rewards, bad gradients,
+unsafe files. One test per case of the README's failure table; all on CPU with the tiny model."""
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import minflow
+from sd35 import checkpoint, kill_soak, policy, rewards
+from sd35 import train as sd35_train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--model=tiny", "--resolution=64", "--num_steps=4", "--eval_num_steps=2", "--eval_images=2",
+        "--prompts=general", "--reward=jpeg_compressibility", "--prompts_per_iter=2", "--group_size=4", "--eval_every=0"]
+
+
+def main(out, *args):
+    sd35_train.main([*TINY, f"--out={out}", *args])
+    return sd35_train.read_log(out / "log.jsonl")
+
+
+# ---------------------------------------------------------------------------------- crash safety
+
+
+def test_atomic_write_leaves_the_old_file_when_the_rename_never_happens(tmp_path, monkeypatch):
+    target = tmp_path / "results.json"
+    minflow.atomic_write(target, b"old")
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError("killed before the rename")))
+    with pytest.raises(OSError):
+        minflow.atomic_write(target, b"new, half written")
+    assert target.read_bytes() == b"old"
+
+
+def test_a_torn_log_line_is_ignored_on_resume(tmp_path):
+    out = tmp_path / "run"
+    main(out, "--iters=2")
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"iteration": 3, "reward_me')  # a kill in the middle of a write
+    entries = main(out, "--iters=3", f"--resume={out}")
+    assert [e["iteration"] for e in entries if "iteration" in e] == [1, 2, 3]
+    assert (out / "log.jsonl").read_text().endswith("}\n")
+
+
+def test_resume_picks_the_newest_complete_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    main(out, "--iters=2", "--save_every=1")
+    (out / "checkpoints" / "iter_000003.tmp").mkdir()  # a save killed half way
+    (out / "checkpoints" / "iter_000004").mkdir()  # not even a run.json
+    assert checkpoint.newest(out).name == "iter_000002"
+    entries = main(out, "--iters=3", f"--resume={out}")
+    assert entries[-1]["iteration"] == 3 and checkpoint.newest(out).name == "iter_000003"
+
+
+def test_short_kill_soak(tmp_path):
+    report = kill_soak.soak(kill_soak.Settings(kills=2, iters=8, min_delay=2.0, max_delay=4.5, workdir=str(tmp_path)))
+    assert report["problems"] == [] and report["lora_equal"]
+    assert report["kills"] >= 1
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_sigint_and_sigterm_save_before_exiting(tmp_path, sig):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "sd35" / "train.py"), *TINY, "--iters=1000", "--save_every=0",
+                             f"--out={out}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not ((out / "log.jsonl").exists() and sd35_train.read_log(out / "log.jsonl")):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its first iteration"
+        time.sleep(0.1)
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-2000:]
+    reached = sd35_train.read_log(out / "log.jsonl")[-1]["iteration"]
+    assert f"stopped by signal {int(sig)} after iteration {reached}" in stdout
+    assert checkpoint.newest(out).name == f"iter_{reached:06d}"
+
+
+# ---------------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Bad input must be caught before any weights load."""
+    monkeypatch.setattr(policy, "load_pipeline", lambda *a: pytest.fail("a model loaded before the input was checked"))
+
+
+def prompt_folder(path, train_bytes):
+    path.mkdir()
+    (path / "train.txt").write_bytes(train_bytes)
+    (path / "test.txt").write_text("a cat\n")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--lr=fast"], "bad value for --lr: 'fast'; expected float"),
+    (["--learning_rate=1"], "unknown flag --learning_rate"),
+    (["--algo=dpo"], "unknown algorithm 'dpo'"),
+    (["--sampler=heun"], "unknown sampler 'heun'"),
+    (["--reward=ocrr"], "unknown reward 'ocrr'"),
+    (["--reward=ocr=0.5=1"], "--reward"),
+    (["--prompts={tmp}/missing"], "missing"),
+    (["--prompts={tmp}/empty"], "empty"),
+    (["--prompts={tmp}/latin1"], "UTF-8"),
+    (["--group_size=1"], "--group_size=1: a group needs at least 2"),
+    (["--resolution=100"], "--resolution=100: expected a positive multiple of 16"),
+    (["--resolution=1024"], "--resolution=1024 needs 64 patches a side; this model takes at most 32 (512 px)"),
+    (["--resume={tmp}/nothing"], "no complete checkpoint there"),
+    (["--out={tmp}/a-file/run"], "a-file"),
+])
+def test_bad_input_stops_early_in_one_line_and_loses_nothing(tmp_path, no_model_loads, args, message):
+    (tmp_path / "a-file").write_text("not a folder")
+    prompt_folder(tmp_path / "empty", b"\n\n")
+    prompt_folder(tmp_path / "latin1", "caf\xe9 sign\n".encode("latin-1"))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("earlier output")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    with pytest.raises(SystemExit) as stop:
+        sd35_train.main([*TINY, f"--out={out}", *args])
+    text = str(stop.value.code)
+    assert text.startswith("error: ") and "\n" not in text and message in text, text
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"] and (out / "keep.txt").read_text() == "earlier output"
+
+
+def test_a_budget_that_does_not_split_over_the_ranks(tmp_path, monkeypatch, no_model_loads):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(SystemExit, match="8 samples per iteration .* do not split over 3 ranks"):
+        sd35_train.main([*TINY, f"--out={tmp_path / 'out'}"])
+
+
+def test_a_checkpoint_of_another_model_rank_or_algorithm_is_refused_before_loading(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    main(out, "--iters=1")
+    monkeypatch.setattr(policy, "load_pipeline", lambda *a: pytest.fail("a model loaded before the checkpoint was checked"))
+    for flag, message in [("--lora_rank=4", "lora_rank=32, this run has 4"), ("--algo=stepwise", "made with algorithm="),
+                          ("--noise_level=0.5", "made with algorithm=")]:
+        with pytest.raises(SystemExit, match=message):
+            main(out, "--iters=2", f"--resume={out}", flag)
+
+
+# ---------------------------------------------------------------------------------- bad data at run time
+
+
+def register(monkeypatch, name, fn):
+    monkeypatch.setitem(rewards.REWARDS, name, lambda options: fn)
+
+
+def test_nan_rewards_are_dropped_and_counted(tmp_path, monkeypatch):
+    def sometimes_nan(images, prompts, metadata):
+        scores = images.mean((1, 2, 3))
+        scores[0] = float("nan")
+        scores[-1] = float("inf")
+        return scores
+    register(monkeypatch, "sometimes_nan", sometimes_nan)
+    entries = main(tmp_path / "run", "--iters=2", "--reward=sometimes_nan")
+    assert [e["dropped_samples"] for e in entries[:2]] == [2, 2]
+    assert all(torch.isfinite(torch.tensor(e["reward_mean"])) for e in entries[:2])
+
+
+def test_an_iteration_of_only_nan_rewards_stops_the_run(tmp_path, monkeypatch, capsys):
+    register(monkeypatch, "all_nan", lambda images, prompts, metadata: torch.full((len(prompts),), float("nan")))
+    with pytest.raises(SystemExit) as stop:
+        main(tmp_path / "run", "--iters=3", "--reward=all_nan")
+    assert stop.value.code == 1
+    assert "iteration 1: every reward is NaN or infinite" in capsys.readouterr().err
+
+
+def test_a_failing_reward_names_itself_and_the_prompt_and_keeps_the_work_done(tmp_path, monkeypatch, capsys):
+    calls = {"n": 0}
+
+    def flaky(images, prompts, metadata):  # scores two iterations, then fails for good
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise ConnectionError("model server gone")
+        return images.mean((1, 2, 3))
+    register(monkeypatch, "flaky", flaky)
+    with pytest.raises(SystemExit) as stop:
+        main(tmp_path / "run", "--iters=5", "--reward=flaky", "--save_every=0")
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and re.search(r"error: reward 'flaky' failed on prompt '.+': model server gone", err)
+    assert checkpoint.newest(tmp_path / "run").name == "iter_000002"  # the two good iterations are kept
+
+
+def test_a_reward_server_that_is_down_gives_a_clear_error(tmp_path, capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    with pytest.raises(SystemExit):
+        main(tmp_path / "run", "--iters=1", "--reward=remote", f"--reward_url=http://127.0.0.1:{port}/score")
+    err = capsys.readouterr().err
+    assert "reward 'remote' failed" in err and f"127.0.0.1:{port}" in err
+
+
+def test_nan_gradients_are_skipped_then_stop_the_run(tmp_path, monkeypatch, capsys):
+    real = minflow.policy_loss
+
+    def nan_loss(*args, **kwargs):
+        loss, stats = real(*args, **kwargs)
+        return loss * float("nan"), stats
+    monkeypatch.setattr(sd35_train.minflow, "policy_loss", nan_loss)
+    with pytest.raises(SystemExit) as stop:
+        main(tmp_path / "run", "--iters=10", "--max_bad_steps=3", "--save_every=1")
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and "3 optimiser steps in a row had a NaN or infinite gradient" in err
+    entries = sd35_train.read_log(tmp_path / "run" / "log.jsonl")
+    assert entries[0]["skipped_steps"] == [True, True]
+    lora = load_file(checkpoint.newest(tmp_path / "run") / checkpoint.LORA_FILE)
+    assert all((v == 0).all() for k, v in lora.items() if "lora_B" in k)  # skipped steps never touched the weights
+
+
+# ---------------------------------------------------------------------------------- security
+
+
+def test_no_unsafe_loading_or_shell_anywhere_in_the_package():
+    sources = [ROOT / "minflow.py", *ROOT.glob("toy/*.py"), *ROOT.glob("sd35/*.py")]
+    for path in sources:
+        text = path.read_text()
+        for pattern, why in [(r"\bimport pickle\b|\bpickle\.", "pickle"), (r"torch\.save\(", "torch.save writes pickle"),
+                             (r"torch\.load\((?![^)]*weights_only=True)", "torch.load without weights_only=True"),
+                             (r"trust_remote_code\s*=\s*True", "trust_remote_code"), (r"shell\s*=\s*True", "a shell"),
+                             (r"os\.system\(|os\.popen\(", "a shell"), (r"all_gather_object|broadcast_object_list", "pickle on the wire")]:
+            assert not re.search(pattern, text), f"{path.name}: {why}"
