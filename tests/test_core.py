@@ -1,5 +1,4 @@
 """The core's math, one property per test (design, sections 1-6)."""
-import math
 
 import pytest
 import torch
