@@ -138,7 +138,8 @@ def test_a_checkpoint_of_another_model_rank_or_algorithm_is_refused_before_loadi
     out = tmp_path / "run"
     main(out, "--iters=1")
     monkeypatch.setattr(policy, "load_pipeline", lambda *a: pytest.fail("a model loaded before the checkpoint was checked"))
-    for flag, message in [("--lora_rank=4", "lora_rank=32, this run has 4"), ("--algo=stepwise", "made with algorithm="),
+    for flag, message in [("--model=stabilityai/stable-diffusion-3.5-large", "made with model='tiny'"),
+                          ("--lora_rank=4", "lora_rank=32, this run has 4"), ("--algo=stepwise", "made with algorithm="),
                           ("--noise_level=0.5", "made with algorithm=")]:
         with pytest.raises(SystemExit, match=message):
             main(out, "--iters=2", f"--resume={out}", flag)
