@@ -391,28 +391,35 @@ def main(argv):
         signal.signal(sig, lambda signum, frame: stop.update(signal=signum))
     progress = tqdm(range(start, cfg.iters if not cfg.eval_only else start), disable=not ranks.master, desc="RL iterations")
     saved, bad_steps = start, 0
+
+    def fail(error, completed):
+        """Stop the run after saving the `completed` iterations not yet in a checkpoint."""
+        if completed > saved:
+            save(completed)
+        if ranks.master:
+            print(f"error: {error} (newest checkpoint: iteration {max(completed, saved)})", file=sys.stderr)
+        sys.exit(1)
+
     for it in progress:
-        try:
+        try:  # a RunError from sampling and scoring comes before the iteration changes any state
             traj, cond, adv, logs = sample_and_score(it, cfg, algo, pipe, model_dtype, autocast, reward, train_prompts, tracker, ranks)
-            timer = time.perf_counter()
-            logs.update(optimise(it, cfg, algo, model, transformer, params, traj, cond, adv, opt, scaler, model_dtype, autocast, ranks))
-            logs["seconds_training"] = time.perf_counter() - timer
-            for skipped in logs["skipped_steps"]:
-                bad_steps = bad_steps + 1 if skipped else 0
-                if bad_steps >= cfg.max_bad_steps:
-                    raise RunError(f"{bad_steps} optimiser steps in a row had a NaN or infinite gradient (all "
-                                   f"skipped); lower --lr, or check the rewards and --mixed_precision")
         except RunError as error:
-            if it > saved:  # keep the work of the iterations since the last checkpoint
-                save(it)
-            if ranks.master:
-                print(f"error: {error}" + (f" (checkpoint: iteration {it})" if it > start else ""), file=sys.stderr)
-            sys.exit(1)
+            fail(error, it)
+        timer = time.perf_counter()
+        logs.update(optimise(it, cfg, algo, model, transformer, params, traj, cond, adv, opt, scaler, model_dtype, autocast, ranks))
+        logs["seconds_training"] = time.perf_counter() - timer
+        for skipped in logs["skipped_steps"]:
+            bad_steps = bad_steps + 1 if skipped else 0
+            if bad_steps >= cfg.max_bad_steps:
+                break
         done = it + 1
         if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.iters:
             logs.update(evaluate(done, cfg, pipe, model_dtype, autocast, reward, test_prompts, ranks, out))
         log({"iteration": done, **logs})
         progress.set_postfix(reward=f"{logs['reward_mean']:.3f}", ratio=f"{logs.get('ratio', 1):.4f}")
+        if bad_steps >= cfg.max_bad_steps:  # the iteration ran (its updates skipped): it counts as done
+            fail(RunError(f"{bad_steps} optimiser steps in a row had a NaN or infinite gradient (all skipped); "
+                          f"lower --lr, or check the rewards and --mixed_precision"), done)
         interrupted = torch.tensor([stop["signal"]])
         if ranks.ddp:
             interrupted = ranks.gather(interrupted)
