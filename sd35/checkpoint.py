@@ -1,7 +1,7 @@
 """Checkpoints: one folder per iteration, `OUT/checkpoints/iter_000020/`, holding
 
     pytorch_lora_weights.safetensors   the LoRA in diffusers' format: pipe.load_lora_weights(folder)
-    trainer_state.safetensors          the optimiser's and the SuperFlow tracker's tensors
+    trainer_state.safetensors          the optimiser's, the SuperFlow tracker's and the LoRA EMA's tensors
     run.json                           what the checkpoint belongs to (model, LoRA rank, algorithm),
                                        the iteration, and the rest of the state as plain numbers
 
@@ -26,17 +26,20 @@ import minflow
 LORA_FILE, STATE_FILE, RUN_FILE = "pytorch_lora_weights.safetensors", "trainer_state.safetensors", "run.json"
 
 
-def _flatten(optimizer, tracker):
-    """Optimiser and tracker state -> (tensors for safetensors, numbers for JSON)."""
+def _flatten(optimizer, tracker, ema):
+    """Optimiser, tracker and EMA state -> (tensors for safetensors, numbers for JSON)."""
     state = optimizer.state_dict()
     tensors = {f"optimizer.{i}.{k}": v.contiguous() for i, s in state["state"].items() for k, v in s.items()}
     if tracker is not None:
         tracker_state = tracker.state_dict()
         tensors.update({"tracker.moments": tracker_state["moments"], "tracker.visits": tracker_state["visits"]})
-    return tensors, {"param_groups": state["param_groups"], "tracker_rho": None if tracker is None else tracker.rho}
+    if ema is not None:
+        tensors.update({f"ema.{i}": a.contiguous() for i, a in enumerate(ema.average)})
+    return tensors, {"param_groups": state["param_groups"], "tracker_rho": None if tracker is None else tracker.rho,
+                     "ema_steps": None if ema is None else ema.steps}
 
 
-def save(run_dir, iteration, transformer, optimizer, scaler, tracker, identity):
+def save(run_dir, iteration, transformer, optimizer, scaler, tracker, ema, identity):
     """Write checkpoint `iteration` atomically; returns its folder."""
     final = Path(run_dir) / "checkpoints" / f"iter_{iteration:06d}"
     tmp = final.with_name(final.name + ".tmp")
@@ -47,7 +50,7 @@ def save(run_dir, iteration, transformer, optimizer, scaler, tracker, identity):
     StableDiffusion3Pipeline.save_lora_weights(
         tmp, transformer_lora_layers=get_peft_model_state_dict(transformer),
         transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict())
-    tensors, numbers = _flatten(optimizer, tracker)
+    tensors, numbers = _flatten(optimizer, tracker, ema)
     save_file(tensors, tmp / STATE_FILE)
     (tmp / RUN_FILE).write_text(json.dumps({**identity, "iteration": iteration, "scaler": scaler.state_dict(), **numbers}))
     for path in tmp.iterdir():
@@ -80,7 +83,7 @@ def check_identity(folder, identity):
             raise ValueError(f"checkpoint {folder} was made with {key}={saved.get(key)!r}, this run has {value!r}")
 
 
-def load(folder, transformer, optimizer, scaler, tracker, identity):
+def load(folder, transformer, optimizer, scaler, tracker, ema, identity):
     """Restore a checkpoint into the live objects; returns the iteration to continue from."""
     check_identity(folder, identity)
     saved = json.loads((folder / RUN_FILE).read_text())
@@ -99,4 +102,8 @@ def load(folder, transformer, optimizer, scaler, tracker, identity):
     if tracker is not None:
         tracker.load_state_dict({"rho": saved["tracker_rho"], "moments": tensors["tracker.moments"],
                                  "visits": tensors["tracker.visits"]})
+    if ema is not None and saved["ema_steps"] is not None:  # a run saved without EMA starts it afresh
+        for i, average in enumerate(ema.average):
+            average.copy_(tensors[f"ema.{i}"])
+        ema.steps = saved["ema_steps"]
     return saved["iteration"]

@@ -53,6 +53,38 @@ def add_lora(transformer, rank, alpha):
     return params
 
 
+class LoraEMA:
+    """An exponential moving average of the LoRA weights, evaluated in their place (Flow-GRPO's
+    default: decay 0.9, one update every 8 optimiser steps): evaluation then reflects the
+    recent policy rather than the last noisy step. Training always samples with the live
+    weights; only `applied()` swaps the average in, and swaps the live weights back after."""
+
+    def __init__(self, params, decay=0.9, every=8):
+        self.params, self.decay, self.every = params, decay, every
+        self.average = [p.detach().clone() for p in params]
+        self.steps = 0
+
+    @torch.no_grad()
+    def step(self):
+        """Call after each optimiser step that changed the weights."""
+        self.steps += 1
+        if self.steps % self.every == 0:
+            for average, p in zip(self.average, self.params):
+                average.lerp_(p.detach(), 1 - self.decay)
+
+    @contextmanager
+    @torch.no_grad()
+    def applied(self):
+        live = [p.detach().clone() for p in self.params]
+        for p, average in zip(self.params, self.average):
+            p.copy_(average)
+        try:
+            yield
+        finally:
+            for p, weights in zip(self.params, live):
+                p.copy_(weights)
+
+
 @contextmanager
 def adapter_disabled(transformer):
     """The reference policy: the same weights with the LoRA switched off."""

@@ -66,6 +66,8 @@ class Config:
     beta: float = 0.004  # KL weight; our KL is exact (divides by std^2), so 0.004 ~ the reference's 0.04 at dt ~ 0.1
     lora_rank: int = 32  # LoRA rank r
     lora_alpha: int = 64  # LoRA alpha (scale alpha / r)
+    ema_decay: float = 0.9  # evaluate an EMA of the LoRA weights (Flow-GRPO's default); 0 evaluates the live weights
+    ema_every: int = 8  # optimiser steps between EMA updates
     mixed_precision: str = "auto"  # fp16 (preferred: smaller log-prob mismatch), bf16, no; auto = fp16 on CUDA, no on CPU
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, about 30 % slower
     device: str = ""  # "" = cuda:LOCAL_RANK if CUDA is there, else cpu
@@ -102,8 +104,10 @@ def parse_args(argv, world_size):
         raise ValueError(f"--resolution={cfg.resolution}: expected a positive multiple of 16 (VAE 8x, patch 2)")
     if cfg.mixed_precision not in ("auto", "fp16", "bf16", "no"):
         raise ValueError(f"--mixed_precision={cfg.mixed_precision!r}; expected auto, fp16, bf16 or no")
-    if cfg.num_steps < 2 or cfg.eval_num_steps < 1 or cfg.iters < 0 or cfg.minibatches < 1 or cfg.train_batch < 1:
-        raise ValueError("need num_steps >= 2, eval_num_steps >= 1, iters >= 0, minibatches >= 1, train_batch >= 1")
+    if cfg.num_steps < 2 or cfg.eval_num_steps < 1 or cfg.iters < 0 or cfg.minibatches < 1 or cfg.train_batch < 1 \
+            or not 0 <= cfg.ema_decay < 1 or cfg.ema_every < 1:
+        raise ValueError("need num_steps >= 2, eval_num_steps >= 1, iters >= 0, minibatches >= 1, train_batch >= 1, "
+                         "0 <= ema_decay < 1, ema_every >= 1")
     parse_reward_spec(cfg.reward)
     train_prompts, test_prompts = load_prompts(cfg.prompts)
     return cfg, algo, train_prompts, test_prompts
@@ -350,7 +354,8 @@ def main(argv):
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(ranks.device.type, enabled=precision == "fp16")
     tracker = minflow.PromptTracker(len(train_prompts), algo.rho) if algo.uses_tracker else None
-    start = checkpoint.load(resume_from, transformer, opt, scaler, tracker, identity) if resume_from else 0
+    ema = policy.LoraEMA(params, cfg.ema_decay, cfg.ema_every) if cfg.ema_decay > 0 else None
+    start = checkpoint.load(resume_from, transformer, opt, scaler, tracker, ema, identity) if resume_from else 0
     model = DDP(transformer, device_ids=[ranks.device.index] if ranks.device.type == "cuda" else None) if ranks.ddp else transformer
 
     budget = cfg.group_size * cfg.prompts_per_iter
@@ -380,12 +385,16 @@ def main(argv):
 
     def save(it):
         if ranks.master:
-            checkpoint.save(out, it, transformer, opt, scaler, tracker, identity)
+            checkpoint.save(out, it, transformer, opt, scaler, tracker, ema, identity)
         if ranks.ddp:
             dist.barrier()
 
+    def evaluated(it):
+        with ema.applied() if ema else nullcontext():
+            return evaluate(it, cfg, pipe, model_dtype, autocast, reward, test_prompts, ranks, out)
+
     if cfg.eval_only:
-        log({"iteration": start, **evaluate(start, cfg, pipe, model_dtype, autocast, reward, test_prompts, ranks, out)})
+        log({"iteration": start, **evaluated(start)})
     stop = {"signal": 0}
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: stop.update(signal=signum))
@@ -409,12 +418,14 @@ def main(argv):
         logs.update(optimise(it, cfg, algo, model, transformer, params, traj, cond, adv, opt, scaler, model_dtype, autocast, ranks))
         logs["seconds_training"] = time.perf_counter() - timer
         for skipped in logs["skipped_steps"]:
+            if ema and not skipped:
+                ema.step()
             bad_steps = bad_steps + 1 if skipped else 0
             if bad_steps >= cfg.max_bad_steps:
                 break
         done = it + 1
         if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.iters:
-            logs.update(evaluate(done, cfg, pipe, model_dtype, autocast, reward, test_prompts, ranks, out))
+            logs.update(evaluated(done))
         log({"iteration": done, **logs})
         progress.set_postfix(reward=f"{logs['reward_mean']:.3f}", ratio=f"{logs.get('ratio', 1):.4f}")
         if bad_steps >= cfg.max_bad_steps:  # the iteration ran (its updates skipped): it counts as done

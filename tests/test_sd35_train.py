@@ -93,8 +93,8 @@ def test_one_iteration_of_each_algorithm_trains_and_logs(tmp_path, algo):
     assert (out / "eval" / "iter_000001.png").exists()
 
 
-def test_resumed_run_ends_with_the_same_lora_as_an_uninterrupted_one(tmp_path):
-    flags = ["--algo=superflow", "--save_every=1", "--eval_every=0", "--lr=1e-2"]
+def test_resumed_run_ends_with_the_same_lora_and_state_as_an_uninterrupted_one(tmp_path):
+    flags = ["--algo=superflow", "--save_every=1", "--eval_every=0", "--lr=1e-2", "--ema_every=1"]
     whole, _ = run(tmp_path, "whole", *flags, "--iters=3")
     part, _ = run(tmp_path, "part", *flags, "--iters=2")
     _, logs = run(tmp_path, "part", *flags, "--iters=3", f"--resume={part}")
@@ -102,6 +102,24 @@ def test_resumed_run_ends_with_the_same_lora_as_an_uninterrupted_one(tmp_path):
     a, b = lora(whole, 3), lora(part, 3)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], lora(whole, 2)[k]) for k in a)
+    # Optimiser moments, the SuperFlow tracker and the EMA too, bitwise.
+    state = [load_file(run_dir / "checkpoints" / "iter_000003" / checkpoint.STATE_FILE) for run_dir in (whole, part)]
+    assert {k.split(".")[0] for k in state[0]} == {"optimizer", "tracker", "ema"}
+    assert state[0].keys() == state[1].keys() and all(torch.equal(state[0][k], state[1][k]) for k in state[0])
+
+
+def test_lora_ema_averages_every_few_steps_and_swaps_back():
+    p = torch.nn.Parameter(torch.zeros(3))
+    ema = policy.LoraEMA([p], decay=0.9, every=2)
+    with torch.no_grad():
+        p.fill_(1.0)
+    ema.step()
+    assert torch.equal(ema.average[0], torch.zeros(3))  # not yet: one step of two
+    ema.step()
+    torch.testing.assert_close(ema.average[0], torch.full((3,), 0.1))
+    with ema.applied():
+        torch.testing.assert_close(p.detach(), torch.full((3,), 0.1))
+    assert torch.equal(p.detach(), torch.ones(3))
 
 
 def test_saved_lora_loads_with_diffusers_and_changes_the_output(tmp_path):
@@ -123,7 +141,7 @@ def test_saved_lora_loads_with_diffusers_and_changes_the_output(tmp_path):
     opt = torch.optim.AdamW(params)
     identity = json.loads((folder / checkpoint.RUN_FILE).read_text())
     identity.pop("iteration")
-    checkpoint.load(folder, ours.transformer, opt, torch.amp.GradScaler("cpu", enabled=False), None, identity)
+    checkpoint.load(folder, ours.transformer, opt, torch.amp.GradScaler("cpu", enabled=False), None, None, identity)
     torch.testing.assert_close(sample(ours), after)
 
 
