@@ -431,9 +431,7 @@ def main(argv):
         if bad_steps >= cfg.max_bad_steps:  # the iteration ran (its updates skipped): it counts as done
             fail(RunError(f"{bad_steps} optimiser steps in a row had a NaN or infinite gradient (all skipped); "
                           f"lower --lr, or check the rewards and --mixed_precision"), done)
-        interrupted = torch.tensor([stop["signal"]])
-        if ranks.ddp:
-            interrupted = ranks.gather(interrupted)
+        interrupted = ranks.gather(torch.tensor([stop["signal"]]))  # every rank stops together
         if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.iters or interrupted.any():
             save(done)
             saved = done

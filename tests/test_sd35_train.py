@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import minflow
 from sd35 import checkpoint, policy
@@ -190,14 +190,14 @@ def _gradient_step(rank, world, port, result_path):
     sd35_train.optimise(0, cfg, algo, model, pipe.transformer, params, local, cond.select(torch.arange(6)[mine]),
                         adv[mine], opt, torch.amp.GradScaler("cpu", enabled=False), torch.float32, None, ranks)
     if rank == 0:
-        torch.save([b - p.detach() for b, p in zip(before, params)], result_path)
+        save_file({str(i): b - p.detach() for i, (b, p) in enumerate(zip(before, params))}, result_path)
     dist.destroy_process_group()
 
 
 def test_gradients_from_two_ranks_equal_one_rank_on_the_same_global_batch(tmp_path):
-    mp.spawn(_gradient_step, args=(1, free_port(), tmp_path / "one.pt"), nprocs=1, join=True)
-    mp.spawn(_gradient_step, args=(2, free_port(), tmp_path / "two.pt"), nprocs=2, join=True)
-    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    mp.spawn(_gradient_step, args=(1, free_port(), tmp_path / "one.safetensors"), nprocs=1, join=True)
+    mp.spawn(_gradient_step, args=(2, free_port(), tmp_path / "two.safetensors"), nprocs=2, join=True)
+    one, two = (list(load_file(tmp_path / name).values()) for name in ("one.safetensors", "two.safetensors"))
     assert any(g.abs().max() > 0 for g in one)
     for a, b in zip(one, two):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
