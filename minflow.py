@@ -35,11 +35,10 @@ rewards (3) -> advantages (4) -> group sizes (5) -> loss (6) -> the axes as pres
 Choices that the sources leave open are marked [recon] and are options, not constants.
 """
 import math
-import os
-from dataclasses import dataclass, fields, replace
-from pathlib import Path
-
+from dataclasses import dataclass, replace
 import torch
+
+from cli import FlagError, check_flags, flag, read_flags
 
 # ----------------------------------------------------------------------------------
 # 1. The time grid
@@ -266,23 +265,28 @@ def zero_std_fraction(rewards, group_ids):
     return float((hi == lo).float().mean())
 
 
-def stepwise_advantages(step_rewards, group_ids, eps=1e-4, clip=5.0, mask=None):
+def stepwise_advantages(step_rewards, group_ids, eps=1e-4, clip=5.0, mask=None, per_step=False):
     """Eq. (gain advantage): g_k = r_{k+1} - r_k, the reward after a step minus before it
     (gains telescope: sum_k g_k = r_T - r_0), then A_{i,k} = (g_{i,k} - mean) / (std + eps)
     normalised jointly over all G x T gains of the group -> [B, T].
 
-    Joint, not per step: early gains are larger and should count more. No discounting, no
-    sums of future gains (the paper's ablations found neither better). With `mask` [T] or
-    [B, T], only those steps enter the statistics (the others get 0): the trained steps.
+    Joint, not per step: early gains are larger and should count more (`per_step=True`
+    normalises each step's G gains on their own, the variant the paper compares against). No
+    discounting, no sums of future gains (the paper's ablations found neither better). With
+    `mask` [T] or [B, T], only those steps enter the statistics (the others get 0).
     """
     gains = (step_rewards[:, 1:] - step_rewards[:, :-1]).float().cpu()
     weight = torch.ones_like(gains) if mask is None else torch.as_tensor(mask).float().expand_as(gains)
+    if per_step:
+        return torch.cat([_groupwise_standardise(gains[:, [k]], group_ids.cpu(), weight[:, [k]], eps, clip)
+                          for k in range(gains.shape[1])], 1)
     return _groupwise_standardise(gains, group_ids.cpu(), weight, eps, clip)
 
 
 def baseline_advantages(rewards, baseline, eps=1e-4, clip=5.0):
-    """SuperFlow's baseline [recon, after SPO]: A = r - b with b the tracker's per-prompt mean
-    from before this iteration, standardised over the whole batch, clipped -> [B]. The batch
+    """SuperFlow's baseline [recon, after SPO]: A = r - b with b the tracker's per-prompt value
+    from before this iteration's update (so b does not depend on r: unbiased), standardised
+    over the whole batch, clipped -> [B]. The batch
     mean is removed too, so a policy that improved since the tracker's update still yields
     signed advantages."""
     d = rewards.float().cpu() - baseline.float().cpu()
@@ -302,82 +306,126 @@ def noise_weighted_advantages(advantages, stds, trained=None):
 
 
 # ----------------------------------------------------------------------------------
-# 5. Variance-aware group sizes (SuperFlow) [recon]
+# 5. Variance-aware sampling (SuperFlow): per-prompt trackers, prompt choice, group sizes [recon]
 
 
 class PromptTracker:
-    """Per-prompt running reward mean and variance with forgetting [recon].
+    """Per-prompt reward statistics with forgetting, on rewards mapped into [0, 1] [recon].
 
-    Keeps exponentially weighted first and second moments, m1 <- rho m1 + (1 - rho) mean(r)
-    and likewise m2 for r^2, once per iteration a prompt is sampled, so old policies fade out
-    (rho = 0.9 remembers about ten visits). var = m2 - m1^2. A prompt's first visit sets the
-    moments directly. Unseen prompts count as the most uncertain seen one; while nothing is
-    seen all variances are equal, so the first allocation is uniform.
+    kind="beta" (SPO's tracker, the source's): soft Beta counts per prompt, prior a = b = 1,
+        Eq. (tracker update)  a <- rho a + sum_i r_i,  b <- rho b + sum_i (1 - r_i)
+    once per visit (a group of n samples counts as n Bernoulli observations), value
+    v = a / (a + b), uncertainty v (1 - v). The prior keeps an all-zero prompt uncertain for a
+    while instead of starving it; an unseen prompt has v = 0.5, the most uncertain.
+    kind="moments" (this project's first reconstruction): exponentially weighted moments
+    m1 <- rho m1 + (1 - rho) mean(r), likewise m2 for r^2 (a first visit sets them), value m1,
+    uncertainty m2 - m1^2: an all-zero prompt has exactly zero uncertainty.
+    Rewards enter through `reward_range` (lo, hi): r -> (r - lo) / (hi - lo), clipped to
+    [0, 1] and the clipped ones counted; None tracks the running min and max seen.
     """
 
-    def __init__(self, num_prompts, rho=0.9):
-        self.rho = rho
-        self.moments = torch.zeros(num_prompts, 2, dtype=torch.float64)
+    def __init__(self, num_prompts, kind="beta", rho=0.9, reward_range=(0.0, 1.0)):
+        self.kind, self.rho, self.fixed_range = kind, rho, reward_range is not None
+        start = (1.0, 1.0) if kind == "beta" else (0.5, 0.5)  # Beta(1, 1); moments of Bernoulli(0.5)
+        self.state = torch.tensor(start, dtype=torch.float64).repeat(num_prompts, 1)
         self.visits = torch.zeros(num_prompts, dtype=torch.long)
+        self.range = torch.tensor(reward_range or (math.inf, -math.inf), dtype=torch.float64)
+        self.clipped = 0  # rewards outside the stated range so far
+
+    def to_unit(self, rewards):
+        lo, hi = self.range.tolist()
+        unit = (rewards.double() - lo) / (hi - lo) if hi > lo else torch.full_like(rewards.double(), 0.5)
+        return unit.clamp(0, 1)
 
     def update(self, prompt_ids, rewards):
         prompt_ids, rewards = prompt_ids.long().cpu(), rewards.double().cpu()
+        if not self.fixed_range:
+            self.range = torch.stack([self.range[0].clamp(max=rewards.min()), self.range[1].clamp(min=rewards.max())])
+        self.clipped += int(((rewards < self.range[0]) | (rewards > self.range[1])).sum())
+        r = self.to_unit(rewards)
         for p in prompt_ids.unique():
-            r = rewards[prompt_ids == p]
-            new = torch.stack([r.mean(), (r**2).mean()])
-            keep = self.rho if self.visits[p] > 0 else 0.0
-            self.moments[p] = keep * self.moments[p] + (1 - keep) * new
+            rp = r[prompt_ids == p]
+            if self.kind == "beta":
+                self.state[p] = self.rho * self.state[p] + torch.stack([rp.sum(), (1 - rp).sum()])
+            else:
+                keep = self.rho if self.visits[p] > 0 else 0.0
+                self.state[p] = keep * self.state[p] + (1 - keep) * torch.stack([rp.mean(), (rp**2).mean()])
             self.visits[p] += 1
 
-    def mean(self, prompt_ids):
-        return self.moments[prompt_ids.long().cpu(), 0].float()
+    def value(self, prompt_ids):
+        s = self.state[prompt_ids.long().cpu()]
+        return (s[:, 0] / s.sum(1) if self.kind == "beta" else s[:, 0]).float()
 
-    def variance(self, prompt_ids):
-        var = (self.moments[:, 1] - self.moments[:, 0] ** 2).clamp_min(0)
-        seen = self.visits > 0
-        prior = var[seen].max() if seen.any() else torch.tensor(1.0, dtype=torch.float64)
-        return torch.where(seen, var, prior)[prompt_ids.long().cpu()].float()
+    def uncertainty(self, prompt_ids):
+        v = self.value(prompt_ids).double()
+        u = v * (1 - v) if self.kind == "beta" else self.state[prompt_ids.long().cpu(), 1] - v**2
+        return u.clamp_min(0).float()
 
-    def baseline(self, prompt_ids, rewards):
-        """The tracker mean per sample; an unseen prompt falls back to its group's mean."""
-        prompt_ids, rewards = prompt_ids.long().cpu(), rewards.float().cpu()
-        b = self.mean(prompt_ids)
-        for p in prompt_ids[self.visits[prompt_ids] == 0].unique():
-            b[prompt_ids == p] = rewards[prompt_ids == p].mean()
-        return b
+    def baseline(self, prompt_ids):
+        """The value from before this iteration's update, back on the reward's own scale."""
+        lo, hi = self.range.tolist()
+        v = self.value(prompt_ids)
+        return lo + v * (hi - lo) if hi > lo else torch.zeros_like(v)
 
     def state_dict(self):
-        return {"rho": self.rho, "moments": self.moments.clone(), "visits": self.visits.clone()}
+        return {"kind": self.kind, "rho": self.rho, "fixed_range": self.fixed_range, "clipped": self.clipped,
+                "state": self.state.clone(), "visits": self.visits.clone(), "range": self.range.clone()}
 
-    def load_state_dict(self, state):
-        self.rho, self.moments, self.visits = state["rho"], state["moments"].clone(), state["visits"].clone()
+    def load_state_dict(self, saved):
+        for key in ("kind", "rho", "fixed_range", "clipped"):
+            setattr(self, key, saved[key])
+        self.state, self.visits, self.range = saved["state"].clone(), saved["visits"].clone(), saved["range"].clone()
 
 
-def allocate_group_sizes(variances, budget, n_min=2, n_max=None, floor=0.1):
-    """Eq. (Neyman allocation) [recon]: n_c proportional to sqrt(var_c) + floor, clamped to
-    [n_min, n_max], summing exactly to `budget` -> LongTensor.
+def prioritised_prompts(weights, k, generator=None):
+    """Eq. (prioritised sampling) [recon, SPO]: k prompt ids drawn with probability proportional
+    to `weights` (SuperFlow: sqrt(v (1 - v)) + eps), without replacement while the pool allows."""
+    return torch.multinomial(weights.double().cpu(), k, replacement=k > len(weights), generator=generator)
 
-    The floor (a fraction of the mean std) keeps solved prompts (var ~ 0) from all sinking to
-    n_min at once. The continuous sizes clamp(lam w_c, n_min, n_max) grow with lam, so lam is
-    found by bisection; largest remainders then round to integers (ties to the larger
-    variance), which keeps the sizes monotone in the variance.
+
+def apportion(weights, budget, n_min=2, n_max=None, ties=None):
+    """Integer sizes proportional to `weights`, clamped to [n_min, n_max], summing exactly to
+    `budget`, monotone in the weights -> LongTensor.
+
+    The continuous sizes clamp(lam w_c, n_min, n_max) grow with lam, so lam is found by
+    bisection; largest remainders then round to integers, ties going to the larger `ties`
+    value (default: the weight), which keeps the sizes monotone in both.
     """
-    sd = variances.double().cpu().clamp_min(0).sqrt()
-    K = sd.numel()
+    w, K = weights.double().cpu(), weights.numel()
+    ties = w if ties is None else ties.double().cpu()
     n_max = budget if n_max is None else n_max
     if not n_min * K <= budget <= n_max * K:
         raise ValueError(f"budget {budget} cannot be split over {K} prompts with sizes in [{n_min}, {n_max}]")
-    w = sd + floor * sd.mean() if sd.sum() > 0 else torch.ones(K, dtype=torch.float64)
     lo, hi = 0.0, n_max / float(w.min())
     for _ in range(200):
         lam = (lo + hi) / 2
         lo, hi = (lam, hi) if (lam * w).clamp(n_min, n_max).sum() < budget else (lo, lam)
     ideal = (hi * w).clamp(n_min, n_max)
     sizes = ideal.floor().long()
-    order = sorted(range(K), key=lambda c: (sizes[c] >= n_max, -(ideal[c] - sizes[c]), -w[c]))
+    order = sorted(range(K), key=lambda c: (sizes[c] >= n_max, -(ideal[c] - sizes[c]), -w[c], -ties[c]))
     for c in order[: budget - int(sizes.sum())]:
         sizes[c] += 1
     return sizes
+
+
+def bin_group_sizes(uncertainty, budget, num_bins=4, m_max=24):
+    """Eq. (binned group sizes) [recon, the secondary source]: rank the prompts by uncertainty
+    into `num_bins` equal bins (bin 1 the most uncertain) and give m = M_max - bin + 1, scaled
+    so the sizes sum to `budget` -> LongTensor. A narrow range (24 to 21 in the source's
+    example) that favours uncertain prompts a little and never starves one."""
+    u, K = uncertainty.double().cpu(), uncertainty.numel()
+    rank = torch.empty(K, dtype=torch.long)
+    rank[torch.argsort(-u, stable=True)] = torch.arange(K)
+    return apportion((m_max - rank * num_bins // K).double(), budget, ties=u)
+
+
+def neyman_group_sizes(variances, budget, n_min=2, n_max=None, floor=0.1):
+    """Eq. (Neyman allocation) [recon, aggressive]: n_c proportional to sqrt(var_c) + floor (a
+    fraction of the mean std, so solved prompts do not all sink to n_min at once), clamped to
+    [n_min, n_max]. A prompt whose observed variance is 0 gets n_min: it starves."""
+    sd = variances.double().cpu().clamp_min(0).sqrt()
+    w = sd + floor * sd.mean() if sd.sum() > 0 else torch.ones_like(sd)
+    return apportion(w, budget, n_min, n_max)
 
 
 # ----------------------------------------------------------------------------------
@@ -433,47 +481,57 @@ def policy_loss(velocity, x, x_next, t, t_next, old_log_prob, advantages, sample
 
 @dataclass(frozen=True)
 class Algorithm:
-    sampler: str = "flow_grpo"  # the SDE that makes each step a Gaussian policy (section 2)
-    noise_level: float = 0.7  # a in the samplers' noise schedules (CPS's authors use 0.8)
-    shared_noise: bool = False  # all trajectories of a group start from one x_1 (Stepwise)
-    group_sizes: str = "fixed"  # "fixed" G per prompt, or "variance": Neyman from the tracker
-    baseline: str = "group"  # "group" mean (GRPO) or "tracker" mean (SuperFlow)
-    advantage_std: str = "group"  # GRPO's scale: "group" std (paper) or "global" (ref. code)
-    step_credit: str = "uniform"  # "uniform", "gains" (Stepwise) or "noise" (SuperFlow)
-    substeps: int = 5  # T': Euler substeps per intermediate clean estimate (gains only)
-    n_min: int = 2  # smallest group under variance-aware sizes (2 keeps a group normalisable)
-    n_max: int = 0  # largest group under variance-aware sizes; 0 means no bound but the budget
-    rho: float = 0.9  # forgetting factor of the per-prompt tracker
+    sampler: str = flag("flow_grpo", SAMPLERS[1:])  # the SDE that makes each step a Gaussian policy (section 2)
+    noise_level: float = flag(0.7, "[0, 2]")  # a in the samplers' noise schedules (CPS's authors use 0.8)
+    shared_noise: bool = flag(False, (False, True))  # all trajectories of a group start from one x_1 (Stepwise)
+    prompts: str = flag("uniform", ("uniform", "variance"))  # which pool prompts an iteration draws: "variance" favours uncertain ones
+    group_sizes: str = flag("fixed", ("fixed", "bins", "neyman"))  # G per prompt: fixed, SuperFlow's uncertainty bins, or Neyman
+    tracker: str = flag("beta", ("beta", "moments"))  # per-prompt statistics: SPO's Beta counts, or EMA moments (section 5)
+    baseline: str = flag("group", ("group", "tracker"))  # "group" mean (GRPO) or the tracker's value (SuperFlow, SPO)
+    advantage_std: str = flag("group", ("group", "global"))  # GRPO's scale: "group" std (paper) or "global" (ref. code)
+    step_credit: str = flag("uniform", ("uniform", "gains", "noise"))  # per-step credit: same A, reward gains, injected noise
+    gain_norm: str = flag("joint", ("joint", "per_step"))  # gains normalised over the group's G x T, or per step
+    substeps: int = flag(5, "[1, 100]")  # T': Euler substeps per intermediate clean estimate (gains only)
+    bins: int = flag(4, "[1, 64]")  # K uncertainty bins for group_sizes=bins
+    m_max: int = flag(24, "[1, 10000]")  # M_max: bin k gets M_max - k + 1, then all are scaled to the budget
+    n_min: int = flag(2, "[2, 10000]")  # smallest group under Neyman sizes (2 keeps a group normalisable)
+    n_max: int = flag(0, "[0, 100000]")  # largest group under Neyman sizes; 0 means no bound but the budget
+    rho: float = flag(0.9, "[0, 1)")  # forgetting factor of the per-prompt tracker, per visit
+    sampling_eps: float = flag(0.05, "(0, 10]")  # eps in sqrt(v (1 - v)) + eps: every prompt keeps a chance
+
+    RELATIONS = (
+        ("baseline", lambda a: a.step_credit != "gains" or a.baseline == "group", "group with --step_credit=gains "
+         "(gains are normalised within each group)"),
+        ("m_max", lambda a: a.m_max >= a.bins, "at least --bins={bins}, so every bin's size is positive"),
+        ("n_max", lambda a: a.n_max == 0 or a.n_max >= a.n_min, "0 or at least --n_min={n_min}"),
+    )
 
     def __post_init__(self):
-        choices = {"sampler": SAMPLERS[1:], "group_sizes": ("fixed", "variance"), "baseline": ("group", "tracker"),
-                   "advantage_std": ("group", "global"), "step_credit": ("uniform", "gains", "noise")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"unknown {name} {getattr(self, name)!r}; expected one of {', '.join(allowed)}")
-        if self.step_credit == "gains" and self.baseline != "group":
-            raise ValueError("step_credit 'gains' normalises gains within each group; baseline must be 'group'")
-        if self.n_min < 2 or self.substeps < 1 or not 0 <= self.rho < 1 or self.noise_level < 0:
-            raise ValueError(f"need n_min >= 2, substeps >= 1, 0 <= rho < 1, noise_level >= 0; got {self}")
+        check_flags(self)
 
     @property
     def uses_tracker(self):
-        return self.group_sizes == "variance" or self.baseline == "tracker"
+        return self.group_sizes != "fixed" or self.baseline == "tracker" or self.prompts == "variance"
 
 
+SUPERFLOW = Algorithm(prompts="variance", group_sizes="bins", baseline="tracker", step_credit="noise")
 PRESETS = {
     "flow_grpo": Algorithm(),
     "stepwise": Algorithm(sampler="ddim", shared_noise=True, step_credit="gains"),
-    "superflow": Algorithm(group_sizes="variance", baseline="tracker", step_credit="noise"),
+    "superflow": SUPERFLOW,
+    # The rows of SuperFlow's ablation table:
+    "superflow_no_dynamic_sampling": replace(SUPERFLOW, prompts="uniform", group_sizes="fixed"),
+    "superflow_no_step_credit": replace(SUPERFLOW, step_credit="uniform"),
+    "flow_spo": Algorithm(prompts="variance", baseline="tracker"),
 }
 
 
 def make_algorithm(spec):
-    """'superflow' or a preset with axis overrides, 'stepwise:group_sizes=variance'."""
+    """'superflow' or a preset with axis overrides, 'stepwise:group_sizes=bins'."""
     name, *overrides = spec.split(":")
     if name not in PRESETS:
-        raise ValueError(f"unknown algorithm {name!r}; expected one of {', '.join(PRESETS)}")
-    return replace(PRESETS[name], **parse_flags(Algorithm, ["--" + o for o in overrides]))
+        raise FlagError(f"unknown algorithm {name!r}; expected one of {', '.join(PRESETS)}")
+    return read_flags(Algorithm, ["--" + o for o in overrides], base=PRESETS[name])
 
 
 def trained_steps(stds):
@@ -487,13 +545,31 @@ def trained_steps(stds):
     return mask
 
 
+def new_tracker(algo, num_prompts, reward_range=(0.0, 1.0)):
+    """The per-prompt tracker the algorithm needs, or None."""
+    return PromptTracker(num_prompts, algo.tracker, algo.rho, reward_range) if algo.uses_tracker else None
+
+
+def choose_prompts(algo, pool_size, k, tracker=None, generator=None):
+    """The iteration's k prompt ids from a pool: uniformly (distinct while the pool allows),
+    or prioritised by the tracker's uncertainty (SuperFlow, SPO)."""
+    if algo.prompts == "variance":
+        weights = tracker.uncertainty(torch.arange(pool_size)).double().sqrt() + algo.sampling_eps
+        return prioritised_prompts(weights, k, generator)
+    if k <= pool_size:
+        return torch.randperm(pool_size, generator=generator)[:k]
+    return torch.randint(pool_size, (k,), generator=generator)
+
+
 def group_sizes(algo, num_groups, budget, tracker=None, prompt_ids=None):
     """The size of each of the iteration's groups: budget / groups, or SuperFlow's allocation."""
     if algo.group_sizes == "fixed":
         if budget % num_groups:
             raise ValueError(f"budget {budget} does not split evenly over {num_groups} groups")
         return torch.full((num_groups,), budget // num_groups, dtype=torch.long)
-    return allocate_group_sizes(tracker.variance(prompt_ids), budget, algo.n_min, algo.n_max or None)
+    if algo.group_sizes == "bins":
+        return bin_group_sizes(tracker.uncertainty(prompt_ids), budget, algo.bins, algo.m_max)
+    return neyman_group_sizes(tracker.uncertainty(prompt_ids), budget, algo.n_min, algo.n_max or None)
 
 
 def initial_noise(sizes, shape, shared, generator=None, device=None):
@@ -506,10 +582,10 @@ def initial_noise(sizes, shape, shared, generator=None, device=None):
 def advantages(algo, rewards, group_ids, stds, step_rewards=None, baseline=None, eps=1e-4, clip=5.0):
     """The advantage of every (trajectory, step) under the algorithm's baseline and step
     credit -> [B, T], 0 on untrained steps. `step_rewards` [B, T+1] is needed for gains,
-    `baseline` [B] (the tracker's) for the tracker baseline."""
+    `baseline` [B] (the tracker's, before this iteration's update) for the tracker baseline."""
     trained = trained_steps(stds.cpu())
     if algo.step_credit == "gains":
-        return stepwise_advantages(step_rewards, group_ids, eps, clip, mask=trained)
+        return stepwise_advantages(step_rewards, group_ids, eps, clip, trained, algo.gain_norm == "per_step")
     if algo.baseline == "tracker":
         a = baseline_advantages(rewards, baseline, eps, clip)
     else:
@@ -528,57 +604,3 @@ def transitions(traj, adv, mask=None):
         "x": traj.xs[b, k], "x_next": traj.xs[b, k + 1], "t": traj.sigmas[k], "t_next": traj.sigmas[k + 1],
         "old_log_prob": traj.log_probs[b, k], "advantage": adv[b, k], "sample": b,
     }
-
-
-# ----------------------------------------------------------------------------------
-# Appendix: flags and files (the toy and sd35 share them)
-
-
-def atomic_write(path, data):
-    """Write bytes so that a crash at any moment leaves either the old file or the new one,
-    never a torn one: a temporary file in the same folder, flushed and fsynced, renamed over
-    `path`, then the folder fsynced so the rename itself survives a power cut."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(folder):
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-
-def parse_flags(settings, argv):
-    """Read `--key=value` flags (a bare `--key` for a bool means true) as the types of the
-    dataclass `settings`' fields -> dict. Errors are one line naming the bad flag and what
-    is expected."""
-    types = {f.name: f.type if isinstance(f.type, type) else type(f.default) for f in fields(settings)}
-    out = {}
-    for arg in argv:
-        key, sep, value = arg.removeprefix("--").partition("=")
-        if arg.startswith("--") and not sep and types.get(key) is bool:
-            sep, value = "=", "true"
-        if not arg.startswith("--") or not sep:
-            raise ValueError(f"bad argument {arg!r}; expected --key=value")
-        if key not in types:
-            raise ValueError(f"unknown flag --{key}; expected one of: {', '.join('--' + k for k in types)}")
-        kind = types[key]
-        try:
-            if kind is bool:
-                if value.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError
-                out[key] = value.lower() in ("true", "1")
-            else:
-                out[key] = kind(value)
-        except ValueError:
-            raise ValueError(f"bad value for --{key}: {value!r}; expected {kind.__name__}") from None
-    return out

@@ -54,6 +54,7 @@ from diffusers import AutoencoderKL, SD3Transformer2DModel
 from diffusers.utils import logging as diffusers_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cli  # noqa: E402
 import minflow  # noqa: E402
 from sd35 import policy  # noqa: E402
 from sd35.data import load_prompts  # noqa: E402
@@ -660,7 +661,7 @@ def report_summary(bench, out):
 
 def parse_settings(argv):
     """Flags -> Settings, or a one-line ValueError."""
-    s = Settings(**minflow.parse_flags(Settings, argv))
+    s = Settings(**cli.parse_flags(Settings, argv))
     if s.model not in ("tiny", "sd35m-random"):
         raise ValueError(f"--model={s.model!r}; expected tiny or sd35m-random")
     if s.mixed_precision not in ("auto", "bf16", "fp16", "no"):

@@ -21,7 +21,7 @@ from diffusers import StableDiffusion3Pipeline
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-import minflow
+import cli
 
 LORA_FILE, STATE_FILE, RUN_FILE = "pytorch_lora_weights.safetensors", "trainer_state.safetensors", "run.json"
 
@@ -31,11 +31,11 @@ def _flatten(optimizer, tracker, ema):
     state = optimizer.state_dict()
     tensors = {f"optimizer.{i}.{k}": v.contiguous() for i, s in state["state"].items() for k, v in s.items()}
     if tracker is not None:
-        tracker_state = tracker.state_dict()
-        tensors.update({"tracker.moments": tracker_state["moments"], "tracker.visits": tracker_state["visits"]})
+        tensors.update({f"tracker.{k}": v for k, v in tracker.state_dict().items() if isinstance(v, torch.Tensor)})
     if ema is not None:
         tensors.update({f"ema.{i}": a.contiguous() for i, a in enumerate(ema.average)})
-    return tensors, {"param_groups": state["param_groups"], "tracker_rho": None if tracker is None else tracker.rho,
+    return tensors, {"param_groups": state["param_groups"], "tracker": None if tracker is None else
+                     {k: v for k, v in tracker.state_dict().items() if not isinstance(v, torch.Tensor)},
                      "ema_steps": None if ema is None else ema.steps}
 
 
@@ -56,11 +56,11 @@ def save(run_dir, iteration, transformer, optimizer, scaler, tracker, ema, ident
     for path in tmp.iterdir():
         with open(path, "rb") as f:
             os.fsync(f.fileno())
-    minflow.fsync_dir(tmp)
+    cli.fsync_dir(tmp)
     if final.exists():  # only when the same iteration is saved twice
         shutil.rmtree(final)
     os.replace(tmp, final)
-    minflow.fsync_dir(final.parent)
+    cli.fsync_dir(final.parent)
     return final
 
 
@@ -100,8 +100,8 @@ def load(folder, transformer, optimizer, scaler, tracker, ema, identity):
     optimizer.load_state_dict({"state": per_param, "param_groups": saved["param_groups"]})
     scaler.load_state_dict(saved["scaler"])
     if tracker is not None:
-        tracker.load_state_dict({"rho": saved["tracker_rho"], "moments": tensors["tracker.moments"],
-                                 "visits": tensors["tracker.visits"]})
+        tracker.load_state_dict({**saved["tracker"], **{k.removeprefix("tracker."): v for k, v in tensors.items()
+                                                        if k.startswith("tracker.")}})
     if ema is not None and saved["ema_steps"] is not None:  # a run saved without EMA starts it afresh
         for i, average in enumerate(ema.average):
             average.copy_(tensors[f"ema.{i}"])

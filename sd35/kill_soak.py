@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import minflow  # noqa: E402
+import cli  # noqa: E402
 from sd35 import checkpoint  # noqa: E402
 
 TRAIN = Path(__file__).resolve().parent / "train.py"
@@ -107,7 +107,7 @@ def soak(settings):
 
 def main(argv):
     try:
-        settings = Settings(**minflow.parse_flags(Settings, argv))
+        settings = Settings(**cli.parse_flags(Settings, argv))
     except ValueError as error:
         sys.exit(f"error: {error}")
     report = soak(settings)

@@ -36,6 +36,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cli  # noqa: E402
 import minflow  # noqa: E402
 from sd35 import checkpoint, policy  # noqa: E402
 from sd35.data import load_prompts  # noqa: E402
@@ -92,8 +93,8 @@ def parse_args(argv, world_size):
     """Flags -> (cfg, algo, train prompts, test prompts); a ValueError (one line) for any bad
     input, before anything heavy is loaded."""
     axis_flags = [a for a in argv if a.removeprefix("--").partition("=")[0] in AXES]
-    cfg = Config(**minflow.parse_flags(Config, [a for a in argv if a not in axis_flags]))
-    algo = replace(minflow.make_algorithm(cfg.algo), **minflow.parse_flags(minflow.Algorithm, axis_flags))
+    cfg = Config(**cli.parse_flags(Config, [a for a in argv if a not in axis_flags]))
+    algo = cli.read_flags(minflow.Algorithm, axis_flags, base=minflow.make_algorithm(cfg.algo))
     if cfg.group_size < 2:
         raise ValueError(f"--group_size={cfg.group_size}: a group needs at least 2 samples to be normalised")
     budget = cfg.group_size * cfg.prompts_per_iter
@@ -171,8 +172,7 @@ def sample_and_score(it, cfg, algo, pipe, model_dtype, autocast, reward, prompts
     timer, logs = time.perf_counter(), {}
     plan = generator(cfg.seed, it, "plan")
     K, budget = cfg.prompts_per_iter, cfg.group_size * cfg.prompts_per_iter
-    prompt_ids = torch.randperm(len(prompts), generator=plan)[:K] if K <= len(prompts) else \
-        torch.randint(len(prompts), (K,), generator=plan)
+    prompt_ids = minflow.choose_prompts(algo, len(prompts), K, tracker, plan)
     sizes = minflow.group_sizes(algo, K, budget, tracker, prompt_ids)
     group_ids = torch.repeat_interleave(torch.arange(K), sizes)
     latent = cfg.resolution // 8
@@ -217,7 +217,7 @@ def sample_and_score(it, cfg, algo, pipe, model_dtype, autocast, reward, prompts
         raise RunError(f"iteration {it + 1}: every reward is NaN or infinite; check the reward function")
     keep = (lambda x: None if x is None else x[valid])
     ids = prompt_ids[group_ids][valid]
-    baseline = tracker.baseline(ids, rewards[valid]) if algo.baseline == "tracker" else None
+    baseline = tracker.baseline(ids) if algo.baseline == "tracker" else None
     adv = torch.zeros(budget, len(traj.stds))
     adv[valid] = minflow.advantages(algo, rewards[valid], group_ids[valid], traj.stds, keep(step_rewards), baseline)
     if tracker is not None:
@@ -306,7 +306,7 @@ def evaluate(it, cfg, pipe, model_dtype, autocast, reward, test_prompts, ranks, 
         (out / "eval").mkdir(exist_ok=True)
         png = io.BytesIO()
         Image.fromarray(rearrange(grid, "(r c) ch h w -> (r h) (c w) ch", c=cols).numpy()).save(png, format="PNG")
-        minflow.atomic_write(out / "eval" / f"iter_{it:06d}.png", png.getvalue())
+        cli.atomic_write(out / "eval" / f"iter_{it:06d}.png", png.getvalue())
     return logs
 
 
@@ -353,7 +353,7 @@ def main(argv):
         transformer.enable_gradient_checkpointing()
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(ranks.device.type, enabled=precision == "fp16")
-    tracker = minflow.PromptTracker(len(train_prompts), algo.rho) if algo.uses_tracker else None
+    tracker = minflow.new_tracker(algo, len(train_prompts), reward_range=None)
     ema = policy.LoraEMA(params, cfg.ema_decay, cfg.ema_every) if cfg.ema_decay > 0 else None
     start = checkpoint.load(resume_from, transformer, opt, scaler, tracker, ema, identity) if resume_from else 0
     model = DDP(transformer, device_ids=[ranks.device.index] if ranks.device.type == "cuda" else None) if ranks.ddp else transformer
@@ -363,7 +363,7 @@ def main(argv):
     trained = int(minflow.trained_steps(minflow.step_std(sigmas[:-1], sigmas[1:], algo.sampler, algo.noise_level)).sum())
     if ranks.master:
         print(f"batch: {ranks.world} rank(s) x {budget // ranks.world} samples = {budget} per iteration "
-              f"({cfg.prompts_per_iter} prompts x {'mean ' if algo.group_sizes == 'variance' else ''}{cfg.group_size}); "
+              f"({cfg.prompts_per_iter} prompts x {'mean ' if algo.group_sizes != 'fixed' else ''}{cfg.group_size}); "
               f"{trained} of {cfg.num_steps} steps trained -> up to {budget * trained} transitions per iteration in "
               f"{cfg.minibatches} optimiser steps of micro-batches of {cfg.train_batch}; "
               f"{len(train_prompts)} train / {len(test_prompts)} test prompts; {precision}; "
@@ -374,7 +374,7 @@ def main(argv):
     if ranks.master and log_path.exists() and not cfg.eval_only:  # after the checks above: nothing durable is lost
         # Keep the lines up to the checkpoint we continue from; a line torn by a kill is dropped.
         kept = [e for e in read_log(log_path) if e.get("iteration", 0) <= start]
-        minflow.atomic_write(log_path, "".join(json.dumps(e) + "\n" for e in kept).encode())
+        cli.atomic_write(log_path, "".join(json.dumps(e) + "\n" for e in kept).encode())
 
     def log(entry):
         if ranks.master:

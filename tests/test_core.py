@@ -1,5 +1,7 @@
 """The core's math, one property per test (design, sections 1-6)."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -180,6 +182,13 @@ def test_gains_telescope_and_joint_normalisation():
     assert (a[:, 0] > 0).all() and (a[:, 1] < 0).all()
     masked = minflow.stepwise_advantages(step_r, groups, mask=torch.tensor([True, True, False, True, False]))
     assert (masked[:, [2, 4]] == 0).all()
+    # Per step (the comparison the paper makes): every step's gains are standardised on their own,
+    # so the large step no longer stands out.
+    per_step = minflow.stepwise_advantages(step_r, groups, eps=0.0, clip=100.0, per_step=True)
+    for grp in range(3):
+        block = per_step[groups == grp]
+        torch.testing.assert_close(block.mean(0), torch.zeros(5), atol=1e-5, rtol=0)
+        torch.testing.assert_close(block.std(0, unbiased=False), torch.ones(5), atol=1e-4, rtol=0)
 
 
 def test_noise_weighted_advantages_have_mean_one_weights_on_trained_steps():
@@ -193,7 +202,7 @@ def test_noise_weighted_advantages_have_mean_one_weights_on_trained_steps():
     torch.testing.assert_close(a[1], -weights)
 
 
-def test_allocation_sums_respects_bounds_and_is_monotone():
+def test_neyman_sizes_sum_respect_bounds_and_are_monotone():
     g = torch.Generator().manual_seed(4)
     for trial in range(200):
         K = int(torch.randint(2, 12, (1,), generator=g))
@@ -201,43 +210,180 @@ def test_allocation_sums_respects_bounds_and_is_monotone():
         n_max = n_min + int(torch.randint(0, 20, (1,), generator=g))
         budget = int(torch.randint(n_min * K, n_max * K + 1, (1,), generator=g))
         var = torch.rand(K, generator=g) ** 3 * (torch.rand(K, generator=g) > 0.2)
-        sizes = minflow.allocate_group_sizes(var, budget, n_min, n_max)
+        sizes = minflow.neyman_group_sizes(var, budget, n_min, n_max)
         assert sizes.dtype == torch.long and int(sizes.sum()) == budget
         assert (sizes >= n_min).all() and (sizes <= n_max).all()
         larger_var = var[:, None] > var[None, :]
         assert (sizes[:, None] >= sizes[None, :])[larger_var].all(), (var, sizes)
-    sizes = minflow.allocate_group_sizes(torch.tensor([0.0, 0.01, 0.25, 0.25]), 64)
+    sizes = minflow.neyman_group_sizes(torch.tensor([0.0, 0.01, 0.25, 0.25]), 64)
     assert sizes[0] == 2 < sizes[1] < min(sizes[2], sizes[3]) and abs(sizes[2] - sizes[3]) <= 1
-    assert minflow.allocate_group_sizes(torch.zeros(4), 64).tolist() == [16] * 4
+    assert minflow.neyman_group_sizes(torch.zeros(4), 64).tolist() == [16] * 4
     with pytest.raises(ValueError, match="cannot be split"):
-        minflow.allocate_group_sizes(torch.ones(4), 7)
+        minflow.neyman_group_sizes(torch.ones(4), 7)
 
 
-def test_tracker_forgets_and_round_trips():
-    tracker = minflow.PromptTracker(3, rho=0.8)
+def test_bin_sizes_follow_the_sources_example_sum_to_the_budget_and_are_monotone():
+    # The source's example: M_max 24, K 4 bins, one prompt a bin -> 24 (most uncertain) .. 21.
+    u = torch.tensor([0.1, 0.25, 0.0, 0.2])
+    assert minflow.bin_group_sizes(u, 90, num_bins=4, m_max=24).tolist() == [22, 24, 21, 23]
+    g = torch.Generator().manual_seed(5)
+    for trial in range(200):
+        K = int(torch.randint(1, 40, (1,), generator=g))
+        bins = int(torch.randint(1, 9, (1,), generator=g))
+        m_max = bins + int(torch.randint(0, 30, (1,), generator=g))
+        budget = int(torch.randint(2 * K, 40 * K + 1, (1,), generator=g))
+        u = torch.rand(K, generator=g) * (torch.rand(K, generator=g) > 0.3)
+        sizes = minflow.bin_group_sizes(u, budget, bins, m_max)
+        assert sizes.dtype == torch.long and int(sizes.sum()) == budget and (sizes >= 2).all()
+        assert (sizes[:, None] >= sizes[None, :])[u[:, None] > u[None, :]].all(), (u, sizes)
+        # Never starves: the smallest group is within the bins' ratio of the largest (+1 for rounding).
+        assert sizes.min() >= min(budget // K, (m_max - bins + 1) * sizes.max() // m_max - 1) or sizes.min() == 2
+    # Equal uncertainty everywhere (the first iteration) gives near-equal groups.
+    sizes = minflow.bin_group_sizes(torch.full((8,), 0.25), 128)
+    assert sizes.sum() == 128 and sizes.max() - sizes.min() <= 3
+
+
+def test_beta_tracker_matches_a_hand_computation():
+    tracker = minflow.PromptTracker(3, "beta", rho=0.5)
+    assert tracker.value(torch.arange(3)).tolist() == [0.5] * 3  # the prior Beta(1, 1)
+    assert tracker.uncertainty(torch.arange(3)).tolist() == [0.25] * 3
+    tracker.update(torch.tensor([0, 0, 1]), torch.tensor([1.0, 0.5, 0.0]))
+    # prompt 0: a = 0.5 * 1 + 1.5 = 2.0, b = 0.5 * 1 + 0.5 = 1.0; prompt 1: a = 0.5, b = 1.5
+    torch.testing.assert_close(tracker.state[:2], torch.tensor([[2.0, 1.0], [0.5, 1.5]], dtype=torch.float64))
+    torch.testing.assert_close(tracker.value(torch.tensor([0, 1, 2])), torch.tensor([2 / 3, 0.25, 0.5]))
+    torch.testing.assert_close(tracker.uncertainty(torch.tensor([0, 1])), torch.tensor([2 / 9, 0.1875]))
+    tracker.update(torch.tensor([1, 1]), torch.tensor([0.0, 0.0]))  # a second visit forgets half the first
+    torch.testing.assert_close(tracker.state[1], torch.tensor([0.25, 2.75], dtype=torch.float64))
+    assert tracker.visits.tolist() == [1, 2, 0]
+    # An all-zero prompt keeps some uncertainty (the prior), unlike the moments tracker.
+    moments = minflow.PromptTracker(3, "moments", rho=0.5)
+    moments.update(torch.tensor([1, 1]), torch.tensor([0.0, 0.0]))
+    assert tracker.uncertainty(torch.tensor([1]))[0] > 0.05 and moments.uncertainty(torch.tensor([1]))[0] == 0
+
+
+def test_moments_tracker_forgets_and_both_round_trip():
+    tracker = minflow.PromptTracker(3, "moments", rho=0.8)
     ids = torch.tensor([0, 0, 1, 1])
-    tracker.update(ids, torch.tensor([0.0, 0.0, 0.0, 1.0]))
-    assert tracker.mean(torch.tensor([0, 1])).tolist() == [0.0, 0.5]
-    assert tracker.variance(torch.tensor([1, 2])).tolist() == [0.25, 0.25]  # unseen = most uncertain seen
-    b = tracker.baseline(torch.tensor([0, 2, 2]), torch.tensor([1.0, 0.2, 0.4]))
-    torch.testing.assert_close(b, torch.tensor([0.0, 0.3, 0.3]))  # unseen: its group's mean
-    for _ in range(30):
-        tracker.update(ids, torch.tensor([1.0, 1.0, 1.0, 1.0]))
-    assert tracker.mean(torch.tensor([0]))[0] > 0.99 and tracker.variance(torch.tensor([1]))[0] < 0.01
-    clone = minflow.PromptTracker(3)
-    clone.load_state_dict(tracker.state_dict())
-    assert torch.equal(clone.moments, tracker.moments) and clone.rho == 0.8
+    tracker.update(ids, torch.tensor([0.0, 0.0, 0.0, 1.0]))  # a first visit sets the moments
+    assert tracker.value(torch.tensor([0, 1])).tolist() == [0.0, 0.5]
+    assert tracker.uncertainty(torch.tensor([1, 2])).tolist() == [0.25, 0.25]  # unseen: Bernoulli(0.5)
+    tracker.update(ids, torch.tensor([1.0, 1.0, 1.0, 1.0]))
+    torch.testing.assert_close(tracker.value(torch.tensor([0])), torch.tensor([0.2]))  # 0.8 * 0 + 0.2 * 1
+    for kind in ("beta", "moments"):
+        t = minflow.PromptTracker(3, kind, rho=0.8, reward_range=None)
+        t.update(ids, torch.tensor([3.0, -1.0, 2.0, 5.0]))
+        clone = minflow.PromptTracker(3)
+        clone.load_state_dict(t.state_dict())
+        assert torch.equal(clone.state, t.state) and torch.equal(clone.range, t.range) and clone.kind == kind
+        assert torch.equal(clone.baseline(torch.arange(3)), t.baseline(torch.arange(3)))
+
+
+def test_tracker_maps_rewards_by_a_stated_or_running_range_and_counts_clipping():
+    tracker = minflow.PromptTracker(2, "beta", rho=1.0, reward_range=(0.0, 26.0))
+    tracker.update(torch.tensor([0, 0, 0]), torch.tensor([13.0, 30.0, -2.0]))  # 0.5, clipped 1, clipped 0
+    assert tracker.clipped == 2
+    torch.testing.assert_close(tracker.state[0], torch.tensor([2.5, 2.5], dtype=torch.float64))
+    # The baseline is the value on the reward's own scale: v = 0.5 -> 13.
+    torch.testing.assert_close(tracker.baseline(torch.tensor([0, 1])), torch.tensor([13.0, 13.0]))
+    running = minflow.PromptTracker(2, "beta", rho=1.0, reward_range=None)
+    running.update(torch.tensor([0, 1]), torch.tensor([-4.0, 6.0]))  # range becomes [-4, 6]
+    assert running.range.tolist() == [-4.0, 6.0] and running.clipped == 0
+    torch.testing.assert_close(running.value(torch.tensor([0, 1])), torch.tensor([1 / 3, 2 / 3]))
+
+
+def test_tracker_baseline_is_the_value_before_the_update():
+    algo = minflow.PRESETS["superflow"]
+    tracker = minflow.new_tracker(algo, 2)
+    ids, rewards = torch.tensor([0, 0, 1, 1]), torch.tensor([1.0, 1.0, 0.0, 1.0])
+    before = tracker.baseline(ids)
+    tracker.update(ids, rewards)
+    assert before.tolist() == [0.5] * 4 and not torch.equal(tracker.baseline(ids), before)
+    stds = torch.tensor([0.3, 0.2, 0.1])
+    a = minflow.advantages(algo, rewards, torch.tensor([0, 0, 1, 1]), stds, baseline=before)
+    d = rewards - 0.5  # r - v with v from before: standardised over the batch
+    torch.testing.assert_close(a[:, 0], ((d - d.mean()) / (d.std(unbiased=False) + 1e-4)) * 0.3 / 0.25)
+
+
+def chi_square(counts, expected):
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def test_prioritised_sampling_follows_the_weights():
+    weights = torch.tensor([0.05, 0.55, 0.3, 0.05, 0.5])
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([minflow.prioritised_prompts(weights, 1, g) for _ in range(20000)])[:, 0]
+    counts = torch.bincount(draws, minlength=5).double()
+    # 4 degrees of freedom: 18.5 is the 0.999 quantile of chi-square(4).
+    assert chi_square(counts, 20000 * weights.double() / weights.sum()) < 18.5
+    # Two without replacement from three: P(i in) = w_i / W + sum_j w_j / W * w_i / (W - w_j).
+    w = torch.tensor([1.0, 2.0, 5.0], dtype=torch.float64)
+    W = w.sum()
+    inclusion = torch.stack([w[i] / W + sum(w[j] / W * w[i] / (W - w[j]) for j in range(3) if j != i) for i in range(3)])
+    picks = torch.stack([minflow.prioritised_prompts(w, 2, g) for _ in range(20000)])
+    assert all(len(set(p.tolist())) == 2 for p in picks[:100])
+    counts = torch.bincount(picks.flatten(), minlength=3).double()
+    assert chi_square(counts, 20000 * inclusion) < 13.8  # 0.999 quantile, 2 dof
+    # choose_prompts: weights sqrt(v (1 - v)) + eps from the tracker, seeded draws repeat.
+    algo = minflow.PRESETS["superflow"]
+    tracker = minflow.new_tracker(algo, 4)
+    tracker.update(torch.tensor([0, 1, 1]), torch.tensor([1.0, 1.0, 0.0]))
+    a = minflow.choose_prompts(algo, 4, 3, tracker, torch.Generator().manual_seed(3))
+    b = minflow.choose_prompts(algo, 4, 3, tracker, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and len(set(a.tolist())) == 3
+    uniform = minflow.choose_prompts(minflow.Algorithm(), 10, 4, None, torch.Generator().manual_seed(3))
+    assert len(set(uniform.tolist())) == 4 and minflow.choose_prompts(minflow.Algorithm(), 2, 5).shape == (5,)
 
 
 def test_presets_are_axis_choices_and_mix():
     assert minflow.make_algorithm("flow_grpo") == minflow.Algorithm()
-    mix = minflow.make_algorithm("stepwise:group_sizes=variance:n_min=4")
-    assert (mix.sampler, mix.shared_noise, mix.step_credit, mix.group_sizes, mix.n_min) == ("ddim", True, "gains", "variance", 4)
-    for bad, message in [("grpo", "unknown algorithm 'grpo'"), ("flow_grpo:sampler=euler", "unknown sampler 'euler'"),
-                         ("stepwise:baseline=tracker", "baseline must be 'group'"),
-                         ("superflow:n_min=x", "bad value for --n_min: 'x'"), ("superflow:size=3", "unknown flag --size")]:
+    mix = minflow.make_algorithm("stepwise:group_sizes=bins:bins=2")
+    assert (mix.sampler, mix.shared_noise, mix.step_credit, mix.group_sizes, mix.bins) == ("ddim", True, "gains", "bins", 2)
+    sf = minflow.PRESETS["superflow"]
+    assert (sf.prompts, sf.group_sizes, sf.tracker, sf.baseline, sf.step_credit) == ("variance", "bins", "beta", "tracker", "noise")
+    assert minflow.PRESETS["superflow_no_dynamic_sampling"] == replace(sf, prompts="uniform", group_sizes="fixed")
+    assert minflow.PRESETS["superflow_no_step_credit"] == replace(sf, step_credit="uniform")
+    spo = minflow.PRESETS["flow_spo"]
+    assert (spo.prompts, spo.group_sizes, spo.baseline, spo.step_credit) == ("variance", "fixed", "tracker", "uniform")
+    for bad, message in [("grpo", "unknown algorithm 'grpo'"),
+                         ("flow_grpo:sampler=euler", "--sampler=euler: expected one of flow_grpo, ddim, cps"),
+                         ("stepwise:baseline=tracker", "--baseline=tracker: expected group with --step_credit=gains"),
+                         ("superflow:n_min=x", "--n_min=x: expected an integer in \\[2, 10000\\]"),
+                         ("superflow:rho=1", "--rho=1.0: expected a number in \\[0, 1\\)"),
+                         ("superflow:bins=8:m_max=5", "--m_max=5: expected at least --bins=8"),
+                         ("superflow:size=3", "unknown flag --size")]:
         with pytest.raises(ValueError, match=message):
             minflow.make_algorithm(bad)
+
+
+def test_flags_are_refused_with_their_declared_range_and_undeclared_ones_fail():
+    from dataclasses import dataclass
+
+    import cli
+
+    @dataclass
+    class Settings:
+        every: int = cli.flag(5, "[1, inf)")
+        rate: float = cli.flag(0.1, "(0, 1]")
+        mode: str = cli.flag("a", ("a", "b"))
+        RELATIONS = (("every", lambda s: s.every % 5 == 0, "a multiple of 5 (rate {rate})"),)
+
+    assert cli.read_flags(Settings, ["--every=10", "--rate=1"]) == Settings(10, 1.0)
+    for argv, message in [(["--every=0"], "--every=0: expected an integer >= 1"),
+                          (["--every=1.5"], "--every=1.5: expected an integer >= 1"),
+                          (["--rate=inf"], "--rate=inf: expected a number in (0, 1]"),
+                          (["--rate=nan"], "--rate=nan: expected a number in (0, 1]"),
+                          (["--mode="], "--mode=: expected one of a, b"),
+                          (["--every=7"], "--every=7: expected a multiple of 5 (rate 0.1)")]:
+        with pytest.raises(cli.FlagError) as error:
+            cli.read_flags(Settings, argv)
+        assert str(error.value) == message
+
+    @dataclass
+    class Undeclared:
+        every: int = 5
+
+    with pytest.raises(TypeError, match="Undeclared.every declares no range"):
+        cli.check_flags(Undeclared())
 
 
 def test_shared_initial_noise_and_group_sizes():

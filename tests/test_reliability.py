@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import cli
 import minflow
 from sd35 import checkpoint, kill_soak, policy, rewards
 from sd35 import train as sd35_train
@@ -32,10 +33,10 @@ def main(out, *args):
 
 def test_atomic_write_leaves_the_old_file_when_the_rename_never_happens(tmp_path, monkeypatch):
     target = tmp_path / "results.json"
-    minflow.atomic_write(target, b"old")
+    cli.atomic_write(target, b"old")
     monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError("killed before the rename")))
     with pytest.raises(OSError):
-        minflow.atomic_write(target, b"new, half written")
+        cli.atomic_write(target, b"new, half written")
     assert target.read_bytes() == b"old"
 
 

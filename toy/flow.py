@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 from tqdm import tqdm
 
-import minflow
+import cli
 
 NUM_PROMPTS = 8
 RADIUS, MODE_STD, REWARD_WIDTH = 2.0, 0.15, 0.25
@@ -93,5 +93,5 @@ def pretrain(steps=4000, batch=1024, lr=2e-3, width=128, depth=3, seed=0, cache=
         sched.step()
     if cache:
         CACHE.mkdir(exist_ok=True)
-        minflow.atomic_write(path, save(model.state_dict()))
+        cli.atomic_write(path, save(model.state_dict()))
     return model.eval()

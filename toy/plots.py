@@ -7,7 +7,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-import minflow  # noqa: E402
+import cli  # noqa: E402
 from toy import flow  # noqa: E402
 
 
@@ -16,7 +16,7 @@ def _save(fig, path):
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
-    minflow.atomic_write(path, buffer.getvalue())
+    cli.atomic_write(path, buffer.getvalue())
 
 
 def _seed_band(ax, runs, label):

@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cli  # noqa: E402
 import minflow  # noqa: E402
 from toy import flow, plots  # noqa: E402
 
@@ -71,7 +72,7 @@ def train(base, algo, cfg, seed, progress):
     eval_prompts = torch.arange(flow.NUM_PROMPTS).repeat_interleave(cfg.eval_samples)
     eval_noise = torch.randn(len(eval_prompts), 2, generator=torch.Generator().manual_seed(1234))
     prompts = torch.arange(flow.NUM_PROMPTS)
-    tracker = minflow.PromptTracker(flow.NUM_PROMPTS, algo.rho) if algo.uses_tracker else None
+    tracker = minflow.new_tracker(algo, flow.NUM_PROMPTS)
     base_score = evaluate(model, eval_sigmas, eval_noise, eval_prompts)[0]
     curve, clock = [[0, base_score]], [[0.0, base_score]]  # reward vs trajectories, vs training seconds
     sizes_log, zero_std, elapsed = [], [], 0.0
@@ -88,7 +89,7 @@ def train(base, algo, cfg, seed, progress):
             step_r = None
             if algo.step_credit == "gains":
                 step_r = minflow.step_rewards(velocity, traj, lambda x0: flow.reward(x0, labels), algo.substeps, rewards)
-        baseline = tracker.baseline(labels, rewards) if algo.baseline == "tracker" else None
+        baseline = tracker.baseline(labels) if algo.baseline == "tracker" else None
         adv = minflow.advantages(algo, rewards, group_ids, traj.stds, step_r, baseline)
         if tracker is not None:
             tracker.update(labels, rewards)
@@ -127,7 +128,7 @@ def trajectories_to_reach(curves, target):
 
 def main(argv):
     try:
-        cfg = Config(**minflow.parse_flags(Config, argv))
+        cfg = Config(**cli.parse_flags(Config, argv))
         names = cfg.algos.split(",")
         algos = {name: minflow.make_algorithm(name) for name in names}
         if not all(s.strip().isdigit() for s in cfg.seeds.split(",")):
@@ -158,7 +159,7 @@ def main(argv):
     results["eval_prompts"] = eval_prompts.tolist()
     results["table"] = summarise(results, names[0])
     print_table(results["table"], names[0])
-    minflow.atomic_write(out / "results.json", json.dumps(results).encode())
+    cli.atomic_write(out / "results.json", json.dumps(results).encode())
     for path in plots.all_figures(results, out):
         print(f"wrote {path}")
 
