@@ -55,6 +55,7 @@ from diffusers.utils import logging as diffusers_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cli  # noqa: E402
+from cli import flag  # noqa: E402
 import minflow  # noqa: E402
 from sd35 import policy  # noqa: E402
 from sd35.data import load_prompts  # noqa: E402
@@ -64,21 +65,24 @@ from sd35.tiny import SD35_MEDIUM_TRANSFORMER_CONFIG  # noqa: E402
 
 @dataclass
 class Settings:
-    model: str = "tiny"  # "tiny" (built in code, CPU-sized) or "sd35m-random" (SD3.5-M shapes, random weights; GPU)
-    num_steps: int = 10  # SDE steps per rollout, as the trainer samples
-    group_size: int = 8  # trajectories per rollout batch (one forward pass holds 2x this with CFG)
-    resolution: int = 0  # image side in pixels, a multiple of 16; 0 = 512 for sd35m-random, 64 for tiny
-    guidance_scale: float = 4.5  # CFG scale in rollouts and training; 1 switches CFG off
-    mixed_precision: str = "auto"  # bf16, fp16 or no; auto = bf16 on CUDA, no (float32) on CPU
-    train_batch: int = 8  # transitions per forward-backward in the training measurements
-    reward: str = "jpeg_compressibility"  # Stepwise's intermediate reward: jpeg_compressibility, or ocr (adds OCR rows)
-    repeats: int = 3  # timed runs per measurement (the median is reported)
-    warmup: int = 1  # untimed runs before each measurement (allocator, kernel selection, compilation)
-    device: str = ""  # "" = cuda if available, else cpu
-    sweep: bool = False  # add a table over resolution x batch size (256/512/1024 px; tiny: 64/128 px)
-    sweep_batches: str = "1,4,8,16"  # the sweep's batch sizes (rollout group and training micro-batch alike)
-    compile: bool = False  # also time rollout and training with the transformer blocks under torch.compile
-    seed: int = 0  # seeds the noise, the LoRA and the advantages
+    model: str = flag("tiny", ("tiny", "sd35m-random"))  # tiny (built in code, CPU-sized) or sd35m-random (SD3.5-M shapes, random weights; GPU)
+    num_steps: int = flag(10, "[2, inf)")  # SDE steps per rollout, as the trainer samples
+    group_size: int = flag(8, "[1, inf)")  # trajectories per rollout batch (one forward pass holds 2x this with CFG)
+    resolution: int = flag(0, lambda v: None if v is not None and v >= 0 and v % 16 == 0 else
+                           "0 (512 for sd35m-random, 64 for tiny) or a positive multiple of 16 (VAE 8x, patch 2)")  # image side in pixels
+    guidance_scale: float = flag(4.5, "[1, 100]")  # CFG scale in rollouts and training; 1 switches CFG off
+    mixed_precision: str = flag("auto", ("auto", "bf16", "fp16", "no"))  # auto = bf16 on CUDA, no (float32) on CPU
+    train_batch: int = flag(8, "[1, inf)")  # transitions per forward-backward in the training measurements
+    reward: str = flag("jpeg_compressibility", ("jpeg_compressibility", "ocr"))  # Stepwise's intermediate reward (ocr adds OCR rows)
+    repeats: int = flag(3, "[1, inf)")  # timed runs per measurement (the median is reported)
+    warmup: int = flag(1, "[0, inf)")  # untimed runs before each measurement (allocator, kernel selection, compilation)
+    device: str = flag("", lambda v: None if v in ("", "cpu", "cuda") or (v or "")[:5] == "cuda:" and v[5:].isdecimal() else
+                       "empty, cpu, cuda or cuda:N")  # "" = cuda if available, else cpu
+    sweep: bool = flag(False, (False, True))  # add a table over resolution x batch size (256/512/1024 px; tiny: 64/128 px)
+    sweep_batches: str = flag("1,4,8,16", lambda v: None if v and all(b.strip().isdecimal() and int(b) > 0 for b in v.split(","))
+                              else "positive integers separated by commas")  # the sweep's batch sizes (rollout group and training micro-batch alike)
+    compile: bool = flag(False, (False, True))  # also time rollout and training with the transformer blocks under torch.compile
+    seed: int = flag(0, "[0, 1e18]")  # seeds the noise, the LoRA and the advantages
 
 
 LORA_RANK, LORA_ALPHA = 32, 64  # the trainer's defaults (sd35/train.py)
@@ -660,21 +664,8 @@ def report_summary(bench, out):
 
 
 def parse_settings(argv):
-    """Flags -> Settings, or a one-line ValueError."""
-    s = Settings(**cli.parse_flags(Settings, argv))
-    if s.model not in ("tiny", "sd35m-random"):
-        raise ValueError(f"--model={s.model!r}; expected tiny or sd35m-random")
-    if s.mixed_precision not in ("auto", "bf16", "fp16", "no"):
-        raise ValueError(f"--mixed_precision={s.mixed_precision!r}; expected auto, bf16, fp16 or no")
-    if s.reward not in ("jpeg_compressibility", "ocr"):
-        raise ValueError(f"--reward={s.reward!r}; expected jpeg_compressibility or ocr")
-    if s.resolution < 0 or s.resolution % 16:
-        raise ValueError(f"--resolution={s.resolution}: expected a positive multiple of 16 (VAE 8x, patch 2), or 0")
-    if s.num_steps < 2 or s.group_size < 1 or s.train_batch < 1 or s.repeats < 1 or s.warmup < 0:
-        raise ValueError("need num_steps >= 2, group_size >= 1, train_batch >= 1, repeats >= 1, warmup >= 0")
-    if not all(b.strip().isdigit() and int(b) > 0 for b in s.sweep_batches.split(",")):
-        raise ValueError(f"--sweep_batches={s.sweep_batches!r}; expected positive integers separated by commas")
-    return s
+    """Flags -> Settings, each checked against its declared range, or a one-line ValueError."""
+    return cli.read_flags(Settings, argv)
 
 
 def main(argv):

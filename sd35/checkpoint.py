@@ -17,6 +17,7 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
 from diffusers import StableDiffusion3Pipeline
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file

@@ -28,26 +28,29 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cli  # noqa: E402
+from cli import flag  # noqa: E402
 from sd35 import checkpoint  # noqa: E402
 
 TRAIN = Path(__file__).resolve().parent / "train.py"
 RUN = ["--model=tiny", "--resolution=64", "--num_steps=4", "--eval_num_steps=2", "--eval_images=2", "--eval_every=3",
-       "--prompts=general", "--reward=jpeg_compressibility", "--prompts_per_iter=2", "--group_size=4", "--save_every=1",
+       "--prompt_set=general", "--reward=jpeg_compressibility", "--prompts_per_iter=2", "--group_size=4", "--save_every=1",
        "--algo=superflow"]
 
 
 @dataclass
 class Settings:
-    kills: int = 25  # SIGKILLs to deliver before letting the run finish
-    iters: int = 40  # iterations of the soaked run (about 0.4 s each; start-up about 3 s)
-    min_delay: float = 1.0  # seconds after a (re)start before the kill, drawn uniformly
-    max_delay: float = 5.0  # (so kills land in start-up, sampling, training and checkpoint saves)
-    seed: int = 0  # seeds the kill delays
-    workdir: str = ""  # where the runs go ("" = a fresh temporary folder)
+    kills: int = flag(25, "[0, 10000]")  # SIGKILLs to deliver before letting the run finish
+    iters: int = flag(40, "[1, 100000]")  # iterations of the soaked run (about 0.4 s each; start-up about 3 s)
+    min_delay: float = flag(1.0, "[0, 3600]")  # seconds after a (re)start before the kill, drawn uniformly
+    max_delay: float = flag(5.0, "[0, 3600]")  # (so kills land in start-up, sampling, training and checkpoint saves)
+    seed: int = flag(0, "[0, 1e18]")  # seeds the kill delays
+    workdir: str = flag("", "text")  # where the runs go ("" = a fresh temporary folder)
+
+    RELATIONS = (("max_delay", lambda s: s.max_delay >= s.min_delay, "at least --min_delay={min_delay}"),)
 
 
 def train(out, iters, resume):
-    args = [sys.executable, str(TRAIN), *RUN, f"--iters={iters}", f"--out={out}"] + ([f"--resume={out}"] if resume else [])
+    args = [sys.executable, str(TRAIN), *RUN, f"--iters={iters}", f"--out={out}"] + (["--resume"] if resume else [])
     return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -107,7 +110,7 @@ def soak(settings):
 
 def main(argv):
     try:
-        settings = Settings(**cli.parse_flags(Settings, argv))
+        settings = cli.read_flags(Settings, argv)
     except ValueError as error:
         sys.exit(f"error: {error}")
     report = soak(settings)

@@ -335,6 +335,24 @@ REWARDS: dict[str, Callable[[RewardOptions], RewardFn]] = {
 }
 
 
+# The range each reward's scores lie in, for the prompt tracker that maps rewards into [0, 1]
+# (minflow.PromptTracker); a reward missing here is tracked by the running min..max it shows.
+# OCR similarity is in [0, 1]; PickScore already divides by 26 (as Flow-GRPO does: raw scores
+# near 20-23 land near 0.8-0.9), so [0, 1] holds it. CLIP cosines (typically 0.2-0.4 of
+# [-1, 1]), JPEG sizes and a remote server's scores have no useful fixed range.
+REWARD_RANGES: dict[str, tuple[float, float]] = {"ocr": (0.0, 1.0), "pickscore": (0.0, 1.0)}
+
+
+def reward_range(weights: dict[str, float]) -> tuple[float, float] | None:
+    """The range of a weighted mix ``{name: weight}`` (``RewardMix.weights``): the weighted sum
+    of its terms' ranges if every term has one (a negative weight swaps a term's ends), else
+    None (the tracker then uses a running range)."""
+    if any(name not in REWARD_RANGES for name, weight in weights.items() if weight != 0):
+        return None
+    ends = [sorted((weight * REWARD_RANGES[name][0], weight * REWARD_RANGES[name][1]))
+            for name, weight in weights.items() if weight != 0]
+    return sum(lo for lo, _ in ends), sum(hi for _, hi in ends)
+
 def parse_reward_spec(spec: str) -> dict[str, float]:
     """Parse ``"name=weight,name=weight"`` (the ``--reward`` flag) into ``{name: weight}``.
 

@@ -4,15 +4,16 @@ One file that runs alone or under torchrun, as nanoGPT's train.py does: torchrun
 environment (RANK, WORLD_SIZE, LOCAL_RANK) switches DDP on, NCCL on GPUs and gloo on CPUs;
 rank 0 logs, evaluates to disk and saves.
 
-    python sd35/train.py --model=tiny --resolution=64 --iters=2     # CPU smoke run, no download
-    python sd35/train.py --reward=ocr --prompts=ocr                  # one GPU, defaults below
-    torchrun --nproc_per_node=8 sd35/train.py --algo=superflow --reward=pickscore --prompts=general
+    python sd35/train.py --model=tiny --iters=2                      # CPU smoke run at 64 px, no download
+    python sd35/train.py --reward=ocr --prompt_set=ocr               # one GPU, defaults below
+    torchrun --nproc_per_node=8 sd35/train.py --algo=superflow --reward=pickscore --prompt_set=general
     torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --master_port=29500 --nproc_per_node=8 \\
         sd35/train.py --algo=stepwise --group_size=24 --prompts_per_iter=48   # node_rank=1 on the other
+    python sd35/train.py --iters=600 --resume                        # continue the run in --out
     python sd35/train.py --eval_only --resume=runs/sd35              # evaluate the newest checkpoint
 
 `--algo` picks a preset; any field of minflow.Algorithm given as a flag overrides that axis
-(`--algo=stepwise --group_sizes=variance`, `--sampler=cps --noise_level=0.8`). Every RL formula
+(`--algo=stepwise --group_sizes=bins`, `--sampler=cps --noise_level=0.8`). Every RL formula
 lives in minflow.py; this file only feeds it images, rewards and gradients.
 """
 import gc
@@ -21,6 +22,7 @@ import io
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -38,48 +40,90 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cli  # noqa: E402
 import minflow  # noqa: E402
-from sd35 import checkpoint, policy  # noqa: E402
-from sd35.data import load_prompts  # noqa: E402
-from sd35.rewards import RewardError, RewardMix, RewardOptions, parse_reward_spec  # noqa: E402
+from cli import flag  # noqa: E402
+from sd35 import checkpoint, curves, policy  # noqa: E402
+from sd35.curves import read_log  # noqa: E402
+from sd35.data import SHIPPED_SETS, load_prompts  # noqa: E402
+from sd35.rewards import REWARDS, RewardError, RewardMix, RewardOptions, parse_reward_spec, reward_range  # noqa: E402
+
+
+def text_range(description, check=bool):
+    """A declared range for a text flag: accepted when `check(value)` holds (by default: when
+    it is not empty); `description` says what is expected."""
+    return lambda value: None if value is not None and check(value) else description
+
+
+def parses(parse):
+    """A check that `parse(value)` raises no ValueError."""
+    def check(value):
+        try:
+            parse(value)
+        except ValueError:
+            return False
+        return True
+    return check
+
+
+# The ranges of Config's text flags and of --resolution, named so that each field fits on its line.
+MODEL = text_range("a hub id, a local diffusers folder, or tiny")
+PRESET = text_range(f"a preset ({', '.join(minflow.PRESETS)}), optionally with :axis=value overrides",
+                    parses(minflow.make_algorithm))
+REWARD_SPEC = text_range(f"rewards from {', '.join(sorted(REWARDS))} with optional weights, e.g. ocr=0.8,pickscore=0.2",
+                         parses(parse_reward_spec))
+URL = text_range("empty or an http(s):// URL", lambda v: v == "" or v.startswith(("http://", "https://")))
+PROMPT_SET = text_range(f"a shipped set ({', '.join(SHIPPED_SETS)}) or a folder",
+                        lambda v: v in SHIPPED_SETS or (v != "" and Path(v).is_dir()))
+DEVICE = text_range("empty, cpu, cuda or cuda:N", lambda v: re.fullmatch(r"|cpu|cuda(:\d+)?", v) is not None)
+
+
+def resolution_range(value):
+    if value is None or value < 0 or value % 16:
+        return "0 (the model's own default) or a positive multiple of 16 (VAE 8x, patch 2)"
+    return None
 
 
 @dataclass
 class Config:
-    model: str = "stabilityai/stable-diffusion-3.5-medium"  # hub id, local diffusers folder, or "tiny" (built in code)
-    algo: str = "flow_grpo"  # preset: flow_grpo, stepwise, superflow (axis flags override it)
-    reward: str = "ocr"  # reward or weighted mix, e.g. ocr=0.8,pickscore=0.2 (sd35/rewards.py)
-    reward_url: str = ""  # the reward server's URL, for the remote reward
-    prompts: str = "ocr"  # shipped set (ocr, general) or a folder with train/test .txt or .jsonl
-    group_size: int = 8  # G, trajectories per prompt (the mean size under variance-aware sizes); 24 in the paper
-    prompts_per_iter: int = 8  # groups per iteration; samples per iteration = group_size x this, over all ranks
-    num_steps: int = 10  # sampling steps in training
-    eval_num_steps: int = 40  # ODE steps in evaluation
-    guidance_scale: float = 4.5  # CFG in sampling and training; 1 switches CFG off
-    resolution: int = 512  # image side in pixels; a multiple of 16 (VAE 8x, patch 2)
-    iters: int = 300  # RL iterations
-    minibatches: int = 2  # optimiser steps per iteration, each over a share of the transitions
-    train_batch: int = 8  # transitions per forward-backward (gradients accumulate beyond it)
-    sample_batch: int = 16  # trajectories per forward pass while sampling and decoding
-    lr: float = 3e-4  # AdamW learning rate of the LoRA
-    weight_decay: float = 1e-4  # AdamW weight decay
-    grad_clip: float = 1.0  # gradient-norm clip
-    clip_range: float = 1e-4  # PPO clip; tiny because log-probs average over 65k latent dims
-    beta: float = 0.004  # KL weight; our KL is exact (divides by std^2), so 0.004 ~ the reference's 0.04 at dt ~ 0.1
-    lora_rank: int = 32  # LoRA rank r
-    lora_alpha: int = 64  # LoRA alpha (scale alpha / r)
-    ema_decay: float = 0.9  # evaluate an EMA of the LoRA weights (Flow-GRPO's default); 0 evaluates the live weights
-    ema_every: int = 8  # optimiser steps between EMA updates
-    mixed_precision: str = "auto"  # fp16 (preferred: smaller log-prob mismatch), bf16, no; auto = fp16 on CUDA, no on CPU
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, about 30 % slower
-    device: str = ""  # "" = cuda:LOCAL_RANK if CUDA is there, else cpu
-    seed: int = 0  # seeds every random draw, per iteration and rank
-    out: str = "runs/sd35"  # run folder: log.jsonl, eval/ grids, checkpoints/
-    resume: str = ""  # a run folder (newest checkpoint in it) or a checkpoint folder to continue from
-    eval_every: int = 20  # iterations between evaluations (0 = only at the end)
-    eval_images: int = 16  # test prompts per evaluation (0 = all)
-    save_every: int = 20  # iterations between checkpoints (and always at the end and on SIGINT/SIGTERM)
-    eval_only: bool = False  # evaluate the loaded (or base) model once and exit
-    max_bad_steps: int = 5  # stop after this many optimiser steps in a row with a NaN/inf gradient (each is skipped)
+    model: str = flag("stabilityai/stable-diffusion-3.5-medium", MODEL)  # or a local diffusers folder; "tiny" is built in code
+    algo: str = flag("flow_grpo", PRESET)  # flow_grpo, stepwise, superflow, ...; axis flags such as --sampler override it
+    reward: str = flag("ocr", REWARD_SPEC)  # one reward or a weighted mix, e.g. ocr=0.8,pickscore=0.2 (sd35/rewards.py)
+    reward_url: str = flag("", URL)  # the reward server, for --reward=remote
+    prompt_set: str = flag("ocr", PROMPT_SET)  # shipped set (ocr, general) or a folder with train/test .txt or .jsonl
+    group_size: int = flag(8, "[2, inf)")  # G, trajectories per prompt (the mean size under variance-aware sizes); 24 in the paper
+    prompts_per_iter: int = flag(8, "[1, inf)")  # groups per iteration; samples per iteration = group_size x this, over all ranks
+    num_steps: int = flag(10, "[2, inf)")  # sampling steps in training
+    eval_num_steps: int = flag(40, "[1, inf)")  # ODE steps in evaluation
+    guidance_scale: float = flag(4.5, "[1, 100]")  # CFG in sampling and training; 1 switches CFG off
+    resolution: int = flag(0, resolution_range)  # image side in pixels; 0 = the model's own (512 for SD3.5, 64 for tiny)
+    iters: int = flag(300, "[0, inf)")  # RL iterations
+    minibatches: int = flag(2, "[1, inf)")  # optimiser steps per iteration, each over a share of the transitions
+    train_batch: int = flag(8, "[1, inf)")  # transitions per forward-backward (gradients accumulate beyond it)
+    sample_batch: int = flag(16, "[1, inf)")  # trajectories per forward pass while sampling and decoding
+    lr: float = flag(3e-4, "(0, 1]")  # AdamW learning rate of the LoRA
+    weight_decay: float = flag(1e-4, "[0, 1]")  # AdamW weight decay
+    grad_clip: float = flag(1.0, "(0, inf)")  # gradient-norm clip
+    clip_range: float = flag(1e-4, "(0, 1)")  # PPO clip; tiny because log-probs average over 65k latent dims
+    beta: float = flag(0.004, "[0, inf)")  # KL weight; our KL is exact (divides by std^2), so 0.004 ~ the reference's 0.04 at dt ~ 0.1
+    lora_rank: int = flag(32, "[1, inf)")  # LoRA rank r
+    lora_alpha: int = flag(64, "[1, inf)")  # LoRA alpha (scale alpha / r)
+    ema_decay: float = flag(0.9, "[0, 1)")  # evaluate an EMA of the LoRA weights (Flow-GRPO's default); 0 evaluates the live weights
+    ema_every: int = flag(8, "[1, inf)")  # optimiser steps between EMA updates
+    mixed_precision: str = flag("auto", ("auto", "fp16", "bf16", "no"))  # fp16 (smaller log-prob mismatch); auto = fp16 on CUDA, no on CPU
+    gradient_checkpointing: bool = flag(False, (False, True))  # recompute activations in backward: less memory, about 30 % slower
+    device: str = flag("", DEVICE)  # "" = cuda:LOCAL_RANK if CUDA is there, else cpu
+    seed: int = flag(0, "[0, 1e18]")  # seeds every random draw, per iteration and rank
+    out: str = flag("runs/sd35", text_range("a folder"))  # run folder: log.jsonl, curves.png, eval/ grids, checkpoints/
+    resume: str = flag("", "text")  # a run folder (its newest checkpoint) or a checkpoint folder; a bare --resume means --out
+    eval_every: int = flag(20, "[0, inf)")  # iterations between evaluations (0 = only at the end)
+    eval_images: int = flag(16, "[0, inf)")  # test prompts per evaluation (0 = all)
+    save_every: int = flag(20, "[0, inf)")  # iterations between checkpoints (and always at the end and on SIGINT/SIGTERM)
+    eval_only: bool = flag(False, (False, True))  # evaluate the loaded (or base) model once and exit
+    max_bad_steps: int = flag(5, "[1, inf)")  # stop after this many optimiser steps in a row with a NaN/inf gradient (each is skipped)
+
+    RELATIONS = (
+        ("reward_url", lambda c: c.reward_url or "remote" not in parse_reward_spec(c.reward),
+         "a reward server's URL with --reward={reward}"),
+    )
 
 
 AXES = {f.name for f in fields(minflow.Algorithm)}
@@ -90,27 +134,25 @@ class RunError(RuntimeError):
 
 
 def parse_args(argv, world_size):
-    """Flags -> (cfg, algo, train prompts, test prompts); a ValueError (one line) for any bad
-    input, before anything heavy is loaded."""
+    """Flags -> (cfg, algo, train prompts, test prompts); a ValueError (one line: the flag, its
+    value, what is expected) for any bad input, before anything heavy is loaded. A bare
+    `--resume` continues the run in --out."""
+    bare_resume = "--resume" in argv
+    argv = [a for a in argv if a != "--resume"]
     axis_flags = [a for a in argv if a.removeprefix("--").partition("=")[0] in AXES]
     cfg = Config(**cli.parse_flags(Config, [a for a in argv if a not in axis_flags]))
+    if bare_resume:
+        cfg = replace(cfg, resume=cfg.out)
+    cli.check_flags(cfg)
     algo = cli.read_flags(minflow.Algorithm, axis_flags, base=minflow.make_algorithm(cfg.algo))
-    if cfg.group_size < 2:
-        raise ValueError(f"--group_size={cfg.group_size}: a group needs at least 2 samples to be normalised")
     budget = cfg.group_size * cfg.prompts_per_iter
-    if cfg.prompts_per_iter < 1 or budget % world_size:
-        raise ValueError(f"{budget} samples per iteration (group_size x prompts_per_iter) do not split over "
-                         f"{world_size} ranks; expected a multiple of {world_size}")
-    if cfg.resolution <= 0 or cfg.resolution % 16:
-        raise ValueError(f"--resolution={cfg.resolution}: expected a positive multiple of 16 (VAE 8x, patch 2)")
-    if cfg.mixed_precision not in ("auto", "fp16", "bf16", "no"):
-        raise ValueError(f"--mixed_precision={cfg.mixed_precision!r}; expected auto, fp16, bf16 or no")
-    if cfg.num_steps < 2 or cfg.eval_num_steps < 1 or cfg.iters < 0 or cfg.minibatches < 1 or cfg.train_batch < 1 \
-            or not 0 <= cfg.ema_decay < 1 or cfg.ema_every < 1:
-        raise ValueError("need num_steps >= 2, eval_num_steps >= 1, iters >= 0, minibatches >= 1, train_batch >= 1, "
-                         "0 <= ema_decay < 1, ema_every >= 1")
-    parse_reward_spec(cfg.reward)
-    train_prompts, test_prompts = load_prompts(cfg.prompts)
+    if budget % world_size:  # the one check that needs the world size, so it lives here
+        raise cli.FlagError(f"--prompts_per_iter={cfg.prompts_per_iter}: expected group_size x prompts_per_iter "
+                            f"(now {budget}) to split evenly over the {world_size} ranks")
+    try:
+        train_prompts, test_prompts = load_prompts(cfg.prompt_set)
+    except ValueError as error:
+        raise ValueError(f"--prompt_set={cfg.prompt_set}: {error}") from None
     return cfg, algo, train_prompts, test_prompts
 
 
@@ -154,6 +196,18 @@ class Ranks:
         return slice(self.rank * per, (self.rank + 1) * per)
 
 
+def agree_on_failure(failure, ranks):
+    """Raise RunError on every rank together if `failure` (this rank's error text, or None) is
+    not None on any rank. A rank that failed alone would leave the others waiting forever in
+    their next collective; this way all stop at the same point. Rank 0 prints the run's error,
+    so another rank that failed prints its own message here."""
+    failed = ranks.gather(torch.tensor([failure is not None]))
+    if failed.any():
+        if failure and not ranks.master:
+            print(f"error on rank {ranks.rank}: {failure}", file=sys.stderr)
+        raise RunError(failure or f"a reward failed on rank {int(failed.nonzero()[0])}; its output says which")
+
+
 def generator(*key, device="cpu"):
     """A generator seeded by a tuple (seed, iteration, purpose, ...): random draws are a
     function of where they happen, so a resumed run repeats them exactly. (Not Python's
@@ -173,6 +227,7 @@ def sample_and_score(it, cfg, algo, pipe, model_dtype, autocast, reward, prompts
     plan = generator(cfg.seed, it, "plan")
     K, budget = cfg.prompts_per_iter, cfg.group_size * cfg.prompts_per_iter
     prompt_ids = minflow.choose_prompts(algo, len(prompts), K, tracker, plan)
+    logs.update(prompt_draw_logs(prompt_ids, tracker))
     sizes = minflow.group_sizes(algo, K, budget, tracker, prompt_ids)
     group_ids = torch.repeat_interleave(torch.arange(K), sizes)
     latent = cfg.resolution // 8
@@ -202,9 +257,7 @@ def sample_and_score(it, cfg, algo, pipe, model_dtype, autocast, reward, prompts
             step_rewards = minflow.step_rewards(velocity, traj, lambda x0: score(x0)[0], algo.substeps, local_rewards)
     except RewardError as error:
         failure = str(error)
-    failed = ranks.gather(torch.tensor([failure is not None]))
-    if failed.any():
-        raise RunError(failure or f"a reward failed on rank {int(failed.nonzero()[0])}; its output says which")
+    agree_on_failure(failure, ranks)
     rewards = ranks.gather(local_rewards.float().cpu())
     step_rewards = None if step_rewards is None else ranks.gather(step_rewards)
     if not torch.equal(ranks.gather(prompt_ids[group_ids[mine]]), prompt_ids[group_ids]):
@@ -222,11 +275,26 @@ def sample_and_score(it, cfg, algo, pipe, model_dtype, autocast, reward, prompts
     adv[valid] = minflow.advantages(algo, rewards[valid], group_ids[valid], traj.stds, keep(step_rewards), baseline)
     if tracker is not None:
         tracker.update(ids, rewards[valid])
+        logs["tracker_clipped"] = tracker.clipped
     terms = {k: ranks.gather(v.float().cpu()) for k, v in terms.items()}
     logs.update({"reward_mean": rewards[valid].mean().item(), "reward_std": rewards[valid].std(unbiased=False).item(),
                  "dropped_samples": int((~valid).sum()), "zero_std_ratio": minflow.zero_std_fraction(rewards[valid], group_ids[valid]),
                  "group_sizes": sizes.tolist(), **{f"reward_{k}": v[v.isfinite()].mean().item() for k, v in terms.items()}})
     return traj, cond, adv[mine], logs
+
+
+def prompt_draw_logs(prompt_ids, tracker):
+    """What the iteration's prompt draw looked like: the ids (identical on every rank, each
+    from the same seeded plan and the same all-gathered tracker), how many are distinct, and
+    under a tracker how uncertain the drawn prompts are next to the whole pool's mean (a
+    prioritised draw should pick the uncertain ones) and how many prompts it had seen before
+    this draw."""
+    logs = {"prompt_ids": prompt_ids.tolist(), "distinct_prompts": len(prompt_ids.unique())}
+    if tracker is not None:
+        pool = tracker.uncertainty(torch.arange(len(tracker.visits)))
+        logs.update(drawn_uncertainty=pool[prompt_ids].mean().item(), pool_uncertainty=pool.mean().item(),
+                    prompts_seen=int((tracker.visits > 0).sum()))
+    return logs
 
 
 def optimise(it, cfg, algo, model, transformer, params, traj, cond, adv, opt, scaler, model_dtype, autocast, ranks):
@@ -296,7 +364,12 @@ def evaluate(it, cfg, pipe, model_dtype, autocast, reward, test_prompts, ranks, 
     velocity = policy.guided_velocity(pipe.transformer, cond, cfg.guidance_scale, model_dtype, cfg.sample_batch, autocast)
     traj = minflow.rollout(velocity, noise[ranks.share(len(padded))].to(ranks.device), minflow.sd3_sigmas(cfg.eval_num_steps), "ode")
     images = policy.decode(pipe.vae, traj.xs[:, -1], cfg.sample_batch)
-    total, terms = reward(images, texts, metadata)
+    failure = None
+    try:
+        total, terms = reward(images, texts, metadata)
+    except RewardError as error:
+        failure = str(error)
+    agree_on_failure(failure, ranks)
     logs = {"eval_reward": ranks.gather(total.float().cpu())[:len(chosen)].mean().item(),
             **{f"eval_reward_{k}": ranks.gather(v.float().cpu())[:len(chosen)].mean().item() for k, v in terms.items()}}
     grid = ranks.gather((images * 255).round().to(torch.uint8).cpu())[:len(chosen)]
@@ -314,29 +387,32 @@ def evaluate(it, cfg, pipe, model_dtype, autocast, reward, test_prompts, ranks, 
 
 
 def main(argv):
-    ranks = Ranks(next((a.partition("=")[2] for a in argv if a.startswith("--device=")), ""))
     try:  # every check that needs no model weights, before any load
-        cfg, algo, train_prompts, test_prompts = parse_args(argv, ranks.world)
+        cfg, algo, train_prompts, test_prompts = parse_args(argv, int(os.environ.get("WORLD_SIZE", 1)))
+        ranks = Ranks(cfg.device)
         identity = {"model": cfg.model, "lora_rank": cfg.lora_rank, "algorithm": asdict(algo)}
         out = Path(cfg.out)
         # A folder with a checkpoint holds a run to continue, not to overwrite. (A log alone is
         # a run killed before its first save: starting afresh replays exactly what it lost.)
         if not cfg.resume and not cfg.eval_only and checkpoint.newest(out):
-            raise ValueError(f"--out={out} already holds a run; pass --resume={out} to continue it, or another --out")
+            raise ValueError(f"--out={out} already holds a run; pass --resume to continue it, or another --out")
         resume_from = checkpoint.newest(cfg.resume) if cfg.resume else None
         if cfg.resume and resume_from is None:
             raise ValueError(f"--resume={cfg.resume}: no complete checkpoint there")
         if resume_from:
             checkpoint.check_identity(resume_from, identity)
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{ranks.rank}"
-        probe.write_bytes(b"")
-        probe.unlink()
         config = policy.transformer_config(cfg.model)
+        # The model's own side (64 px for tiny), at most Flow-GRPO's 512 px for SD3.5 (whose own is 1024).
+        default_resolution = min(512, config["sample_size"] * 8)
+        cfg = replace(cfg, resolution=cfg.resolution or default_resolution)
         side = cfg.resolution // 8 // config["patch_size"]
         if side > config["pos_embed_max_size"]:
             raise ValueError(f"--resolution={cfg.resolution} needs {side} patches a side; this model takes at most "
                              f"{config['pos_embed_max_size']} ({config['pos_embed_max_size'] * 8 * config['patch_size']} px)")
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{ranks.rank}"
+        probe.write_bytes(b"")
+        probe.unlink()
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     ranks.start()
@@ -353,7 +429,8 @@ def main(argv):
         transformer.enable_gradient_checkpointing()
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(ranks.device.type, enabled=precision == "fp16")
-    tracker = minflow.new_tracker(algo, len(train_prompts), reward_range=None)
+    tracked_range = reward_range(reward.weights)
+    tracker = minflow.new_tracker(algo, len(train_prompts), reward_range=tracked_range)
     ema = policy.LoraEMA(params, cfg.ema_decay, cfg.ema_every) if cfg.ema_decay > 0 else None
     start = checkpoint.load(resume_from, transformer, opt, scaler, tracker, ema, identity) if resume_from else 0
     model = DDP(transformer, device_ids=[ranks.device.index] if ranks.device.type == "cuda" else None) if ranks.ddp else transformer
@@ -368,7 +445,13 @@ def main(argv):
               f"{cfg.minibatches} optimiser steps of micro-batches of {cfg.train_batch}; "
               f"{len(train_prompts)} train / {len(test_prompts)} test prompts; {precision}; "
               f"{sum(p.numel() for p in params) / 1e6:.2f}M LoRA parameters; from iteration {start}")
+        print(f"resolution: {cfg.resolution} px" + (" (the model's default; --resolution changes it)"
+                                                    if cfg.resolution == default_resolution else ""))
         print(f"algorithm: {algo}")
+        if tracker is not None:
+            print(f"prompt tracker: {algo.tracker}, rewards mapped to [0, 1] from "
+                  + (f"the fixed range [{tracked_range[0]:g}, {tracked_range[1]:g}] of --reward={cfg.reward}"
+                     if tracked_range else "the running min..max seen (this reward mix declares no range)"))
 
     log_path = out / "log.jsonl"
     if ranks.master and log_path.exists() and not cfg.eval_only:  # after the checks above: nothing durable is lost
@@ -393,27 +476,27 @@ def main(argv):
         with ema.applied() if ema else nullcontext():
             return evaluate(it, cfg, pipe, model_dtype, autocast, reward, test_prompts, ranks, out)
 
+    # A failure every rank agrees on (a reward failing on any rank, NaN rewards or gradients)
+    # ends the loop on every rank together: (error, iterations completed).
+    failure = None
     if cfg.eval_only:
-        log({"iteration": start, **evaluated(start)})
+        try:
+            log({"iteration": start, **evaluated(start)})
+            if ranks.master:
+                curves.draw(read_log(log_path), out / "curves.png")
+        except RunError as error:
+            failure = (error, start)
     stop = {"signal": 0}
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: stop.update(signal=signum))
     progress = tqdm(range(start, cfg.iters if not cfg.eval_only else start), disable=not ranks.master, desc="RL iterations")
     saved, bad_steps = start, 0
-
-    def fail(error, completed):
-        """Stop the run after saving the `completed` iterations not yet in a checkpoint."""
-        if completed > saved:
-            save(completed)
-        if ranks.master:
-            print(f"error: {error} (newest checkpoint: iteration {max(completed, saved)})", file=sys.stderr)
-        sys.exit(1)
-
     for it in progress:
         try:  # a RunError from sampling and scoring comes before the iteration changes any state
             traj, cond, adv, logs = sample_and_score(it, cfg, algo, pipe, model_dtype, autocast, reward, train_prompts, tracker, ranks)
         except RunError as error:
-            fail(error, it)
+            failure = (error, it)
+            break
         timer = time.perf_counter()
         logs.update(optimise(it, cfg, algo, model, transformer, params, traj, cond, adv, opt, scaler, model_dtype, autocast, ranks))
         logs["seconds_training"] = time.perf_counter() - timer
@@ -424,13 +507,21 @@ def main(argv):
             if bad_steps >= cfg.max_bad_steps:
                 break
         done = it + 1
-        if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.iters:
-            logs.update(evaluated(done))
+        evaluating = (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.iters
+        if evaluating:
+            try:
+                logs.update(evaluated(done))
+            except RunError as error:  # the iteration trained: it is logged and saved without its evaluation
+                failure = (error, done)
         log({"iteration": done, **logs})
+        if evaluating and ranks.master:
+            curves.draw(read_log(log_path), out / "curves.png")
         progress.set_postfix(reward=f"{logs['reward_mean']:.3f}", ratio=f"{logs.get('ratio', 1):.4f}")
         if bad_steps >= cfg.max_bad_steps:  # the iteration ran (its updates skipped): it counts as done
-            fail(RunError(f"{bad_steps} optimiser steps in a row had a NaN or infinite gradient (all skipped); "
-                          f"lower --lr, or check the rewards and --mixed_precision"), done)
+            failure = (RunError(f"{bad_steps} optimiser steps in a row had a NaN or infinite gradient (all skipped); "
+                                f"lower --lr, or check the rewards and --mixed_precision"), done)
+        if failure:
+            break
         interrupted = ranks.gather(torch.tensor([stop["signal"]]))  # every rank stops together
         if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.iters or interrupted.any():
             save(done)
@@ -439,28 +530,25 @@ def main(argv):
             if ranks.master:
                 print(f"stopped by signal {int(interrupted.max())} after iteration {done}; checkpoint saved")
             break
+    if failure and failure[1] > saved:  # keep the iterations not yet in a checkpoint
+        save(failure[1])
     if ranks.ddp:
-        in_sync = ranks_in_sync(params, ranks)
-        if ranks.master:
-            log({"ranks_in_sync": in_sync})
+        if failure is None:
+            in_sync = ranks_in_sync(params, ranks)
+            if ranks.master:
+                log({"ranks_in_sync": in_sync})
         # Free DDP while the process group is still registered. Otherwise DDP's Reducer is the
         # group's last owner and destroys it while holding the GIL, which can deadlock with
         # gloo's worker thread (pytorch/pytorch#56297); destroy_process_group releases it.
+        # Every rank gets here, on success and on failure alike, so none is left waiting.
         del model
         gc.collect()
         dist.destroy_process_group()
-
-
-def read_log(path):
-    """The log's entries, skipping a last line torn by a kill (a JSONL line is complete only
-    with its newline)."""
-    entries = []
-    for line in Path(path).read_text(errors="replace").split("\n")[:-1]:
-        try:
-            entries.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return entries
+    if failure:
+        error, completed = failure
+        if ranks.master:
+            print(f"error: {error} (newest checkpoint: iteration {max(completed, saved)})", file=sys.stderr)
+        sys.exit(1)
 
 
 def ranks_in_sync(params, ranks):

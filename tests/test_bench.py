@@ -146,8 +146,9 @@ def test_sd35m_random_path_runs_on_a_shrunken_config(monkeypatch):
 
 
 def test_bad_flags_stop_with_one_line():
-    for argv, message in ((["--model=sdxl"], "--model='sdxl'"), (["--resolution=100"], "multiple of 16"),
-                          (["--sweep_batches=1,x"], "--sweep_batches"), (["--steps=3"], "unknown flag --steps")):
+    for argv, message in ((["--model=sdxl"], "--model=sdxl: expected one of tiny, sd35m-random"),
+                          (["--resolution=100"], "multiple of 16"), (["--sweep_batches=1,x"], "--sweep_batches"),
+                          (["--steps=3"], "unknown flag --steps")):
         with pytest.raises(SystemExit) as stop:
             bench.main(argv)
         assert message in str(stop.value) and "\n" not in str(stop.value)

@@ -20,7 +20,7 @@ from sd35 import train as sd35_train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model=tiny", "--resolution=64", "--num_steps=4", "--eval_num_steps=2", "--eval_images=2",
-        "--prompts=general", "--reward=jpeg_compressibility", "--prompts_per_iter=2", "--group_size=4", "--eval_every=0"]
+        "--prompt_set=general", "--reward=jpeg_compressibility", "--prompts_per_iter=2", "--group_size=4", "--eval_every=0"]
 
 
 def main(out, *args):
@@ -99,19 +99,23 @@ def prompt_folder(path, train_bytes):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--lr=fast"], "bad value for --lr: 'fast'; expected float"),
+    (["--lr=fast"], "--lr=fast: expected a number in (0, 1]"),
     (["--learning_rate=1"], "unknown flag --learning_rate"),
-    (["--algo=dpo"], "unknown algorithm 'dpo'"),
-    (["--sampler=heun"], "unknown sampler 'heun'"),
-    (["--reward=ocrr"], "unknown reward 'ocrr'"),
-    (["--reward=ocr=0.5=1"], "--reward"),
-    (["--prompts={tmp}/missing"], "missing"),
-    (["--prompts={tmp}/empty"], "empty"),
-    (["--prompts={tmp}/latin1"], "UTF-8"),
-    (["--group_size=1"], "--group_size=1: a group needs at least 2"),
-    (["--resolution=100"], "--resolution=100: expected a positive multiple of 16"),
+    (["--algo=dpo"], "--algo=dpo: expected a preset (flow_grpo, stepwise, superflow"),
+    (["--sampler=heun"], "--sampler=heun: expected one of flow_grpo, ddim, cps"),
+    (["--reward=ocrr"], "--reward=ocrr: expected rewards from clipscore, jpeg_compressibility, ocr"),
+    (["--reward=ocr=0.5=1"], "--reward=ocr=0.5=1: expected rewards from"),
+    (["--prompt_set={tmp}/missing"], "--prompt_set={tmp}/missing: expected a shipped set (general, ocr) or a folder"),
+    (["--prompt_set={tmp}/empty"], "--prompt_set={tmp}/empty: {tmp}/empty/train.txt holds no prompts"),
+    (["--prompt_set={tmp}/latin1"], "--prompt_set={tmp}/latin1: {tmp}/latin1/train.txt is not UTF-8"),
+    (["--group_size=1"], "--group_size=1: expected an integer >= 2"),
+    (["--resolution=100"], "--resolution=100: expected 0 (the model's own default) or a positive multiple of 16"),
     (["--resolution=1024"], "--resolution=1024 needs 64 patches a side; this model takes at most 32 (512 px)"),
-    (["--resume={tmp}/nothing"], "no complete checkpoint there"),
+    (["--guidance_scale=nan"], "--guidance_scale=nan: expected a number in [1, 100]"),
+    (["--lora_rank=0"], "--lora_rank=0: expected an integer >= 1"),
+    (["--device=gpu"], "--device=gpu: expected empty, cpu, cuda or cuda:N"),
+    (["--resume={tmp}/nothing"], "--resume={tmp}/nothing: no complete checkpoint there"),
+    (["--resume"], "--resume={tmp}/out: no complete checkpoint there"),  # bare: the run in --out, which has none
     (["--out={tmp}/a-file/run"], "a-file"),
 ])
 def test_bad_input_stops_early_in_one_line_and_loses_nothing(tmp_path, no_model_loads, args, message):
@@ -121,7 +125,7 @@ def test_bad_input_stops_early_in_one_line_and_loses_nothing(tmp_path, no_model_
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("earlier output")
-    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    args, message = [a.replace("{tmp}", str(tmp_path)) for a in args], message.replace("{tmp}", str(tmp_path))
     with pytest.raises(SystemExit) as stop:
         sd35_train.main([*TINY, f"--out={out}", *args])
     text = str(stop.value.code)
@@ -131,7 +135,8 @@ def test_bad_input_stops_early_in_one_line_and_loses_nothing(tmp_path, no_model_
 
 def test_a_budget_that_does_not_split_over_the_ranks(tmp_path, monkeypatch, no_model_loads):
     monkeypatch.setenv("WORLD_SIZE", "3")
-    with pytest.raises(SystemExit, match="8 samples per iteration .* do not split over 3 ranks"):
+    with pytest.raises(SystemExit, match=r"^error: --prompts_per_iter=2: expected group_size x prompts_per_iter \(now 8\) "
+                                         r"to split evenly over the 3 ranks$"):
         sd35_train.main([*TINY, f"--out={tmp_path / 'out'}"])
 
 
@@ -189,6 +194,12 @@ def test_a_failing_reward_names_itself_and_the_prompt_and_keeps_the_work_done(tm
     assert checkpoint.newest(tmp_path / "run").name == "iter_000002"  # the two good iterations are kept
 
 
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_a_reward_server_that_is_down_gives_a_clear_error(tmp_path, capsys):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -197,6 +208,27 @@ def test_a_reward_server_that_is_down_gives_a_clear_error(tmp_path, capsys):
         main(tmp_path / "run", "--iters=1", "--reward=remote", f"--reward_url=http://127.0.0.1:{port}/score")
     err = capsys.readouterr().err
     assert "reward 'remote' failed" in err and f"127.0.0.1:{port}" in err
+
+
+def test_a_reward_failing_on_one_rank_ends_every_rank_cleanly(tmp_path):
+    """Under torchrun, rank 1's reward fails: both ranks save what is done, destroy the process
+    group, and exit 1; no rank is left waiting in a collective, and no process is left."""
+    records = tmp_path / "records"
+    records.mkdir()
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", str(ROOT / "tests" / "sd35_with_test_rewards.py"), *TINY,
+           "--reward=fails_on_rank_1", "--iters=3", f"--out={out}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "RECORD_DIR": str(records)})
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "error on rank 1: reward 'fails_on_rank_1' failed on prompt" in proc.stderr
+    assert "error: a reward failed on rank 1; its output says which (newest checkpoint: iteration 0)" in proc.stderr
+    assert 'sd35/train.py", line' not in proc.stderr  # no traceback from a rank
+    assert sorted(p.name for p in records.iterdir()) == ["destroyed-0", "destroyed-1", "pid-0", "pid-1"]
+    for rank in (0, 1):
+        with pytest.raises(ProcessLookupError):  # exited and reaped by torchrun
+            os.kill(int((records / f"pid-{rank}").read_text()), 0)
 
 
 def test_nan_gradients_are_skipped_then_stop_the_run(tmp_path, monkeypatch, capsys):

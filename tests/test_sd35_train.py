@@ -14,12 +14,14 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 import minflow
-from sd35 import checkpoint, policy
+from PIL import Image
+from sd35 import checkpoint, curves, policy
 from sd35 import train as sd35_train
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--model=tiny", "--resolution=64", "--num_steps=4", "--eval_num_steps=4", "--eval_images=4",
-        "--prompts=general", "--reward=jpeg_compressibility", "--prompts_per_iter=2", "--group_size=4",
+WITH_TEST_REWARDS = ROOT / "tests" / "sd35_with_test_rewards.py"
+TINY = ["--model=tiny", "--num_steps=4", "--eval_num_steps=4", "--eval_images=4",
+        "--prompt_set=general", "--reward=jpeg_compressibility", "--prompts_per_iter=2", "--group_size=4",
         "--train_batch=4", "--sample_batch=8"]
 PROMPTS = ['a sign that reads "OPEN"', "a red bicycle", "a bowl of soup"]
 
@@ -80,7 +82,7 @@ def lora(out, iteration):
 
 
 @pytest.mark.parametrize("algo", ["flow_grpo", "stepwise", "superflow"])
-def test_one_iteration_of_each_algorithm_trains_and_logs(tmp_path, algo):
+def test_one_iteration_of_each_algorithm_trains_and_logs(tmp_path, algo, capsys):
     out, logs = run(tmp_path, algo, f"--algo={algo}", "--iters=1")
     entry = logs[-1]
     for key in ("reward_mean", "reward_std", "zero_std_ratio", "ratio", "clipfrac", "approx_kl", "kl", "policy_loss",
@@ -88,24 +90,57 @@ def test_one_iteration_of_each_algorithm_trains_and_logs(tmp_path, algo):
         assert torch.isfinite(torch.tensor(entry[key])), (key, entry[key])
     assert sum(entry["group_sizes"]) == 8 and entry["optimiser_steps"] >= 1
     assert abs(entry["ratio"] - 1) < 1e-3
+    assert len(entry["prompt_ids"]) == 2 and entry["distinct_prompts"] == 2
+    if algo == "superflow":  # the tracker's view of the draw, and JPEG sizes have no fixed range
+        assert entry["prompts_seen"] == 0 and entry["tracker_clipped"] == 0  # seen before this first draw
+        assert 0 < entry["drawn_uncertainty"] <= 0.25 and "the running min..max" in capsys.readouterr().out
     b = [v for k, v in lora(out, 1).items() if "lora_B" in k]
     assert b and any(v.abs().max() > 0 for v in b)  # B starts at zero: any nonzero B means training moved it
-    assert (out / "eval" / "iter_000001.png").exists()
+    assert (out / "eval" / "iter_000001.png").exists() and (out / "curves.png").exists()
 
 
-def test_resumed_run_ends_with_the_same_lora_and_state_as_an_uninterrupted_one(tmp_path):
+def test_the_tiny_model_samples_at_its_own_64_px_unless_told(tmp_path, capsys):
+    out, _ = run(tmp_path, "default", "--eval_only")
+    assert "resolution: 64 px (the model's default" in capsys.readouterr().out
+    assert Image.open(out / "eval" / "iter_000000.png").size == (128, 128)  # 4 test images of 64 px, 2 x 2
+    out, _ = run(tmp_path, "told", "--eval_only", "--resolution=32", "--eval_images=1")
+    assert "resolution: 32 px\n" in capsys.readouterr().out
+    assert Image.open(out / "eval" / "iter_000000.png").size == (32, 32)
+
+
+def test_curves_are_redrawn_at_every_evaluation_and_by_the_standalone_command(tmp_path, monkeypatch, capsys):
+    drawn = []
+    real_draw = curves.draw
+    monkeypatch.setattr(curves, "draw", lambda entries, path: (drawn.append(len(entries)), real_draw(entries, path)))
+    out, logs = run(tmp_path, "curves", "--algo=superflow", "--iters=2", "--eval_every=1", "--eval_images=1")
+    assert drawn == [1, 2]  # after the log line of each iteration, as each evaluates
+    figure = Image.open(out / "curves.png")
+    assert figure.format == "PNG" and figure.size[0] > 1000
+    curves.main([f"--log={out / 'log.jsonl'}", f"--png={tmp_path / 'home.png'}"])
+    assert (tmp_path / "home.png").read_bytes() == (out / "curves.png").read_bytes()
+    with pytest.raises(SystemExit) as stop:
+        curves.main([f"--log={tmp_path / 'nothing.jsonl'}"])
+    assert str(stop.value.code) == f"error: --log={tmp_path / 'nothing.jsonl'}: expected an existing log.jsonl file"
+
+
+def test_resumed_superflow_run_ends_bitwise_equal_to_an_uninterrupted_one(tmp_path):
     flags = ["--algo=superflow", "--save_every=1", "--eval_every=0", "--lr=1e-2", "--ema_every=1"]
-    whole, _ = run(tmp_path, "whole", *flags, "--iters=3")
+    whole, whole_logs = run(tmp_path, "whole", *flags, "--iters=3")
     part, _ = run(tmp_path, "part", *flags, "--iters=2")
-    _, logs = run(tmp_path, "part", *flags, "--iters=3", f"--resume={part}")
+    _, logs = run(tmp_path, "part", *flags, "--iters=3", "--resume")  # bare: the run in --out
     assert [e["iteration"] for e in logs if "iteration" in e] == [1, 2, 3]
+    assert [e["prompt_ids"] for e in logs] == [e["prompt_ids"] for e in whole_logs]
     a, b = lora(whole, 3), lora(part, 3)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], lora(whole, 2)[k]) for k in a)
-    # Optimiser moments, the SuperFlow tracker and the EMA too, bitwise.
-    state = [load_file(run_dir / "checkpoints" / "iter_000003" / checkpoint.STATE_FILE) for run_dir in (whole, part)]
+    # Optimiser moments, the SuperFlow tracker (tensors and numbers) and the EMA too, bitwise.
+    folders = [run_dir / "checkpoints" / "iter_000003" for run_dir in (whole, part)]
+    state = [load_file(folder / checkpoint.STATE_FILE) for folder in folders]
     assert {k.split(".")[0] for k in state[0]} == {"optimizer", "tracker", "ema"}
     assert state[0].keys() == state[1].keys() and all(torch.equal(state[0][k], state[1][k]) for k in state[0])
+    numbers = [json.loads((folder / checkpoint.RUN_FILE).read_text())["tracker"] for folder in folders]
+    assert numbers[0] == numbers[1] and numbers[0]["kind"] == "beta"
+    assert int(state[0]["tracker.visits"].sum()) == 6  # 2 prompts an iteration, 3 iterations
 
 
 def test_lora_ema_averages_every_few_steps_and_swaps_back():
@@ -151,17 +186,39 @@ def free_port():
         return s.getsockname()[1]
 
 
+def torchrun(script, *args, nproc=2, env=None):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", str(script), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
 def test_torchrun_two_ranks_train_and_stay_in_sync(tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", str(ROOT / "sd35" / "train.py"), *TINY, "--algo=stepwise", "--iters=2",
-           "--eval_every=1", f"--out={out}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = torchrun(ROOT / "sd35" / "train.py", *TINY, "--algo=stepwise", "--iters=2", "--eval_every=1", f"--out={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [e.get("iteration") for e in logs[:2]] == [1, 2] and logs[-1] == {"ranks_in_sync": True}
     assert "2 rank(s) x 4 samples = 8 per iteration" in proc.stdout
     assert (out / "checkpoints" / "iter_000002" / checkpoint.LORA_FILE).exists()
+
+
+def test_two_ranks_draw_the_same_prompts_and_track_the_same_as_one_rank(tmp_path):
+    """With a reward of the prompt alone, rewards cannot depend on how samples are split over
+    ranks; so the tracker, and with it every prioritised draw and every group size, must be
+    the one-rank run's, bitwise."""
+    flags = [*TINY, "--algo=superflow", "--reward=by_prompt", "--iters=2", "--eval_every=0", "--eval_images=1"]
+    one = subprocess.run([sys.executable, str(WITH_TEST_REWARDS), *flags, f"--out={tmp_path / 'one'}"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    two = torchrun(WITH_TEST_REWARDS, *flags, f"--out={tmp_path / 'two'}")
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
+    logs = [sd35_train.read_log(tmp_path / name / "log.jsonl")[:2] for name in ("one", "two")]
+    draws = [[(e["prompt_ids"], e["group_sizes"]) for e in run_logs] for run_logs in logs]
+    assert draws[0] == draws[1]
+    assert draws[0][0][0] != draws[0][1][0]  # the draws do change between iterations
+    state = [load_file(tmp_path / name / "checkpoints" / "iter_000002" / checkpoint.STATE_FILE) for name in ("one", "two")]
+    tracker = [{k: v for k, v in s.items() if k.startswith("tracker.")} for s in state]
+    assert tracker[0].keys() == tracker[1].keys() and all(torch.equal(tracker[0][k], tracker[1][k]) for k in tracker[0])
 
 
 def _gradient_step(rank, world, port, result_path):
@@ -206,11 +263,13 @@ def test_gradients_from_two_ranks_equal_one_rank_on_the_same_global_batch(tmp_pa
 def test_existing_runs_are_never_overwritten_or_resumed_wrongly(tmp_path):
     out, logs = run(tmp_path, "run", "--iters=1", "--eval_every=0")
     before = (out / "log.jsonl").read_bytes()
-    with pytest.raises(SystemExit, match="already holds a run"):
+    with pytest.raises(SystemExit, match="already holds a run; pass --resume to continue it"):
         sd35_train.main([*TINY, f"--out={out}", "--iters=1"])
     for flag, message in [("--lora_rank=8", "lora_rank=32, this run has 8"), ("--algo=superflow", "made with algorithm=")]:
         with pytest.raises(SystemExit, match=message):
             sd35_train.main([*TINY, f"--out={out}", "--iters=2", f"--resume={out}", flag])
+    with pytest.raises(SystemExit, match=f"^error: --resume={tmp_path / 'fresh'}: no complete checkpoint there$"):
+        sd35_train.main([*TINY, f"--out={tmp_path / 'fresh'}", "--iters=1", "--resume"])
     _, evaluated = run(tmp_path, "run", "--eval_only", f"--resume={out}")
     assert (out / "log.jsonl").read_bytes().startswith(before) and "eval_reward" in evaluated[-1]
 
