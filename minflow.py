@@ -196,7 +196,8 @@ def rollout(velocity, x, sigmas, sampler="flow_grpo", noise_level=0.7, generator
 
 def short_ode_x0(velocity, x, t, substeps=5):
     """Stepwise-Flow-GRPO's clean estimate: T' Euler ODE steps on a uniform grid from t to 0.
-    T' = 1 is Tweedie's x0_hat; the paper uses T' = 5 (T' <= 3 was noisy in its ablation)."""
+    T' = 1 is Tweedie's x0_hat; the paper uses T' = 5 (T' <= 3 was noisy in its ablation).
+    t may be one time or one per row [B]: each row then runs its own grid."""
     fractions = torch.linspace(1.0, 0.0, substeps + 1)
     t = torch.as_tensor(t, dtype=torch.float32, device=x.device)
     for f, f_next in zip(fractions[:-1], fractions[1:]):
@@ -205,16 +206,66 @@ def short_ode_x0(velocity, x, t, substeps=5):
     return x
 
 
-@torch.no_grad()
-def step_rewards(velocity, traj, reward, substeps=5, final=None):
-    """Eq. (intermediate rewards): r_k = R(x0_hat_k) for every state k = 0..T -> [B, T+1].
+def needed_states(stds):
+    """The states whose intermediate rewards some trained gain uses -> bool [T+1]. Gain
+    g_k = r_{k+1} - r_k needs the states on both sides of step k, and only trained steps get
+    an advantage (`advantages` masks the rest), so r_k is needed only next to a trained step.
+    For ddim on the 10-step SD3 grid that is 8 of the 11 states: steps 0 and 9 are
+    deterministic and step 8 is not trained, so neither r_0 nor r_9 nor r_10 is used."""
+    trained = trained_steps(stds)
+    needed = torch.zeros(len(trained) + 1, dtype=torch.bool)
+    needed[:-1] |= trained
+    needed[1:] |= trained
+    return needed
 
-    `reward(x0_batch) -> [B]` scores clean estimates in trajectory order; r_T is the ordinary
-    final reward (pass `final` if it is already known, to skip scoring it again).
+
+@torch.no_grad()
+def step_rewards(velocity, traj, reward, substeps=5, final=None, needed=None, groups=None, batch_size=None):
+    """Eq. (intermediate rewards): r_k = R(x0_hat_k) for the states k = 0..T -> [B, T+1].
+
+    The clean estimates of all states run together, not state by state: each row of a pass
+    is one (trajectory, state) pair with its own t, `batch_size` rows a pass (default: all at
+    once). A pass mixes trajectories, so `velocity(x, t, rows)` and `reward(x0, rows)` are told
+    the trajectory of each row (to pick its prompt). `reward` may return a future (anything
+    with .result(), e.g. a concurrent.futures.Future) instead of a tensor: the next pass then
+    runs while that one is scored elsewhere, and every future is collected at the end.
+
+    needed  bool [T+1]: the states to estimate (default all; `needed_states` gives those the
+            trained gains use). The others are NaN, which no consumer may read unmasked.
+    groups  [B]: the group of each trajectory when a group shares its initial noise; r_0 is
+            then estimated once per group and copied to the group's trajectories.
+    final   r_T when it is already known (the ordinary final reward); otherwise it is scored.
     """
-    rewards = [reward(short_ode_x0(velocity, traj.xs[:, k], traj.sigmas[k], substeps)) for k in range(traj.xs.shape[1] - 1)]
-    rewards.append(reward(traj.xs[:, -1]) if final is None else final)
-    return torch.stack([r.float().cpu() for r in rewards], 1)
+    B, S = traj.xs.shape[:2]
+    needed = torch.ones(S, dtype=torch.bool) if needed is None else torch.as_tensor(needed, dtype=torch.bool).clone()
+    rewards = torch.full((B, S), math.nan)
+    if final is not None:
+        rewards[:, -1] = final.float().cpu()
+        needed[-1] = False
+    # One row per (state, trajectory), state-major; with shared noise, state 0 needs only one
+    # trajectory per group, and its estimate is copied to the others after scoring.
+    first = torch.arange(B)
+    if groups is not None:
+        _, group_of = torch.unique(torch.as_tensor(groups).cpu(), return_inverse=True)
+        first = torch.full((int(group_of.max()) + 1,), B).scatter_reduce_(0, group_of, torch.arange(B), "amin")
+    states = needed[:-1].nonzero()[:, 0].tolist()
+    rows = torch.cat([first if k == 0 else torch.arange(B) for k in states] or [torch.zeros(0, dtype=torch.long)])
+    ks = torch.cat([torch.full((len(first) if k == 0 else B,), k) for k in states] or [rows])
+    step = batch_size or max(len(rows), 1)
+    pending = []
+    for i in range(0, len(rows), step):
+        r, k = rows[i:i + step], ks[i:i + step]
+        x = traj.xs[r.to(traj.xs.device), k.to(traj.xs.device)]
+        x0 = short_ode_x0(lambda x, t: velocity(x, t, r), x, traj.sigmas[k].to(x.device), substeps)
+        pending.append((r, k, reward(x0, r)))
+    if needed[-1]:  # the final state is already clean: scored as it is
+        pending.append((torch.arange(B), torch.full((B,), S - 1), reward(traj.xs[:, -1], torch.arange(B))))
+    for r, k, scores in pending:
+        scores = scores.result() if hasattr(scores, "result") else scores
+        rewards[r, k] = torch.as_tensor(scores).float().cpu()
+    if groups is not None and needed[0]:
+        rewards[:, 0] = rewards[first[group_of], 0]
+    return rewards
 
 
 # ----------------------------------------------------------------------------------
@@ -277,6 +328,9 @@ def stepwise_advantages(step_rewards, group_ids, eps=1e-4, clip=5.0, mask=None, 
     """
     gains = (step_rewards[:, 1:] - step_rewards[:, :-1]).float().cpu()
     weight = torch.ones_like(gains) if mask is None else torch.as_tensor(mask).float().expand_as(gains)
+    # Masked gains may be NaN (step_rewards skips the states no trained gain needs): zero
+    # them, or NaN * 0 would spread into the statistics.
+    gains = gains.where(weight > 0, 0.0)
     if per_step:
         return torch.cat([_groupwise_standardise(gains[:, [k]], group_ids.cpu(), weight[:, [k]], eps, clip)
                           for k in range(gains.shape[1])], 1)

@@ -41,6 +41,7 @@ What is measured:
 """
 import functools
 import math
+import os
 import statistics
 import sys
 import time
@@ -52,6 +53,7 @@ from typing import Callable
 import torch
 from diffusers import AutoencoderKL, SD3Transformer2DModel
 from diffusers.utils import logging as diffusers_logging
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cli  # noqa: E402
@@ -59,7 +61,7 @@ from cli import flag  # noqa: E402
 import minflow  # noqa: E402
 from sd35 import policy  # noqa: E402
 from sd35.data import load_prompts  # noqa: E402
-from sd35.rewards import RewardMix  # noqa: E402
+from sd35.rewards import CPU_BOUND, RewardMix  # noqa: E402
 from sd35.tiny import SD35_MEDIUM_TRANSFORMER_CONFIG  # noqa: E402
 
 
@@ -83,6 +85,7 @@ class Settings:
                               else "positive integers separated by commas")  # the sweep's batch sizes (rollout group and training micro-batch alike)
     compile: bool = flag(False, (False, True))  # also time rollout and training with the transformer blocks under torch.compile
     seed: int = flag(0, "[0, 1e18]")  # seeds the noise, the LoRA and the advantages
+    reward_workers: int = flag(0, "[0, 1024]")  # N of the reward pool's rows (against 1); 0 = this machine's CPU cores
 
 
 LORA_RANK, LORA_ALPHA = 32, 64  # the trainer's defaults (sd35/train.py)
@@ -345,6 +348,7 @@ class Bench:
         self.lora = policy.add_lora(self.model.transformer, LORA_RANK, LORA_ALPHA)
         self.opt = torch.optim.AdamW(self.lora, lr=3e-4)
         self.prompts = load_prompts("ocr")[0]  # OCR prompts: their target texts feed the OCR reward
+        self.workers = s.reward_workers or len(os.sched_getaffinity(0))
 
     def batch(self, size):
         """`size` prompts and their metadata, cycling through the prompt set."""
@@ -392,31 +396,34 @@ class Bench:
 
         return measure(once, self.s, self.device)
 
-    def stepwise(self, mix, cond, traj):
+    def stepwise(self, mix, cond, traj, needed=None, batch_size=None):
         """Stepwise's intermediate rewards of a trajectory batch (the final reward given, as the
-        trainer does), timed by kind of work -> result: calls by kind (a velocity call
-        evaluates every trajectory once, a decode decodes one state of every trajectory)."""
+        trainer does), timed by kind of work -> result: calls by kind (a velocity call is one
+        pass over up to `batch_size` (trajectory, state) rows; a decode decodes one pass's
+        clean estimates). With a pooled `mix`, the reward lap is what is left to wait for
+        after the last pass, since the workers score while the next pass runs."""
         texts, metadata = self.batch(traj.xs.shape[0])
-        guided = policy.guided_velocity(self.model.transformer, cond, self.s.guidance_scale, self.dtype, None,
-                                        self.autocast)
 
         def once():
-            watch, calls = Stopwatch(self.device), {"velocity": 0, "decode": 0}
+            watch, calls, pending = Stopwatch(self.device), {"velocity": 0, "decode": 0}, []
 
-            def velocity(x, t):
+            def velocity(x, t, rows):
                 calls["velocity"] += 1
-                return guided(x, t)
+                return policy.guided_velocity(self.model.transformer, cond.select(rows), self.s.guidance_scale,
+                                              self.dtype, None, self.autocast)(x, t)
 
-            def reward(x0):
-                watch.lap("velocity")  # the substeps that produced this clean estimate
+            def reward(x0, rows):
+                watch.lap("velocity")  # the substeps that produced these clean estimates
                 calls["decode"] += 1
-                images = policy.decode(self.model.vae, x0)
+                images = policy.decode(self.model.vae, x0, self.s.group_size)
                 watch.lap("decode")
-                scores = mix(images, texts, metadata)[0]
+                pending.append(mix.submit(images, [texts[i] for i in rows], [metadata[i] for i in rows], True))
                 watch.lap("reward")
-                return scores
+                return pending[-1]
 
-            minflow.step_rewards(velocity, traj, reward, SUBSTEPS, final=torch.zeros(traj.xs.shape[0]))
+            minflow.step_rewards(velocity, traj, reward, SUBSTEPS, final=torch.zeros(traj.xs.shape[0]),
+                                 needed=needed, batch_size=batch_size)
+            watch.lap("reward")
             return watch.seconds, calls
 
         return measure(once, self.s, self.device)
@@ -515,22 +522,99 @@ def report_rewards(bench, out, cond, traj, images):
     for name, mix in mixes.items():
         seconds, peak, _ = bench.reward(mix, images)
         out["throughput"][f"{name}_images_per_s"] = B / seconds["total"]
-        rows.append([name, f"{seconds['total'] / B:.4f}", f"{B / seconds['total']:.2f}", gib(peak)])
-    print_table(f"Rewards of final images ({B} a call)", ["reward", "s / image", "images/s", "peak memory"], rows)
+        rows.append([name, "in this process", f"{seconds['total'] / B:.4f}", f"{B / seconds['total']:.2f}", gib(peak)])
+    # OCR in the worker pool, 1 and N processes, on enough images to keep N busy (the
+    # rollout's, repeated). The pools are started and warmed before timing.
+    many = images.repeat(math.ceil(4 * bench.workers / B), 1, 1, 1)
+    ocr_pools = {workers: RewardMix("ocr", workers=workers) for workers in sorted({1, bench.workers})}
+    pools = {"ocr": ocr_pools[bench.workers], "jpeg_compressibility": RewardMix("jpeg_compressibility", workers=bench.workers)}
+    for pooled in [*ocr_pools.values(), pools["jpeg_compressibility"]]:
+        pooled(many, *bench.batch(len(many)))  # starts every worker and its engine: untimed
+    for workers, pooled in ocr_pools.items():
+        seconds, peak, _ = bench.reward(pooled, many)
+        out["throughput"][f"ocr_images_per_s_{workers}_workers"] = len(many) / seconds["total"]
+        rows.append(["ocr", f"{workers} worker process{'es' if workers > 1 else ''}",
+                     f"{seconds['total'] / len(many):.4f}", f"{len(many) / seconds['total']:.2f}", gib(peak)])
+    tp = out["throughput"]
+    out["ocr_speedup_with_workers"] = tp[f"ocr_images_per_s_{bench.workers}_workers"] / tp["ocr_images_per_s_1_workers"]
+    print_table(f"Rewards of final images ({B} a call in this process, {len(many)} a call to the pool; OCR of "
+                f"{bench.workers} workers against 1: {out['ocr_speedup_with_workers']:.2f}x)",
+                ["reward", "where", "s / image", "images/s", "peak memory"], rows)
+
+    # Before: every state, one state per pass, scored serially. After: only the states the
+    # trained gains need (Stepwise's ddim sampler), passes of up to 4 groups' worth of rows,
+    # OCR in the pool while the next pass runs.
+    sigmas = traj.sigmas
+    needed = minflow.needed_states(minflow.step_std(sigmas[:-1], sigmas[1:], "ddim", NOISE_LEVEL))
+    rows = []
+    for name in ("jpeg_compressibility", "ocr") if s.reward == "ocr" else ("jpeg_compressibility",):
+        pooled = pools[name]
+        for how, mix, kwargs in (("every state, state by state, serial", mixes[name], {"batch_size": B}),
+                                 ("needed states, batched" + (f", {bench.workers} workers" if pooled.pool else ""), pooled,
+                                  {"needed": needed, "batch_size": 4 * B})):
+            seconds, peak, calls = bench.stepwise(mix, cond, traj, **kwargs)
+            key = f"stepwise_{name}" + ("" if "every" in how else "_batched")
+            out["throughput"][f"{key}_trajectories_per_s"] = B / seconds["total"]
+            out[f"{key}_calls"] = calls
+            out[f"{key}_seconds"] = seconds["total"]
+            lap = {k: seconds.get(k, 0.0) / B for k in ("velocity", "decode", "reward")}
+            rows.append([name, how, f"{calls['velocity']}", f"{calls['decode']}", f"{lap['velocity']:.4f}",
+                         f"{lap['decode']:.4f}", f"{lap['reward']:.4f}", f"{seconds['total'] / B:.4f}",
+                         f"{seconds['total'] / out['rollout_seconds']['total']:.1f}x", gib(peak)])
+    for pooled in [*ocr_pools.values(), pools["jpeg_compressibility"]]:
+        pooled.close()
+    print_table(f"Stepwise intermediate rewards, per trajectory: up to {T} states x T' = {SUBSTEPS} Euler substeps "
+                f"({int(needed[:-1].sum())} states needed by ddim's trained gains; the final reward is the rollout's)", [
+        "reward", "how", "velocity passes", "decode passes", "velocity s", "decode s", "reward s", "total s",
+        "vs rollout", "peak memory"], rows)
+
+
+def report_iteration(bench, out):
+    """Seconds per RL iteration of Stepwise as a ratio to Flow-GRPO's, composed from this run's
+    measurements (same model, same batch): rollout + final reward + intermediate rewards (Stepwise
+    only) + the training micro-batches of each algorithm's trained steps."""
+    s, B, tp = bench.s, bench.s.group_size, out["throughput"]
+    sigmas = minflow.sd3_sigmas(s.num_steps)
+    per_micro_batch = out["training"][False, DEFAULT_BETA][0]
+
+    def trained(sampler):
+        return int(minflow.trained_steps(minflow.step_std(sigmas[:-1], sigmas[1:], sampler, NOISE_LEVEL)).sum())
+
+    def training(sampler):
+        return math.ceil(B * trained(sampler) / s.train_batch) * per_micro_batch
 
     rows = []
     for name in ("jpeg_compressibility", "ocr") if s.reward == "ocr" else ("jpeg_compressibility",):
-        seconds, peak, calls = bench.stepwise(mixes[name], cond, traj)
-        out["throughput"][f"stepwise_{name}_trajectories_per_s"] = B / seconds["total"]
-        out["stepwise_calls"] = calls
-        rows.append([name, f"{calls['velocity']}", f"{calls['velocity'] * bench.cfg_rows}", f"{calls['decode']}",
-                     f"{calls['decode']}", f"{seconds['velocity'] / B:.4f}", f"{seconds['decode'] / B:.4f}",
-                     f"{seconds['reward'] / B:.4f}", f"{seconds['total'] / B:.4f}",
-                     f"{seconds['total'] / out['rollout_seconds']['total']:.1f}x", gib(peak)])
-    print_table(f"Stepwise intermediate rewards, per trajectory: {T} states x T' = {SUBSTEPS} Euler substeps "
-                "(the final reward is the rollout's)", [
-        "reward", "velocity calls", "transformer rows", "decodes", "rewards", "velocity s", "decode s",
-        "reward s", "total s", "vs rollout", "peak memory"], rows)
+        final = B / tp[f"{name}_images_per_s"]
+        flow = out["rollout_seconds"]["total"] + final + training("flow_grpo")
+        for how, key in (("before: every state, serial", f"stepwise_{name}"),
+                         ("after: needed states, batched" + (f", {bench.workers} workers" if name in CPU_BOUND else ""),
+                          f"stepwise_{name}_batched")):
+            stepwise = out["rollout_seconds"]["total"] + final + out[f"{key}_seconds"] + training("ddim")
+            out["throughput"][f"{key}_iteration_ratio"] = stepwise / flow
+            rows.append([name, how, f"{flow:.3f}", f"{stepwise:.3f}", f"{stepwise / flow:.2f}x"])
+    toy = toy_iteration_seconds()
+    out["throughput"]["toy_stepwise_iteration_ratio"] = toy["stepwise"] / toy["flow_grpo"]
+    rows.append(["toy (2D, CPU)", "toy/train.py, 128 trajectories", f"{toy['flow_grpo']:.4f}", f"{toy['stepwise']:.4f}",
+                 f"{toy['stepwise'] / toy['flow_grpo']:.2f}x"])
+    print_table(f"Seconds per iteration, Stepwise against Flow-GRPO (sd35: composed from this run's rollout, rewards "
+                f"and training micro-batches; {trained('flow_grpo')} and {trained('ddim')} trained steps)",
+                ["reward", "Stepwise's intermediate rewards", "Flow-GRPO s", "Stepwise s", "ratio"], rows)
+
+
+def toy_iteration_seconds(iters=5):
+    """Mean seconds per iteration of the toy's Flow-GRPO and Stepwise runs (toy/train.py's own
+    loop and timer, evaluation excluded), on a briefly pretrained base: speed does not depend
+    on how good the base is."""
+    from toy import flow
+    from toy import train as toy_train
+
+    base = flow.pretrain(steps=50, batch=256, cache=False)
+    cfg = toy_train.Config(iters=iters, eval_every=iters, eval_samples=8)
+    with open(os.devnull, "w") as quiet:
+        progress = tqdm(total=2 * iters, file=quiet)
+        return {name: toy_train.train(base, minflow.PRESETS[name], cfg, 0, progress)["seconds"] / iters
+                for name in ("flow_grpo", "stepwise")}
 
 
 def report_training(bench, out, cond, traj):
@@ -653,8 +737,13 @@ def report_summary(bench, out):
         ["rollout MFU", f"{100 * out['mfu']['rollout_sampling']:.2f} %", "sampling stage"],
         ["same latents as baseline", f"{a['relative_max_diff']:.1e} relative", "agree" if a["agree"] else "DIFFER"],
         ["OCR reward", f"{tp['ocr_images_per_s']:.2f} images/s", "RapidOCR, CPU"],
-        ["Stepwise rewards (jpeg)", f"{1 / tp['stepwise_jpeg_compressibility_trajectories_per_s']:.4f} s/trajectory",
-         f"{s.num_steps * SUBSTEPS} velocity calls, {s.num_steps} decodes per trajectory"],
+        ["OCR reward, worker pool", f"{tp[f'ocr_images_per_s_{bench.workers}_workers']:.2f} images/s",
+         f"{bench.workers} workers: {out['ocr_speedup_with_workers']:.2f}x one worker"],
+        ["Stepwise rewards (jpeg)", f"{1 / tp['stepwise_jpeg_compressibility_batched_trajectories_per_s']:.4f} s/trajectory",
+         f"needed states, batched; {1 / tp['stepwise_jpeg_compressibility_trajectories_per_s']:.4f} every state, serially"],
+        ["Stepwise / Flow-GRPO iteration (jpeg)", f"{tp['stepwise_jpeg_compressibility_batched_iteration_ratio']:.2f}x",
+         f"{tp['stepwise_jpeg_compressibility_iteration_ratio']:.2f}x with every state scored serially"],
+        ["Stepwise / Flow-GRPO iteration (toy)", f"{tp['toy_stepwise_iteration_ratio']:.2f}x", "toy/train.py's loop"],
         ["training", f"{s.train_batch / seconds:.2f} transitions/s",
          f"trainer defaults: no checkpointing, beta {DEFAULT_BETA}, micro-batch {s.train_batch}"],
         ["training MFU", f"{100 * out['mfu'][f'train_checkpointing=off_beta={DEFAULT_BETA:g}']:.2f} %", ""],
@@ -699,6 +788,7 @@ def run(s):
     cond, traj, images = report_rollout(bench, out)
     report_rewards(bench, out, cond, traj, images)
     rows = report_training(bench, out, cond, traj)
+    report_iteration(bench, out)
     report_mfu(bench, out, cond.embeds.shape[1])
     if s.sweep:
         report_sweep(bench, out)

@@ -22,10 +22,15 @@ import http.client
 import io
 import json
 import math
+import multiprocessing
+import os
 import re
+import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Callable
 
@@ -110,10 +115,11 @@ class OcrReward:
     recognised lines are concatenated in reading order before comparing.
     """
 
-    def __init__(self):
+    def __init__(self, threads: int = 0):
         from rapidocr_onnxruntime import RapidOCR  # imported here: loading ONNX sessions takes a moment
 
-        self.engine = RapidOCR()
+        # threads 0 leaves ONNX Runtime its default (every core); a pool's workers use 1 each.
+        self.engine = RapidOCR(**({"intra_op_num_threads": threads} if threads else {}))
 
     def read_text(self, image: Image.Image) -> str:
         lines, _timings = self.engine(image)  # lines: [[box, text, confidence], ...] or None
@@ -322,6 +328,7 @@ class RewardOptions:
     clip_model: str = "openai/clip-vit-large-patch14"  # also its processor
     pickscore_model: str = "yuvalkirstain/PickScore_v1"
     pickscore_processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # PickScore was fine-tuned from CLIP-H
+    threads: int = 0  # threads of a CPU-bound reward's engine; 0 = its library's default
 
 
 # name -> constructor taking RewardOptions. Constructors may load models, so call them only
@@ -329,7 +336,7 @@ class RewardOptions:
 REWARDS: dict[str, Callable[[RewardOptions], RewardFn]] = {
     "clipscore": lambda o: ClipScore(o.clip_model, o.clip_model, o.device),
     "jpeg_compressibility": lambda o: jpeg_compressibility,
-    "ocr": lambda o: OcrReward(),
+    "ocr": lambda o: OcrReward(o.threads),
     "pickscore": lambda o: PickScore(o.pickscore_model, o.pickscore_processor, o.device),
     "remote": lambda o: RemoteReward(o.remote_url, timeout_s=o.remote_timeout_s),
 }
@@ -390,65 +397,161 @@ def parse_reward_spec(spec: str) -> dict[str, float]:
     return weights
 
 
+# Rewards that spend long on the CPU per image: with `workers`, RewardMix scores them in a
+# pool of processes, so that OCR is never the reason a GPU waits. JPEG compressibility is
+# CPU-bound too but cheap (under 1 ms a 64 px image here), less than a round trip to a worker:
+# measured on the tiny model, pooling it made scoring slower, so it stays in this process,
+# as do the model-based rewards, on their device.
+CPU_BOUND = ("ocr",)
+
+
 class RewardMix:
     """A weighted sum of named rewards.
 
-    >>> mix = RewardMix("ocr=0.8,jpeg_compressibility=0.2")   # doctest: +SKIP
-    >>> total, terms = mix(images, prompts, metadata)          # doctest: +SKIP
+    >>> mix = RewardMix("ocr=0.8,jpeg_compressibility=0.2", workers=4)   # doctest: +SKIP
+    >>> total, terms = mix(images, prompts, metadata)                     # doctest: +SKIP
+    >>> pending = mix.submit(images, prompts, metadata); ...; pending.result()   # doctest: +SKIP
 
     ``spec`` is a spec string (see ``parse_reward_spec``). It is validated, and
     so are the options it needs, before any model loads; the models then load
-    here, once.
+    here, once. With ``workers`` > 0 the CPU-bound rewards (``CPU_BOUND``) run in
+    that many worker processes instead, each building its own engine once.
     """
 
-    def __init__(self, spec: str, options: RewardOptions | None = None):
+    def __init__(self, spec: str, options: RewardOptions | None = None, workers: int = 0):
         self.weights = parse_reward_spec(spec)
         options = options or RewardOptions()
         # Checked up front: the other rewards may take minutes to load before 'remote' is built.
         if "remote" in self.weights and not options.remote_url:
             raise ValueError("reward 'remote' needs a reward server URL (RewardOptions.remote_url)")
-        self.rewards = {name: REWARDS[name](options) for name in self.weights}
+        pooled = [name for name in self.weights if name in CPU_BOUND] if workers > 0 else []
+        self.rewards = {name: REWARDS[name](options) for name in self.weights if name not in pooled}
+        self.workers, self.pool = workers, None
+        if pooled:
+            # "spawn", not fork: forking a process whose torch (and ONNX) thread pools are
+            # running can deadlock the child. Each worker imports the rewards afresh.
+            self.pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"),
+                                            initializer=_start_worker, initargs=(pooled,))
+        self.pooled = pooled
 
     def __call__(
         self, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Return ``(total [B], {name: term [B]})`` with total = sum of weight * term, all float32 on the CPU."""
+        return self.submit(images, prompts, metadata).result()
+
+    def submit(self, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None,
+               total_only: bool = False) -> "PendingScores":
+        """Start scoring and return at once; ``.result()`` waits for ``(total, terms)``, or for
+        the total alone with ``total_only``. The pooled rewards run in the workers meanwhile;
+        the others are scored here, now."""
         batch_size = len(prompts)
-        metadata = [{} for _ in prompts] if metadata is None else metadata
+        metadata = [{} for _ in prompts] if metadata is None else list(metadata)
         if images.shape[0] != batch_size or len(metadata) != batch_size:
             raise ValueError(
                 f"got {images.shape[0]} images, {batch_size} prompts and {len(metadata)} metadata dicts; "
                 "expected equal counts"
             )
         where = f"on prompt {prompts[0]!r}" + (f" (first of {batch_size})" if batch_size > 1 else "")
-        terms = {}
+        terms: dict[str, torch.Tensor | list] = {}
+        if self.pooled:
+            # Images reach the workers as raw bytes: uint8 pixels, exactly those to_pil would
+            # make here, with their shape; scores come back as lists of floats. (The executor
+            # moves them through a pipe between our own processes; nothing is read from a file
+            # or the network, so the no-pickle rule for loaded data is not at stake.)
+            pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+            chunks = torch.arange(batch_size).tensor_split(min(self.workers, batch_size))
+            for name in self.pooled:
+                terms[name] = [(c, self.pool.submit(_score_in_worker, name, pixels[c].numpy().tobytes(),
+                                                    tuple(pixels[c].shape), [prompts[i] for i in c.tolist()],
+                                                    [metadata[i] for i in c.tolist()])) for c in chunks]
         for name, reward in self.rewards.items():
-            try:
-                scores = reward(images, prompts, metadata)
-            except RewardError:
-                raise  # already names the reward and the prompt
-            except RewardServerError as error:  # the server's fault, not any one prompt's
-                raise RewardError(f"reward {name!r} failed {where}: {error}") from error
-            except Exception as error:
-                raise self._blame(name, reward, images, prompts, metadata, error) from error
-            scores = scores.detach().float().cpu()
-            if scores.shape != (batch_size,):
-                raise RewardError(
-                    f"reward {name!r} returned shape {list(scores.shape)} {where}; expected [{batch_size}]"
-                )
-            # Non-finite scores pass through: the trainer drops those samples and counts them.
-            terms[name] = scores
-        total = sum(self.weights[name] * terms[name] for name in terms)
-        return total, terms
+            terms[name] = _checked(name, _score(name, reward, images, prompts, metadata, where), batch_size, where)
+        return PendingScores(self, terms, prompts, where, total_only)
 
-    @staticmethod
-    def _blame(name, reward, images, prompts, metadata, error):
-        """A RewardError naming the prompt the reward fails on: the batch is scored again one
-        image at a time (only on failure, so the cost is paid only then)."""
-        for i, prompt in enumerate(prompts):
-            try:
-                reward(images[i:i + 1], prompts[i:i + 1], metadata[i:i + 1])
-            except Exception as single:
-                return RewardError(f"reward {name!r} failed on prompt {prompt!r}: {single}")
-        return RewardError(f"reward {name!r} failed on a batch of {len(prompts)} starting with prompt "
-                           f"{prompts[0]!r}, though not on any one image alone: {error}")
+    def close(self):
+        """Stop the worker processes (also done at interpreter exit)."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class PendingScores:
+    """Scores still being computed by RewardMix's workers; ``result()`` waits for them."""
+
+    def __init__(self, mix, terms, prompts, where, total_only):
+        self.mix, self.terms, self.prompts, self.where, self.total_only = mix, terms, prompts, where, total_only
+
+    def result(self):
+        terms = {}
+        for name, term in self.terms.items():
+            if isinstance(term, torch.Tensor):
+                terms[name] = term
+                continue
+            scores = torch.empty(len(self.prompts))
+            for rows, future in term:
+                try:
+                    scores[rows] = torch.tensor(future.result(), dtype=torch.float32)
+                except BrokenProcessPool as error:
+                    # A worker died (killed, out of memory, a crash in native code): the pool
+                    # is unusable and the run has to stop, naming where it was.
+                    raise RewardError(f"reward {name!r} failed on prompt {self.prompts[int(rows[0])]!r}: a scoring "
+                                      f"worker process died ({error or 'no message'})") from error
+            terms[name] = _checked(name, scores, len(self.prompts), self.where)
+        total = sum(self.mix.weights[name] * terms[name] for name in terms)
+        return total if self.total_only else (total, terms)
+
+
+def _score(name, reward, images, prompts, metadata, where):
+    try:
+        return reward(images, prompts, metadata)
+    except RewardError:
+        raise  # already names the reward and the prompt
+    except RewardServerError as error:  # the server's fault, not any one prompt's
+        raise RewardError(f"reward {name!r} failed {where}: {error}") from error
+    except Exception as error:
+        raise _blame(name, reward, images, prompts, metadata, error) from error
+
+
+def _checked(name, scores, batch_size, where):
+    scores = scores.detach().float().cpu()
+    if scores.shape != (batch_size,):
+        raise RewardError(f"reward {name!r} returned shape {list(scores.shape)} {where}; expected [{batch_size}]")
+    return scores  # non-finite scores pass through: the trainer drops those samples and counts them
+
+
+def _blame(name, reward, images, prompts, metadata, error):
+    """A RewardError naming the prompt the reward fails on: the batch is scored again one
+    image at a time (only on failure, so the cost is paid only then)."""
+    for i, prompt in enumerate(prompts):
+        try:
+            reward(images[i:i + 1], prompts[i:i + 1], metadata[i:i + 1])
+        except Exception as single:
+            return RewardError(f"reward {name!r} failed on prompt {prompt!r}: {single}")
+    return RewardError(f"reward {name!r} failed on a batch of {len(prompts)} starting with prompt "
+                       f"{prompts[0]!r}, though not on any one image alone: {error}")
+
+
+# The worker processes' side. Each builds its CPU-bound rewards once, single-threaded (the
+# pool, not the engine, spreads the work over the cores).
+_worker_rewards = {}
+
+
+def _start_worker(names):
+    torch.set_num_threads(1)
+    # A worker blocks on its task queue; if the trainer is killed outright (SIGKILL, OOM
+    # killer) nothing tells it, so it watches for being orphaned and exits then.
+    parent = os.getppid()
+
+    def exit_when_orphaned():
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(1)
+
+    threading.Thread(target=exit_when_orphaned, daemon=True).start()
+    _worker_rewards.update({name: REWARDS[name](RewardOptions(threads=1)) for name in names})
+
+
+def _score_in_worker(name, pixels, shape, prompts, metadata):
+    images = torch.frombuffer(bytearray(pixels), dtype=torch.uint8).reshape(shape).permute(0, 3, 1, 2).float() / 255
+    where = f"on prompt {prompts[0]!r}" + (f" (first of {len(prompts)})" if len(prompts) > 1 else "")
+    return _checked(name, _score(name, _worker_rewards[name], images, prompts, metadata, where), len(prompts), where).tolist()

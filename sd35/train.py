@@ -119,6 +119,7 @@ class Config:
     save_every: int = flag(20, "[0, inf)")  # iterations between checkpoints (and always at the end and on SIGINT/SIGTERM)
     eval_only: bool = flag(False, (False, True))  # evaluate the loaded (or base) model once and exit
     max_bad_steps: int = flag(5, "[1, inf)")  # stop after this many optimiser steps in a row with a NaN/inf gradient (each is skipped)
+    reward_workers: int = flag(-1, "[-1, 1024]")  # processes scoring OCR (rewards.CPU_BOUND); -1 = CPU cores per local rank, 0 = in this process
 
     RELATIONS = (
         ("reward_url", lambda c: c.reward_url or "remote" not in parse_reward_spec(c.reward),
@@ -238,6 +239,10 @@ def sample_and_score(it, cfg, algo, pipe, model_dtype, autocast, reward, prompts
 
     cond = policy.encode_prompts(pipe, texts, cfg.guidance_scale, ranks.device)
     velocity = policy.guided_velocity(pipe.transformer, cond, cfg.guidance_scale, model_dtype, cfg.sample_batch, autocast)
+
+    def velocity_of(rows):  # the velocity for rows of these trajectories (a pass mixes states)
+        return policy.guided_velocity(pipe.transformer, cond.select(rows), cfg.guidance_scale, model_dtype,
+                                      cfg.sample_batch, autocast)
     sigmas = minflow.sd3_sigmas(cfg.num_steps)
     traj = minflow.rollout(velocity, noise[mine].to(ranks.device), sigmas, algo.sampler, algo.noise_level,
                            generator(cfg.seed, it, "sde", ranks.rank, device=ranks.device))
@@ -245,16 +250,28 @@ def sample_and_score(it, cfg, algo, pipe, model_dtype, autocast, reward, prompts
 
     timer = time.perf_counter()
 
-    def score(latents):
-        return reward(policy.decode(pipe.vae, latents, cfg.sample_batch), texts, metadata)
+    def score(latents, rows, total_only=False):
+        """Decode here (on the device), then score: CPU-bound rewards run in the worker pool
+        while this process goes on to the next chunk's clean estimates."""
+        rows = rows.tolist()
+        return reward.submit(policy.decode(pipe.vae, latents, cfg.sample_batch), [texts[i] for i in rows],
+                             [metadata[i] for i in rows], total_only)
 
     # A reward that fails on one rank must stop every rank, not leave the others waiting in
     # the gather below: each rank reports whether it failed, and all stop together.
     failure, step_rewards = None, None
     try:
-        local_rewards, terms = score(traj.xs[:, -1])
+        final = score(traj.xs[:, -1], torch.arange(len(texts)))
         if algo.step_credit == "gains":
-            step_rewards = minflow.step_rewards(velocity, traj, lambda x0: score(x0)[0], algo.substeps, local_rewards)
+            # Only the states next to a trained step, r_0 once per group with shared noise, in
+            # passes of sample_batch rows; the final rewards are scored meanwhile.
+            groups = group_ids[mine] if algo.shared_noise else None
+            step_rewards = minflow.step_rewards(
+                lambda x, t, rows: velocity_of(rows)(x, t), traj, lambda x0, rows: score(x0, rows, total_only=True),
+                algo.substeps, needed=minflow.needed_states(traj.stds), groups=groups, batch_size=cfg.sample_batch)
+        local_rewards, terms = final.result()
+        if step_rewards is not None:
+            step_rewards[:, -1] = local_rewards
     except RewardError as error:
         failure = str(error)
     agree_on_failure(failure, ranks)
@@ -265,7 +282,9 @@ def sample_and_score(it, cfg, algo, pipe, model_dtype, autocast, reward, prompts
     logs["seconds_reward"] = time.perf_counter() - timer
 
     # Samples with a NaN or infinite reward are dropped (advantage 0, not in any statistic).
-    valid = torch.isfinite(rewards) & (True if step_rewards is None else torch.isfinite(step_rewards).all(1))
+    # Step rewards are NaN at the states no trained gain needs (minflow.needed_states).
+    used = None if step_rewards is None else step_rewards[:, minflow.needed_states(traj.stds)]
+    valid = torch.isfinite(rewards) & (True if used is None else torch.isfinite(used).all(1))
     if not valid.any():
         raise RunError(f"iteration {it + 1}: every reward is NaN or infinite; check the reward function")
     keep = (lambda x: None if x is None else x[valid])
@@ -421,7 +440,9 @@ def main(argv):
     precision = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("fp16" if ranks.device.type == "cuda" else "no")
     model_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}[precision]
     autocast = (lambda: torch.autocast(ranks.device.type, dtype=model_dtype)) if precision != "no" else None
-    reward = RewardMix(cfg.reward, RewardOptions(device=str(ranks.device), remote_url=cfg.reward_url or None))
+    workers = cfg.reward_workers if cfg.reward_workers >= 0 else \
+        max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    reward = RewardMix(cfg.reward, RewardOptions(device=str(ranks.device), remote_url=cfg.reward_url or None), workers)
     pipe = policy.load_pipeline(cfg.model, model_dtype, ranks.device)
     transformer = pipe.transformer
     params = policy.add_lora(transformer, cfg.lora_rank, cfg.lora_alpha)

@@ -12,10 +12,11 @@ import torch.nn.functional as F
 import minflow
 from sd35 import bench, policy
 
-TINY = ["--model=tiny", "--resolution=64", "--num_steps=3", "--repeats=1", "--warmup=0", "--group_size=2",
-        "--train_batch=2", "--reward=ocr", "--sweep", "--sweep_batches=1,2"]
+TINY = ["--model=tiny", "--resolution=64", "--num_steps=4", "--repeats=1", "--warmup=0", "--group_size=2",
+        "--train_batch=2", "--reward=ocr", "--sweep", "--sweep_batches=1,2", "--reward_workers=2"]
 TABLES = ["Rollout:", "Same initial noise", "Rewards of final images", "Stepwise intermediate rewards",
-          "Training:", "Transformer matmul FLOPs", "MFU against", "Sweep over", "Summary"]
+          "Training:", "Seconds per iteration, Stepwise against Flow-GRPO", "Transformer matmul FLOPs", "MFU against",
+          "Sweep over", "Summary"]
 
 
 def run_quietly(argv):
@@ -38,13 +39,18 @@ def test_bench_prints_every_table_with_positive_finite_numbers(tiny_run):
     assert {"rollout_images_per_s", "baseline_images_per_s", "rollout_ratio_to_baseline", "ocr_images_per_s",
             "stepwise_jpeg_compressibility_trajectories_per_s", "stepwise_ocr_trajectories_per_s",
             "train_checkpointing=on_beta=0.004_transitions_per_s", "peak_matmul_flops", "rollout_sampling",
-            "train_checkpointing=off_beta=0_transitions_per_s"} <= set(rates)
+            "train_checkpointing=off_beta=0_transitions_per_s", "ocr_images_per_s_1_workers",
+            "ocr_images_per_s_2_workers", "stepwise_ocr_batched_trajectories_per_s",
+            "stepwise_jpeg_compressibility_batched_iteration_ratio", "stepwise_ocr_iteration_ratio",
+            "toy_stepwise_iteration_ratio"} <= set(rates)
     assert len([k for k in rates if k.startswith("sweep_")]) == 2 * 2 * 2  # px x batches x checkpointing
     for name, value in rates.items():
         assert math.isfinite(value) and value > 0, (name, value)
     assert len(results["training"]) == 4  # checkpointing off/on x beta 0/0.004
-    # 3 states, each with T' = 5 substeps (one velocity call for all trajectories) and a decode.
-    assert results["stepwise_calls"] == {"velocity": 3 * bench.SUBSTEPS, "decode": 3}
+    # Before: 4 states, one pass each (T' = 5 velocity calls over both trajectories, a decode).
+    # After: ddim trains only step 1 of 4, so states 1 and 2 are needed: one pass of 4 rows.
+    assert results["stepwise_ocr_calls"] == {"velocity": 4 * bench.SUBSTEPS, "decode": 4}
+    assert results["stepwise_ocr_batched_calls"] == {"velocity": bench.SUBSTEPS, "decode": 1}
 
 
 def test_bench_rollouts_agree_and_actually_moved(tiny_run):

@@ -410,7 +410,8 @@ def test_step_rewards_score_every_state_and_reuse_the_final_reward():
     net, velocity = toy_velocity(2)
     traj = minflow.rollout(velocity, torch.randn(4, 2), minflow.sd3_sigmas(6), "ddim", 0.7)
     calls = []
-    reward = lambda x: calls.append(1) or -x.pow(2).sum(1)  # noqa: E731
-    r = minflow.step_rewards(velocity, traj, reward, substeps=2, final=reward(traj.xs[:, -1]))
+    reward = lambda x, rows: calls.append(1) or -x.pow(2).sum(1)  # noqa: E731
+    r = minflow.step_rewards(lambda x, t, rows: velocity(x, t), traj, reward, substeps=2, batch_size=4,
+                             final=reward(traj.xs[:, -1], None))
     assert r.shape == (4, 7) and len(calls) == 7  # 6 estimates + the one final reward
     torch.testing.assert_close(r[:, -1], -traj.xs[:, -1].pow(2).sum(1))

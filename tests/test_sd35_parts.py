@@ -233,6 +233,34 @@ def test_mix_errors_name_the_reward_and_the_prompt(monkeypatch):
         RewardMix("wrong_shape")(images, ["a dog", "a cat"])
 
 
+def test_pooled_scores_equal_serial_scores_and_a_dead_worker_stops_cleanly():
+    # Rendered words, a blank, noise (JPEG): few small images, since each OCR call costs ~0.1 s.
+    images = torch.stack([image_with_text("HELLO"), image_with_text("QUIZ"), torch.ones(3, 128, 320),
+                          torch.rand(3, 128, 320)])
+    prompts = ['a sign that says "hello"', 'a sign that says "quiz"', 'a sign that says "open"', 'a sign "x"']
+    spec = "ocr=0.5,jpeg_compressibility=0.01"
+    serial_total, serial_terms = RewardMix(spec)(images, prompts)
+    mix = RewardMix(spec, workers=2)
+    try:
+        pending = mix.submit(images, prompts)  # returns before the workers are done
+        total, terms = pending.result()
+        assert torch.equal(total, serial_total) and terms.keys() == serial_terms.keys()
+        assert all(torch.equal(terms[k], serial_terms[k]) for k in terms)
+        assert terms["ocr"][0] > 0.8  # the workers really read the text
+        with pytest.raises(RewardError, match="'ocr'.*'a cat without quotes'"):
+            mix(images[:1], ["a cat without quotes"])
+        # Kill a worker while it has work: the pool breaks, and the caller gets a RewardError
+        # naming the reward and a prompt instead of waiting forever.
+        pending = mix.submit(images.repeat(8, 1, 1, 1), prompts * 8)
+        next(iter(mix.pool._processes.values())).kill()
+        started = time.monotonic()
+        with pytest.raises(RewardError, match=r"reward 'ocr' failed on prompt .*worker process died"):
+            pending.result()
+        assert time.monotonic() - started < 60
+    finally:
+        mix.close()
+
+
 # --------------------------------------------------------------------------- CLIP and PickScore loading
 
 

@@ -57,7 +57,8 @@ def gain_profile(model, algo, sigmas, prompts, generator):
     sizes = torch.bincount(prompts)
     traj = minflow.rollout(velocity, minflow.initial_noise(sizes, (2,), algo.shared_noise, generator), sigmas,
                            algo.sampler, algo.noise_level, generator)
-    r = minflow.step_rewards(velocity, traj, lambda x0: flow.reward(x0, prompts), algo.substeps)
+    r = minflow.step_rewards(lambda x, t, rows: model(x, t, prompts[rows]), traj,
+                             lambda x0, rows: flow.reward(x0, prompts[rows]), algo.substeps)
     return (r[:, 1:] - r[:, :-1]).abs().mean(0).tolist()
 
 
@@ -88,7 +89,9 @@ def train(base, algo, cfg, seed, progress):
             rewards = flow.reward(traj.xs[:, -1], labels)
             step_r = None
             if algo.step_credit == "gains":
-                step_r = minflow.step_rewards(velocity, traj, lambda x0: flow.reward(x0, labels), algo.substeps, rewards)
+                step_r = minflow.step_rewards(lambda x, t, rows: model(x, t, labels[rows]), traj,
+                                               lambda x0, rows: flow.reward(x0, labels[rows]), algo.substeps, rewards,
+                                               minflow.needed_states(traj.stds), group_ids if algo.shared_noise else None)
         baseline = tracker.baseline(labels) if algo.baseline == "tracker" else None
         adv = minflow.advantages(algo, rewards, group_ids, traj.stds, step_r, baseline)
         if tracker is not None:
