@@ -1,11 +1,17 @@
 """The 2D toy task: a conditional flow on a ring of Gaussian modes, pretrained by flow matching.
 
-K "prompts" share 8 modes on a ring (radius 2, std 0.15). Prompt c puts weight p_c on its own
-mode c and spreads the rest evenly over the others, with p_c from 0.9 (already solved) down
-to 0.02 (hard). The reward exp(-|x - mu_c|^2 / (2 0.25^2)) asks for points on mode c. Early
-denoising steps choose the mode (composition), late steps place the point (detail), and the
-prompts differ in how uncertain their reward is: each paper's idea has something to act on.
-The pretrained model is cached on disk, keyed by its settings, so reruns skip pretraining.
+A pool of 32 "prompts" shares 8 modes on a ring (radius 2, std 0.15). Prompt c targets mode
+c mod 8: its data put weight p_c on that mode and spread the rest evenly over the other 7,
+with p_c graded geometrically from 0.9 (prompt 0, already solved) down to 0.02 (prompt 31,
+hard), so every mode has an easy, two middling and a hard prompt. The reward asks for points
+on the target mode: a Gaussian bump of width 0.25, shifted and rescaled so that it is 1 at
+the centre and exactly 0 beyond 3 widths (0.75, half-way to the next mode). A sample on a
+wrong mode then scores exactly 0, as an unreadable word does under OCR, so a group can carry
+no signal at all (zero_std_ratio), the waste SuperFlow's sampling is meant to avoid.
+
+Early denoising steps choose the mode (composition), late steps place the point (detail), and
+the prompts differ in how uncertain their reward is: each paper's idea has something to act
+on. The pretrained model is cached on disk, keyed by its settings, so reruns skip pretraining.
 """
 import hashlib
 import json
@@ -19,34 +25,41 @@ from tqdm import tqdm
 
 import cli
 
-NUM_PROMPTS = 8
-RADIUS, MODE_STD, REWARD_WIDTH = 2.0, 0.15, 0.25
+NUM_MODES, NUM_PROMPTS = 8, 32  # modes on the ring; prompts in the pool
+RADIUS, MODE_STD, REWARD_WIDTH, REWARD_CUT = 2.0, 0.15, 0.25, 3.0
 CACHE = Path(__file__).resolve().parent / ".cache"
 
 
 def mode_centres():
-    angle = 2 * math.pi * torch.arange(NUM_PROMPTS) / NUM_PROMPTS
+    angle = 2 * math.pi * torch.arange(NUM_MODES) / NUM_MODES
     return RADIUS * torch.stack([angle.cos(), angle.sin()], 1)
 
 
+def target_mode(prompts):
+    return torch.as_tensor(prompts) % NUM_MODES
+
+
 def own_mode_weights(p_easy=0.9, p_hard=0.02):
-    """p_c, geometric from easy to hard: 0.90 0.52 0.30 0.17 0.10 0.06 0.03 0.02."""
+    """p_c, geometric from easy (prompt 0) to hard (prompt 31): 0.90, 0.80, 0.70, ..., 0.02."""
     return p_easy * (p_hard / p_easy) ** (torch.arange(NUM_PROMPTS) / (NUM_PROMPTS - 1))
 
 
 def sample_data(prompts, generator=None):
     """Clean samples x0 of each prompt's mixture -> [B, 2]."""
     p = own_mode_weights()[prompts]
-    probs = ((1 - p) / (NUM_PROMPTS - 1))[:, None].repeat(1, NUM_PROMPTS)
-    probs[torch.arange(len(prompts)), prompts] = p
+    probs = ((1 - p) / (NUM_MODES - 1))[:, None].repeat(1, NUM_MODES)
+    probs[torch.arange(len(prompts)), target_mode(prompts)] = p
     modes = torch.multinomial(probs, 1, generator=generator)[:, 0]
     return mode_centres()[modes] + MODE_STD * torch.randn(len(prompts), 2, generator=generator)
 
 
 def reward(x, prompts):
-    """R(x | c) = exp(-|x - mu_c|^2 / (2 w^2)) in [0, 1]."""
-    d2 = ((x.float() - mode_centres()[prompts]) ** 2).sum(1)
-    return torch.exp(-d2 / (2 * REWARD_WIDTH**2))
+    """R(x | c) = max(0, (exp(-d^2 / 2w^2) - exp(-k^2 / 2)) / (1 - exp(-k^2 / 2))) in [0, 1], d the
+    distance to the target mode, w = 0.25, k = 3: the Gaussian bump minus its value at 3 widths,
+    so it is continuous, 1 at the centre and exactly 0 from d = 0.75 on."""
+    d2 = ((x.float() - mode_centres()[target_mode(prompts)]) ** 2).sum(1)
+    floor = math.exp(-REWARD_CUT**2 / 2)
+    return ((torch.exp(-d2 / (2 * REWARD_WIDTH**2)) - floor) / (1 - floor)).clamp_min(0)
 
 
 class ToyVelocity(nn.Module):
@@ -70,7 +83,8 @@ class ToyVelocity(nn.Module):
 
 def pretrain(steps=4000, batch=1024, lr=2e-3, width=128, depth=3, seed=0, cache=True):
     """Flow matching: regress v = eps - x0 at x_t = (1 - t) x0 + t eps, t ~ U(0, 1)."""
-    settings = dict(steps=steps, batch=batch, lr=lr, width=width, depth=depth, seed=seed)
+    settings = dict(steps=steps, batch=batch, lr=lr, width=width, depth=depth, seed=seed, prompts=NUM_PROMPTS,
+                    modes=NUM_MODES)
     path = CACHE / f"base-{hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]}.safetensors"
     model = ToyVelocity(width, depth)
     if cache and path.exists():
