@@ -355,7 +355,7 @@ def noise_weighted_advantages(advantages, stds, trained=None):
     stds = stds.float().cpu()
     trained = (stds > 0) if trained is None else torch.as_tensor(trained).bool()
     w = torch.where(trained, stds, 0.0)
-    w = w / w.sum(-1, keepdim=True) * trained.sum(-1, keepdim=True)
+    w = w / w.sum(-1, keepdim=True).clamp_min(1e-12) * trained.sum(-1, keepdim=True)  # no trained step: all 0
     return advantages.float().cpu()[:, None] * w.expand(advantages.shape[0], -1)
 
 
@@ -538,7 +538,7 @@ class Algorithm:
     sampler: str = flag("flow_grpo", SAMPLERS[1:])  # the SDE that makes each step a Gaussian policy (section 2)
     noise_level: float = flag(0.7, "[0, 2]")  # a in the samplers' noise schedules (CPS's authors use 0.8)
     shared_noise: bool = flag(False, (False, True))  # all trajectories of a group start from one x_1 (Stepwise)
-    prompts: str = flag("uniform", ("uniform", "variance"))  # which pool prompts an iteration draws: "variance" favours uncertain ones
+    prompt_sampling: str = flag("uniform", ("uniform", "variance"))  # which pool prompts an iteration draws: "variance" favours uncertain ones
     group_sizes: str = flag("fixed", ("fixed", "bins", "neyman"))  # G per prompt: fixed, SuperFlow's uncertainty bins, or Neyman
     tracker: str = flag("beta", ("beta", "moments"))  # per-prompt statistics: SPO's Beta counts, or EMA moments (section 5)
     baseline: str = flag("group", ("group", "tracker"))  # "group" mean (GRPO) or the tracker's value (SuperFlow, SPO)
@@ -565,18 +565,18 @@ class Algorithm:
 
     @property
     def uses_tracker(self):
-        return self.group_sizes != "fixed" or self.baseline == "tracker" or self.prompts == "variance"
+        return self.group_sizes != "fixed" or self.baseline == "tracker" or self.prompt_sampling == "variance"
 
 
-SUPERFLOW = Algorithm(prompts="variance", group_sizes="bins", baseline="tracker", step_credit="noise")
+SUPERFLOW = Algorithm(prompt_sampling="variance", group_sizes="bins", baseline="tracker", step_credit="noise")
 PRESETS = {
     "flow_grpo": Algorithm(),
     "stepwise": Algorithm(sampler="ddim", shared_noise=True, step_credit="gains"),
     "superflow": SUPERFLOW,
     # The rows of SuperFlow's ablation table:
-    "superflow_no_dynamic_sampling": replace(SUPERFLOW, prompts="uniform", group_sizes="fixed"),
+    "superflow_no_dynamic_sampling": replace(SUPERFLOW, prompt_sampling="uniform", group_sizes="fixed"),
     "superflow_no_step_credit": replace(SUPERFLOW, step_credit="uniform"),
-    "flow_spo": Algorithm(prompts="variance", baseline="tracker"),
+    "flow_spo": Algorithm(prompt_sampling="variance", baseline="tracker"),
 }
 
 
@@ -607,7 +607,7 @@ def new_tracker(algo, num_prompts, reward_range=(0.0, 1.0)):
 def choose_prompts(algo, pool_size, k, tracker=None, generator=None):
     """The iteration's k prompt ids from a pool: uniformly (distinct while the pool allows),
     or prioritised by the tracker's uncertainty (SuperFlow, SPO)."""
-    if algo.prompts == "variance":
+    if algo.prompt_sampling == "variance":
         weights = tracker.uncertainty(torch.arange(pool_size)).double().sqrt() + algo.sampling_eps
         return prioritised_prompts(weights, k, generator)
     if k <= pool_size:

@@ -33,7 +33,7 @@ from sd35 import checkpoint  # noqa: E402
 
 TRAIN = Path(__file__).resolve().parent / "train.py"
 RUN = ["--model=tiny", "--resolution=64", "--num_steps=4", "--eval_num_steps=2", "--eval_images=2", "--eval_every=3",
-       "--prompt_set=general", "--reward=jpeg_compressibility", "--prompts_per_iter=2", "--group_size=4", "--save_every=1",
+       "--prompts=general", "--reward=jpeg_compressibility", "--prompts_per_iter=2", "--group_size=4", "--save_every=1",
        "--algo=superflow"]
 
 

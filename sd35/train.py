@@ -5,8 +5,8 @@ environment (RANK, WORLD_SIZE, LOCAL_RANK) switches DDP on, NCCL on GPUs and glo
 rank 0 logs, evaluates to disk and saves.
 
     python sd35/train.py --model=tiny --iters=2                      # CPU smoke run at 64 px, no download
-    python sd35/train.py --reward=ocr --prompt_set=ocr               # one GPU, defaults below
-    torchrun --nproc_per_node=8 sd35/train.py --algo=superflow --reward=pickscore --prompt_set=general
+    python sd35/train.py --reward=ocr --prompts=ocr               # one GPU, defaults below
+    torchrun --nproc_per_node=8 sd35/train.py --algo=superflow --reward=pickscore --prompts=general
     torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --master_port=29500 --nproc_per_node=8 \\
         sd35/train.py --algo=stepwise --group_size=24 --prompts_per_iter=48   # node_rank=1 on the other
     python sd35/train.py --iters=600 --resume                        # continue the run in --out
@@ -88,7 +88,7 @@ class Config:
     algo: str = flag("flow_grpo", PRESET)  # flow_grpo, stepwise, superflow, ...; axis flags such as --sampler override it
     reward: str = flag("ocr", REWARD_SPEC)  # one reward or a weighted mix, e.g. ocr=0.8,pickscore=0.2 (sd35/rewards.py)
     reward_url: str = flag("", URL)  # the reward server, for --reward=remote
-    prompt_set: str = flag("ocr", PROMPT_SET)  # shipped set (ocr, general) or a folder with train/test .txt or .jsonl
+    prompts: str = flag("ocr", PROMPT_SET)  # shipped set (ocr, general) or a folder with train/test .txt or .jsonl
     group_size: int = flag(8, "[2, inf)")  # G, trajectories per prompt (the mean size under variance-aware sizes); 24 in the paper
     prompts_per_iter: int = flag(8, "[1, inf)")  # groups per iteration; samples per iteration = group_size x this, over all ranks
     num_steps: int = flag(10, "[2, inf)")  # sampling steps in training
@@ -151,9 +151,9 @@ def parse_args(argv, world_size):
         raise cli.FlagError(f"--prompts_per_iter={cfg.prompts_per_iter}: expected group_size x prompts_per_iter "
                             f"(now {budget}) to split evenly over the {world_size} ranks")
     try:
-        train_prompts, test_prompts = load_prompts(cfg.prompt_set)
+        train_prompts, test_prompts = load_prompts(cfg.prompts)
     except ValueError as error:
-        raise ValueError(f"--prompt_set={cfg.prompt_set}: {error}") from None
+        raise ValueError(f"--prompts={cfg.prompts}: {error}") from None
     return cfg, algo, train_prompts, test_prompts
 
 

@@ -191,6 +191,11 @@ def test_gains_telescope_and_joint_normalisation():
         torch.testing.assert_close(block.std(0, unbiased=False), torch.ones(5), atol=1e-4, rtol=0)
 
 
+def test_noise_weighted_advantages_are_zero_without_a_trained_step():
+    a = minflow.noise_weighted_advantages(torch.tensor([1.0, -1.0]), torch.zeros(4))
+    assert torch.equal(a, torch.zeros(2, 4))
+
+
 def test_noise_weighted_advantages_have_mean_one_weights_on_trained_steps():
     stds = torch.tensor([0.7, 0.5, 0.3, 0.0, 0.006])
     trained = minflow.trained_steps(stds)
@@ -339,11 +344,11 @@ def test_presets_are_axis_choices_and_mix():
     mix = minflow.make_algorithm("stepwise:group_sizes=bins:bins=2")
     assert (mix.sampler, mix.shared_noise, mix.step_credit, mix.group_sizes, mix.bins) == ("ddim", True, "gains", "bins", 2)
     sf = minflow.PRESETS["superflow"]
-    assert (sf.prompts, sf.group_sizes, sf.tracker, sf.baseline, sf.step_credit) == ("variance", "bins", "beta", "tracker", "noise")
-    assert minflow.PRESETS["superflow_no_dynamic_sampling"] == replace(sf, prompts="uniform", group_sizes="fixed")
+    assert (sf.prompt_sampling, sf.group_sizes, sf.tracker, sf.baseline, sf.step_credit) == ("variance", "bins", "beta", "tracker", "noise")
+    assert minflow.PRESETS["superflow_no_dynamic_sampling"] == replace(sf, prompt_sampling="uniform", group_sizes="fixed")
     assert minflow.PRESETS["superflow_no_step_credit"] == replace(sf, step_credit="uniform")
     spo = minflow.PRESETS["flow_spo"]
-    assert (spo.prompts, spo.group_sizes, spo.baseline, spo.step_credit) == ("variance", "fixed", "tracker", "uniform")
+    assert (spo.prompt_sampling, spo.group_sizes, spo.baseline, spo.step_credit) == ("variance", "fixed", "tracker", "uniform")
     for bad, message in [("grpo", "unknown algorithm 'grpo'"),
                          ("flow_grpo:sampler=euler", "--sampler=euler: expected one of flow_grpo, ddim, cps"),
                          ("stepwise:baseline=tracker", "--baseline=tracker: expected group with --step_credit=gains"),

@@ -173,13 +173,13 @@ def test_the_largest_and_smallest_accepted_values_run_one_iteration(flag):
 AXIS_VALUES = [f"flow_grpo:sampler={s}" for s in minflow.SAMPLERS[1:]] + [
     "flow_grpo:noise_level=0", "flow_grpo:noise_level=2", "stepwise:noise_level=0", "stepwise:noise_level=2",
     "superflow:noise_level=0", "superflow:sampler=ddim", "superflow:sampler=cps", "flow_grpo:shared_noise=true",
-    "flow_grpo:prompts=variance", "flow_grpo:group_sizes=bins", "flow_grpo:group_sizes=neyman",
+    "flow_grpo:prompt_sampling=variance", "flow_grpo:group_sizes=bins", "flow_grpo:group_sizes=neyman",
     "superflow:tracker=moments", "flow_grpo:baseline=tracker", "flow_grpo:advantage_std=global",
     "flow_grpo:step_credit=gains", "flow_grpo:step_credit=noise", "stepwise:gain_norm=per_step",
     "stepwise:substeps=1", "stepwise:substeps=100", "superflow:bins=1", "superflow:bins=64:m_max=64",
     "superflow:m_max=10000", "flow_grpo:group_sizes=neyman:n_min=16", "flow_grpo:group_sizes=neyman:n_max=16",
     "flow_grpo:group_sizes=neyman:n_max=100000", "superflow:rho=0", "superflow:rho=0.999", "superflow:sampling_eps=10",
-    "superflow:sampling_eps=1e-9", "stepwise:group_sizes=bins:prompts=variance",
+    "superflow:sampling_eps=1e-9", "stepwise:group_sizes=bins:prompt_sampling=variance",
 ]
 
 

@@ -20,7 +20,7 @@ from sd35 import train as sd35_train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model=tiny", "--resolution=64", "--num_steps=4", "--eval_num_steps=2", "--eval_images=2",
-        "--prompt_set=general", "--reward=jpeg_compressibility", "--prompts_per_iter=2", "--group_size=4", "--eval_every=0"]
+        "--prompts=general", "--reward=jpeg_compressibility", "--prompts_per_iter=2", "--group_size=4", "--eval_every=0"]
 
 
 def main(out, *args):
@@ -105,9 +105,9 @@ def prompt_folder(path, train_bytes):
     (["--sampler=heun"], "--sampler=heun: expected one of flow_grpo, ddim, cps"),
     (["--reward=ocrr"], "--reward=ocrr: expected rewards from clipscore, jpeg_compressibility, ocr"),
     (["--reward=ocr=0.5=1"], "--reward=ocr=0.5=1: expected rewards from"),
-    (["--prompt_set={tmp}/missing"], "--prompt_set={tmp}/missing: expected a shipped set (general, ocr) or a folder"),
-    (["--prompt_set={tmp}/empty"], "--prompt_set={tmp}/empty: {tmp}/empty/train.txt holds no prompts"),
-    (["--prompt_set={tmp}/latin1"], "--prompt_set={tmp}/latin1: {tmp}/latin1/train.txt is not UTF-8"),
+    (["--prompts={tmp}/missing"], "--prompts={tmp}/missing: expected a shipped set (general, ocr) or a folder"),
+    (["--prompts={tmp}/empty"], "--prompts={tmp}/empty: {tmp}/empty/train.txt holds no prompts"),
+    (["--prompts={tmp}/latin1"], "--prompts={tmp}/latin1: {tmp}/latin1/train.txt is not UTF-8"),
     (["--group_size=1"], "--group_size=1: expected an integer >= 2"),
     (["--resolution=100"], "--resolution=100: expected 0 (the model's own default) or a positive multiple of 16"),
     (["--resolution=1024"], "--resolution=1024 needs 64 patches a side; this model takes at most 32 (512 px)"),

@@ -21,7 +21,7 @@ from sd35 import train as sd35_train
 ROOT = Path(__file__).resolve().parents[1]
 WITH_TEST_REWARDS = ROOT / "tests" / "sd35_with_test_rewards.py"
 TINY = ["--model=tiny", "--num_steps=4", "--eval_num_steps=4", "--eval_images=4",
-        "--prompt_set=general", "--reward=jpeg_compressibility", "--prompts_per_iter=2", "--group_size=4",
+        "--prompts=general", "--reward=jpeg_compressibility", "--prompts_per_iter=2", "--group_size=4",
         "--train_batch=4", "--sample_batch=8"]
 PROMPTS = ['a sign that reads "OPEN"', "a red bicycle", "a bowl of soup"]
 

@@ -55,7 +55,7 @@ def test_base_model_learned_the_prompt_conditional_data(base):
     assert per_prompt[:8].mean() > 3 * per_prompt[-8:].mean()  # graded difficulty
 
 
-@pytest.mark.parametrize("algo", ["flow_grpo", "stepwise", "superflow", "stepwise:group_sizes=bins:prompts=variance"])
+@pytest.mark.parametrize("algo", ["flow_grpo", "stepwise", "superflow", "stepwise:group_sizes=bins:prompt_sampling=variance"])
 def test_each_algorithm_raises_the_eval_reward(base, algo):
     cfg = Config(iters=50, eval_every=50, tuned=False, lr=1e-3)  # +0.14 to +0.31 on seeds 0 and 1 when written
     run = train.train(base, minflow.make_algorithm(algo), cfg, seed=0)

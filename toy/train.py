@@ -31,7 +31,7 @@ from toy import claims, flow, plots  # noqa: E402
 DEFAULT_ALGOS = ",".join([
     "flow_grpo", "stepwise", "stepwise:gain_norm=per_step", "stepwise:sampler=flow_grpo", "superflow",
     "superflow_no_dynamic_sampling", "superflow_no_step_credit", "flow_spo",
-    "superflow:prompts=uniform:group_sizes=neyman:tracker=moments",  # the project's first SuperFlow reconstruction
+    "superflow:prompt_sampling=uniform:group_sizes=neyman:tracker=moments",  # the project's first SuperFlow reconstruction
 ])
 TUNED = Path(__file__).resolve().parent / "tuned.json"
 MAX_SEED = 2**31 - 1
