@@ -17,6 +17,7 @@ import minflow
 from PIL import Image
 from sd35 import checkpoint, curves, policy
 from sd35 import train as sd35_train
+from sd35.rewards import reward_range
 
 ROOT = Path(__file__).resolve().parents[1]
 WITH_TEST_REWARDS = ROOT / "tests" / "sd35_with_test_rewards.py"
@@ -141,6 +142,14 @@ def test_resumed_superflow_run_ends_bitwise_equal_to_an_uninterrupted_one(tmp_pa
     numbers = [json.loads((folder / checkpoint.RUN_FILE).read_text())["tracker"] for folder in folders]
     assert numbers[0] == numbers[1] and numbers[0]["kind"] == "beta"
     assert int(state[0]["tracker.visits"].sum()) == 6  # 2 prompts an iteration, 3 iterations
+
+
+def test_the_tracker_range_of_a_reward_mix():
+    assert reward_range({"ocr": 1.0}) == (0.0, 1.0) and reward_range({"pickscore": 1.0}) == (0.0, 1.0)
+    assert reward_range({"ocr": 0.8, "pickscore": 0.2}) == pytest.approx((0.0, 1.0))
+    assert reward_range({"ocr": -2.0, "pickscore": 0.5}) == (-2.0, 0.5)  # a negative weight swaps the ends
+    assert reward_range({"ocr": 1.0, "jpeg_compressibility": 0.0}) == (0.0, 1.0)  # a zero weight adds nothing
+    assert reward_range({"ocr": 1.0, "clipscore": 0.1}) is None  # one term without a range: a running range
 
 
 def test_lora_ema_averages_every_few_steps_and_swaps_back():
