@@ -282,10 +282,15 @@ def _groupwise_standardise(values, group_ids, weight, eps, clip):
     mean = torch.zeros(K).index_add_(0, gid, (values * w).sum(1)) / count
     centred = values - mean[gid, None]
     std = (torch.zeros(K).index_add_(0, gid, (centred**2 * w).sum(1)) / count).sqrt()
-    hi = torch.full((K,), -math.inf).scatter_reduce_(0, gid, values.masked_fill(w == 0, -math.inf).amax(1), "amax")
-    lo = torch.full((K,), math.inf).scatter_reduce_(0, gid, values.masked_fill(w == 0, math.inf).amin(1), "amin")
-    informative = (hi > lo)[gid, None]
+    informative = (_group_span(values.masked_fill(w == 0, math.nan), gid, K) > 0)[gid, None]
     return torch.where(informative, centred / (std[gid, None] + eps), 0.0).clamp(-clip, clip) * w
+
+
+def _group_span(values, gid, K):
+    """max - min of each group's values [B, T], NaN entries left out -> [K] (NaN if none)."""
+    hi = torch.full((K,), -math.inf).scatter_reduce_(0, gid, values.nan_to_num(-math.inf).amax(1), "amax")
+    lo = torch.full((K,), math.inf).scatter_reduce_(0, gid, values.nan_to_num(math.inf).amin(1), "amin")
+    return hi - lo
 
 
 def group_advantages(rewards, group_ids, std="group", eps=1e-4, clip=5.0):
@@ -310,10 +315,7 @@ def group_advantages(rewards, group_ids, std="group", eps=1e-4, clip=5.0):
 def zero_std_fraction(rewards, group_ids):
     """The share of groups whose rewards are all equal (the peers log it as zero_std_ratio)."""
     gid = group_ids.long().cpu()
-    K, r = int(gid.max()) + 1, rewards.float().cpu()
-    hi = torch.full((K,), -math.inf).scatter_reduce_(0, gid, r, "amax")
-    lo = torch.full((K,), math.inf).scatter_reduce_(0, gid, r, "amin")
-    return float((hi == lo).float().mean())
+    return float((_group_span(rewards.float().cpu()[:, None], gid, int(gid.max()) + 1) == 0).float().mean())
 
 
 def stepwise_advantages(step_rewards, group_ids, eps=1e-4, clip=5.0, mask=None, per_step=False):
@@ -426,9 +428,7 @@ class PromptTracker:
                 "state": self.state.clone(), "visits": self.visits.clone(), "range": self.range.clone()}
 
     def load_state_dict(self, saved):
-        for key in ("kind", "rho", "fixed_range", "clipped"):
-            setattr(self, key, saved[key])
-        self.state, self.visits, self.range = saved["state"].clone(), saved["visits"].clone(), saved["range"].clone()
+        self.__dict__.update({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in saved.items()})
 
 
 def prioritised_prompts(weights, k, generator=None):
