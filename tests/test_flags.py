@@ -28,12 +28,7 @@ NEVER = Path(tempfile.gettempdir()) / f"minflow-fuzz-never-{os.getpid()}"  # an 
 FUZZ = settings(max_examples=12, deadline=None, database=None)  # random values, on top of every edge case
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # the toy's tensors are too small for threads
 
 
 @lru_cache(maxsize=None)
