@@ -172,18 +172,28 @@ class Trajectory:
     sigmas: torch.Tensor  # [T+1] the time grid the states sit on
 
 
+def step_noise(shape, steps, generator=None, device=None):
+    """The noise `rollout` draws, drawn beforehand -> [steps, *shape]: the same calls in the
+    same order (one per step), so the same values on any device."""
+    return torch.stack([torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+                        for _ in range(steps)])
+
+
 @torch.no_grad()
-def rollout(velocity, x, sigmas, sampler="flow_grpo", noise_level=0.7, generator=None):
+def rollout(velocity, x, sigmas, sampler="flow_grpo", noise_level=0.7, generator=None, noise=None):
     """Sample trajectories from x at t = sigmas[0] down to sigmas[-1], keeping every state
     and the log-prob of every step (the old policy of PPO). No gradients: a policy gradient
-    never differentiates through the sampling chain, only through each step's log-prob."""
+    never differentiates through the sampling chain, only through each step's log-prob.
+    noise: [T, B, ...] the steps' noise when drawn beforehand (`step_noise`), else drawn
+    here from `generator` a step at a time (no [T, B, ...] buffer for long ODE evaluations)."""
     xs, log_probs, stds = [x], [], []
-    for t, t_next in zip(sigmas[:-1], sigmas[1:]):
+    for k, (t, t_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         v = velocity(x, t)
         # Noise is drawn at every step, even deterministic ones, so that the same generator
         # gives the same stream whatever the sampler and noise level.
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
-        x_next, mean, std = sde_step(x, v, t, t_next, sampler, noise_level, noise=noise)
+        z = noise[k] if noise is not None else \
+            torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+        x_next, mean, std = sde_step(x, v, t, t_next, sampler, noise_level, noise=z)
         if float(std) > 0:
             log_probs.append(gaussian_log_prob(x_next, mean, std))
         else:
@@ -192,6 +202,29 @@ def rollout(velocity, x, sigmas, sampler="flow_grpo", noise_level=0.7, generator
         x = x_next.to(x.dtype)
         xs.append(x)
     return Trajectory(torch.stack(xs, 1), torch.stack(log_probs, 1), torch.stack(stds).cpu(), sigmas.cpu())
+
+
+def rollout_in_chunks(velocity, x, sigmas, sampler, noise_level, generator, chunk, score):
+    """`rollout`, `chunk` trajectories at a time, handing each chunk's final states to
+    `score(x_T, rows)` as soon as they exist -> (the whole batch's Trajectory, [(rows, what
+    score returned)] in chunk order). `score` may return a future: the next chunk is then
+    sampled while this one is scored elsewhere (the trainer's OCR workers), and the caller
+    collects the results when it needs them. `velocity(x, t, rows)` is told which
+    trajectories it moves (to pick their prompts).
+
+    The steps' noise is drawn for the whole batch before the first chunk, exactly as `rollout`
+    draws it, so the trajectories do not depend on the chunk: they are bitwise `rollout`'s
+    when the velocity splits its forward passes at the same rows (the trainer's does, with
+    chunk = its forward batch)."""
+    noise = step_noise(x.shape, len(sigmas) - 1, generator, x.device)
+    parts, scores = [], []
+    for rows in torch.arange(x.shape[0]).split(chunk):
+        part = rollout(lambda x, t: velocity(x, t, rows), x[rows.to(x.device)], sigmas, sampler, noise_level,
+                       noise=noise[:, rows.to(x.device)])
+        parts.append(part)
+        scores.append((rows, score(part.xs[:, -1], rows)))
+    xs, log_probs = torch.cat([p.xs for p in parts]), torch.cat([p.log_probs for p in parts])
+    return Trajectory(xs, log_probs, parts[0].stds, parts[0].sigmas), scores
 
 
 def short_ode_x0(velocity, x, t, substeps=5):

@@ -27,12 +27,15 @@ What is measured:
              on the same latents from the same initial and SDE noise.
   rewards    the OCR reward (RapidOCR on the CPU; its cost depends on what the images show,
              and random models draw no text) and JPEG compressibility, images/s, and OCR in
-             a pool of 1 and `--reward_workers` processes; Stepwise-Flow-GRPO's intermediate
+             a pool of 1 and `--reward_workers` processes, and in 1 and as many separate
+             processes that share nothing (the machine's own limit); Stepwise-Flow-GRPO's intermediate
              rewards (minflow.step_rewards, T' = 5 Euler substeps per state) as they were
              (every state, one state per pass, scored serially) and as the trainer runs them
              (the needed states only, passes of 4 x `--group_size` rows, OCR in the pool while
              the next pass runs): passes, seconds per trajectory by kind of work, with JPEG
-             compressibility (and OCR with --reward=ocr).
+             compressibility (and OCR with --reward=ocr); and the rollout with its final OCR
+             rewards (minflow.rollout_in_chunks), each chunk scored in the pool while the next
+             samples, against waiting for each chunk's scores.
   iteration  Stepwise's seconds per RL iteration over Flow-GRPO's, composed from the
              measurements above (rollout + final reward + intermediate rewards + the training
              micro-batches of each one's trained steps), before and after; and the toy's
@@ -48,6 +51,7 @@ What is measured:
 """
 import functools
 import math
+import multiprocessing
 import os
 import statistics
 import sys
@@ -68,7 +72,7 @@ from cli import flag  # noqa: E402
 import minflow  # noqa: E402
 from sd35 import policy  # noqa: E402
 from sd35.data import load_prompts  # noqa: E402
-from sd35.rewards import CPU_BOUND, RewardMix  # noqa: E402
+from sd35.rewards import CPU_BOUND, REWARDS, RewardMix, RewardOptions, keep_freed_memory  # noqa: E402
 from sd35.tiny import SD35_MEDIUM_TRANSFORMER_CONFIG  # noqa: E402
 
 
@@ -391,13 +395,51 @@ class Bench:
 
         return measure(once, self.s, self.device)
 
-    def reward(self, mix, images):
-        """One reward call on a batch of final images."""
-        texts, metadata = self.batch(len(images))
+    def rollout_scored(self, mix, cond, noise, chunk, overlap):
+        """Rollout and final rewards of a batch through minflow.rollout_in_chunks, as the
+        trainer runs them (torch keeping the cores `mix`'s workers leave): with `overlap`,
+        each chunk is scored in the pool while the next samples; without, each chunk's
+        scores are waited for before the next samples."""
+        texts, metadata = self.batch(noise.shape[0])
+        sigmas = minflow.sd3_sigmas(self.s.num_steps)
+
+        def velocity(x, t, rows):
+            return policy.guided_velocity(self.model.transformer, cond.select(rows), self.s.guidance_scale,
+                                          self.dtype, None, self.autocast)(x, t)
+
+        def score(x, rows):
+            rows = rows.tolist()
+            pending = mix.submit(policy.decode(self.model.vae, x), [texts[i] for i in rows],
+                                 [metadata[i] for i in rows], total_only=True)
+            if not overlap:
+                pending.result()
+            return pending
 
         def once():
             watch = Stopwatch(self.device)
-            mix(images, texts, metadata)
+            generator = torch.Generator(self.device).manual_seed(self.s.seed)
+            with mix.leave_cores_to_workers():
+                _, scores = minflow.rollout_in_chunks(velocity, noise, sigmas, "flow_grpo", NOISE_LEVEL, generator,
+                                                      chunk, score)
+                for _, pending in scores:
+                    pending.result()
+                watch.lap("rollout_and_reward")
+            return watch.seconds, None
+
+        return measure(once, self.s, self.device)
+
+    def reward(self, mix, images, call=None):
+        """Rewards of a batch of final images: one call, or (`call`) calls of that many images
+        submitted one after another, as the trainer submits its chunks, then collected."""
+        texts, metadata = self.batch(len(images))
+        call = call or len(images)
+
+        def once():
+            watch = Stopwatch(self.device)
+            pending = [mix.submit(images[i:i + call], texts[i:i + call], metadata[i:i + call])
+                       for i in range(0, len(images), call)]
+            for scores in pending:
+                scores.result()
             watch.lap("reward")
             return watch.seconds, None
 
@@ -428,9 +470,10 @@ class Bench:
                 watch.lap("reward")
                 return pending[-1]
 
-            minflow.step_rewards(velocity, traj, reward, SUBSTEPS, final=torch.zeros(traj.xs.shape[0]),
-                                 needed=needed, batch_size=batch_size)
-            watch.lap("reward")
+            with mix.leave_cores_to_workers():
+                minflow.step_rewards(velocity, traj, reward, SUBSTEPS, final=torch.zeros(traj.xs.shape[0]),
+                                     needed=needed, batch_size=batch_size)
+                watch.lap("reward")
             return watch.seconds, calls
 
         return measure(once, self.s, self.device)
@@ -530,22 +573,33 @@ def report_rewards(bench, out, cond, traj, images):
         seconds, peak, _ = bench.reward(mix, images)
         out["throughput"][f"{name}_images_per_s"] = B / seconds["total"]
         rows.append([name, "in this process", f"{seconds['total'] / B:.4f}", f"{B / seconds['total']:.2f}", gib(peak)])
-    # OCR in the worker pool, 1 and N processes, on enough images to keep N busy (the
-    # rollout's, repeated). The pools are started and warmed before timing.
-    many = images.repeat(math.ceil(4 * bench.workers / B), 1, 1, 1)
+    # OCR in the worker pool, 1 and N processes, on 16 images a worker (the rollout's,
+    # repeated) submitted in calls of B without waiting, as the trainer streams its chunks.
+    # The pools are started and warmed before timing.
+    many = images.repeat(math.ceil(16 * bench.workers / B), 1, 1, 1)
     ocr_pools = {workers: RewardMix("ocr", workers=workers) for workers in sorted({1, bench.workers})}
     pools = {"ocr": ocr_pools[bench.workers], "jpeg_compressibility": RewardMix("jpeg_compressibility", workers=bench.workers)}
     for pooled in [*ocr_pools.values(), pools["jpeg_compressibility"]]:
         pooled(many, *bench.batch(len(many)))  # starts every worker and its engine: untimed
     for workers, pooled in ocr_pools.items():
-        seconds, peak, _ = bench.reward(pooled, many)
+        seconds, peak, _ = bench.reward(pooled, many, call=B)
         out["throughput"][f"ocr_images_per_s_{workers}_workers"] = len(many) / seconds["total"]
         rows.append(["ocr", f"{workers} worker process{'es' if workers > 1 else ''}",
                      f"{seconds['total'] / len(many):.4f}", f"{len(many) / seconds['total']:.2f}", gib(peak)])
+    # The machine's own limit: the same images split over 1 and N plain processes that share
+    # nothing (no pool, no queue), each timing its own single-threaded OCR.
+    for processes in sorted({1, bench.workers}):
+        seconds = ocr_in_separate_processes(many, *bench.batch(len(many)), processes, s.repeats)
+        out["throughput"][f"ocr_images_per_s_{processes}_separate_processes"] = len(many) / seconds
+        rows.append(["ocr", f"{processes} separate process{'es' if processes > 1 else ''}, no pool",
+                     f"{seconds / len(many):.4f}", f"{len(many) / seconds:.2f}", "n/a (CPU)"])
     tp = out["throughput"]
     out["ocr_speedup_with_workers"] = tp[f"ocr_images_per_s_{bench.workers}_workers"] / tp["ocr_images_per_s_1_workers"]
-    print_table(f"Rewards of final images ({B} a call in this process, {len(many)} a call to the pool; OCR of "
-                f"{bench.workers} workers against 1: {out['ocr_speedup_with_workers']:.2f}x)",
+    out["ocr_speedup_with_separate_processes"] = (tp[f"ocr_images_per_s_{bench.workers}_separate_processes"]
+                                                  / tp["ocr_images_per_s_1_separate_processes"])
+    print_table(f"Rewards of final images ({B} a call in this process, {len(many)} in calls of {B} to the pool; OCR of "
+                f"{bench.workers} workers against 1: {out['ocr_speedup_with_workers']:.2f}x; of {bench.workers} separate "
+                f"processes against 1: {out['ocr_speedup_with_separate_processes']:.2f}x)",
                 ["reward", "where", "s / image", "images/s", "peak memory"], rows)
 
     # Before: every state, one state per pass, scored serially. After: only the states the
@@ -568,12 +622,61 @@ def report_rewards(bench, out, cond, traj, images):
             rows.append([name, how, f"{calls['velocity']}", f"{calls['decode']}", f"{lap['velocity']:.4f}",
                          f"{lap['decode']:.4f}", f"{lap['reward']:.4f}", f"{seconds['total'] / B:.4f}",
                          f"{seconds['total'] / out['rollout_seconds']['total']:.1f}x", gib(peak)])
-    for pooled in [*ocr_pools.values(), pools["jpeg_compressibility"]]:
-        pooled.close()
     print_table(f"Stepwise intermediate rewards, per trajectory: up to {T} states x T' = {SUBSTEPS} Euler substeps "
                 f"({int(needed[:-1].sum())} states needed by ddim's trained gains; the final reward is the rollout's)", [
         "reward", "how", "velocity passes", "decode passes", "velocity s", "decode s", "reward s", "total s",
         "vs rollout", "peak memory"], rows)
+
+    # Final OCR rewards overlapped with sampling: the rollout in chunks of a quarter of the
+    # batch, each scored before the next samples, or while it samples; and, for the cost of
+    # chunking itself, the whole batch sampled first.
+    noise, chunk = traj.xs[:, 0], max(1, B // 4)
+    rows = []
+    for key, how, size, overlap in (("whole", f"all {B} sampled, then scored", B, False),
+                                    ("sequential", f"chunks of {chunk}, each scored before the next samples", chunk, False),
+                                    ("overlapped", f"chunks of {chunk}, each scored while the next samples", chunk, True)):
+        seconds, peak, _ = bench.rollout_scored(pools["ocr"], cond, noise, size, overlap)
+        out[f"rollout_ocr_{key}_seconds"] = seconds["total"]
+        rows.append([how, f"{seconds['total']:.3f}", gib(peak)])
+    out["throughput"]["rollout_ocr_overlap_speedup"] = (out["rollout_ocr_sequential_seconds"]
+                                                        / out["rollout_ocr_overlapped_seconds"])
+    for pooled in [*ocr_pools.values(), pools["jpeg_compressibility"]]:
+        pooled.close()
+    print_table(f"Rollout and final OCR of {B} trajectories, {bench.workers} workers (overlapped against "
+                f"sequential chunks: {out['throughput']['rollout_ocr_overlap_speedup']:.2f}x)",
+                ["how", "s", "peak memory"], rows)
+
+
+def ocr_in_separate_processes(images, prompts, metadata, processes, repeats):
+    """Seconds to OCR `images` split over `processes` fresh processes that share nothing, each
+    set up as a reward pool worker is (one thread, freed memory kept) and warmed on its share:
+    the median over `repeats` runs, started together, of the slowest process's time."""
+    context = multiprocessing.get_context("spawn")
+    start, results = context.Barrier(processes), context.Queue()
+    workers = [context.Process(target=time_ocr_alone, args=(images[rows], [prompts[i] for i in rows.tolist()],
+                                                            [metadata[i] for i in rows.tolist()], repeats, start, results))
+               for rows in torch.arange(len(images)).tensor_split(processes)]
+    for worker in workers:
+        worker.start()
+    seconds = [results.get(timeout=600) for _ in workers]  # each process's list of `repeats` times
+    for worker in workers:
+        worker.join()
+    return statistics.median(max(run) for run in zip(*seconds))
+
+
+def time_ocr_alone(images, prompts, metadata, repeats, start, results):
+    """One of ocr_in_separate_processes' processes."""
+    torch.set_num_threads(1)
+    keep_freed_memory()
+    ocr = REWARDS["ocr"](RewardOptions(threads=1))
+    ocr(images, prompts, metadata)
+    seconds = []
+    for _ in range(repeats):
+        start.wait()
+        begin = time.perf_counter()
+        ocr(images, prompts, metadata)
+        seconds.append(time.perf_counter() - begin)
+    results.put(seconds)
 
 
 def report_iteration(bench, out):
@@ -746,7 +849,10 @@ def report_summary(bench, out):
         ["same latents as baseline", f"{a['relative_max_diff']:.1e} relative", "agree" if a["agree"] else "DIFFER"],
         ["OCR reward", f"{tp['ocr_images_per_s']:.2f} images/s", "RapidOCR, CPU"],
         ["OCR reward, worker pool", f"{tp[f'ocr_images_per_s_{bench.workers}_workers']:.2f} images/s",
-         f"{bench.workers} workers: {out['ocr_speedup_with_workers']:.2f}x one worker"],
+         f"{bench.workers} workers: {out['ocr_speedup_with_workers']:.2f}x one worker "
+         f"({out['ocr_speedup_with_separate_processes']:.2f}x for separate processes)"],
+        ["Rollout + final OCR overlapped", f"{tp['rollout_ocr_overlap_speedup']:.2f}x",
+         "chunks scored while the next samples, against in turn"],
         ["Stepwise rewards (jpeg)", f"{1 / tp['stepwise_jpeg_compressibility_batched_trajectories_per_s']:.4f} s/trajectory",
          f"needed states, batched; {1 / tp['stepwise_jpeg_compressibility_trajectories_per_s']:.4f} every state, serially"],
         ["Stepwise / Flow-GRPO iteration (jpeg)", f"{tp['stepwise_jpeg_compressibility_batched_iteration_ratio']:.2f}x",

@@ -238,21 +238,14 @@ def sample_and_score(it, cfg, algo, pipe, model_dtype, autocast, reward, prompts
     texts, metadata = [p for p, _ in local_prompts], [m for _, m in local_prompts]
 
     cond = policy.encode_prompts(pipe, texts, cfg.guidance_scale, ranks.device)
-    velocity = policy.guided_velocity(pipe.transformer, cond, cfg.guidance_scale, model_dtype, cfg.sample_batch, autocast)
 
-    def velocity_of(rows):  # the velocity for rows of these trajectories (a pass mixes states)
+    def velocity(x, t, rows):  # the velocity for rows of these trajectories (a pass may mix states)
         return policy.guided_velocity(pipe.transformer, cond.select(rows), cfg.guidance_scale, model_dtype,
-                                      cfg.sample_batch, autocast)
-    sigmas = minflow.sd3_sigmas(cfg.num_steps)
-    traj = minflow.rollout(velocity, noise[mine].to(ranks.device), sigmas, algo.sampler, algo.noise_level,
-                           generator(cfg.seed, it, "sde", ranks.rank, device=ranks.device))
-    logs["seconds_sampling"] = time.perf_counter() - timer
-
-    timer = time.perf_counter()
+                                      cfg.sample_batch, autocast)(x, t)
 
     def score(latents, rows, total_only=False):
         """Decode here (on the device), then score: CPU-bound rewards run in the worker pool
-        while this process goes on to the next chunk's clean estimates."""
+        while this process goes on sampling, or estimating clean images."""
         rows = rows.tolist()
         return reward.submit(policy.decode(pipe.vae, latents, cfg.sample_batch), [texts[i] for i in rows],
                              [metadata[i] for i in rows], total_only)
@@ -261,15 +254,21 @@ def sample_and_score(it, cfg, algo, pipe, model_dtype, autocast, reward, prompts
     # the gather below: each rank reports whether it failed, and all stop together.
     failure, step_rewards = None, None
     try:
-        final = score(traj.xs[:, -1], torch.arange(len(texts)))
-        if algo.step_credit == "gains":
-            # Only the states next to a trained step, r_0 once per group with shared noise, in
-            # passes of sample_batch rows; the final rewards are scored meanwhile.
-            groups = group_ids[mine] if algo.shared_noise else None
-            step_rewards = minflow.step_rewards(
-                lambda x, t, rows: velocity_of(rows)(x, t), traj, lambda x0, rows: score(x0, rows, total_only=True),
-                algo.substeps, needed=minflow.needed_states(traj.stds), groups=groups, batch_size=cfg.sample_batch)
-        local_rewards, terms = final.result()
+        with reward.leave_cores_to_workers():
+            # Each chunk of sample_batch trajectories is scored while the next one samples.
+            traj, finals = minflow.rollout_in_chunks(
+                velocity, noise[mine].to(ranks.device), minflow.sd3_sigmas(cfg.num_steps), algo.sampler,
+                algo.noise_level, generator(cfg.seed, it, "sde", ranks.rank, device=ranks.device), cfg.sample_batch, score)
+            logs["seconds_sampling"] = time.perf_counter() - timer
+            timer = time.perf_counter()
+            if algo.step_credit == "gains":
+                # Only the states next to a trained step, r_0 once per group with shared noise, in
+                # passes of sample_batch rows; the final rewards are still being scored meanwhile.
+                groups = group_ids[mine] if algo.shared_noise else None
+                step_rewards = minflow.step_rewards(
+                    velocity, traj, lambda x0, rows: score(x0, rows, total_only=True), algo.substeps,
+                    needed=minflow.needed_states(traj.stds), groups=groups, batch_size=cfg.sample_batch)
+            local_rewards, terms = collect_scores(finals, len(texts))
         if step_rewards is not None:
             step_rewards[:, -1] = local_rewards
     except RewardError as error:
@@ -300,6 +299,17 @@ def sample_and_score(it, cfg, algo, pipe, model_dtype, autocast, reward, prompts
                  "dropped_samples": int((~valid).sum()), "zero_std_ratio": minflow.zero_std_fraction(rewards[valid], group_ids[valid]),
                  "group_sizes": sizes.tolist(), **{f"reward_{k}": v[v.isfinite()].mean().item() for k, v in terms.items()}})
     return traj, cond, adv[mine], logs
+
+
+def collect_scores(chunks, size):
+    """Wait for the scores of rollout_in_chunks' chunks -> (total [size], {term: [size]})."""
+    total, terms = torch.empty(size), {}
+    for rows, pending in chunks:
+        chunk_total, chunk_terms = pending.result()
+        total[rows] = chunk_total
+        for name, term in chunk_terms.items():
+            terms.setdefault(name, torch.empty(size))[rows] = term
+    return total, terms
 
 
 def prompt_draw_logs(prompt_ids, tracker):
@@ -553,6 +563,7 @@ def main(argv):
             break
     if failure and failure[1] > saved:  # keep the iterations not yet in a checkpoint
         save(failure[1])
+    reward.close()  # the scoring workers, now rather than at interpreter exit
     if ranks.ddp:
         if failure is None:
             in_sync = ranks_in_sync(params, ranks)

@@ -15,6 +15,7 @@ from sd35 import bench, policy
 TINY = ["--model=tiny", "--resolution=64", "--num_steps=4", "--repeats=1", "--warmup=0", "--group_size=2",
         "--train_batch=2", "--reward=ocr", "--sweep", "--sweep_batches=1,2", "--reward_workers=2"]
 TABLES = ["Rollout:", "Same initial noise", "Rewards of final images", "Stepwise intermediate rewards",
+          "Rollout and final OCR",
           "Training:", "Seconds per iteration, Stepwise against Flow-GRPO", "Transformer matmul FLOPs", "MFU against",
           "Sweep over", "Summary"]
 
@@ -42,7 +43,8 @@ def test_bench_prints_every_table_with_positive_finite_numbers(tiny_run):
             "train_checkpointing=off_beta=0_transitions_per_s", "ocr_images_per_s_1_workers",
             "ocr_images_per_s_2_workers", "stepwise_ocr_batched_trajectories_per_s",
             "stepwise_jpeg_compressibility_batched_iteration_ratio", "stepwise_ocr_iteration_ratio",
-            "toy_stepwise_iteration_ratio"} <= set(rates)
+            "toy_stepwise_iteration_ratio", "ocr_images_per_s_2_separate_processes", "ocr_images_per_s_1_separate_processes",
+            "rollout_ocr_overlap_speedup"} <= set(rates)
     assert len([k for k in rates if k.startswith("sweep_")]) == 2 * 2 * 2  # px x batches x checkpointing
     for name, value in rates.items():
         assert math.isfinite(value) and value > 0, (name, value)

@@ -116,6 +116,35 @@ def test_on_policy_ratio_is_exactly_one(sampler):
         torch.testing.assert_close(loss, -adv.mean())
 
 
+@pytest.mark.parametrize("sampler", minflow.SAMPLERS)
+def test_a_rollout_in_chunks_is_the_whole_rollout_and_scores_each_chunk_before_the_next_samples(sampler):
+    net, velocity = toy_velocity()
+    sigmas, x = minflow.sd3_sigmas(6), torch.randn(10, 2)
+    whole = minflow.rollout(velocity, x, sigmas, sampler, 0.7, torch.Generator().manual_seed(3))
+    events = []
+
+    def chunk_velocity(x, t, rows):
+        events.append(("sample", rows.tolist()))
+        return velocity(x, t)
+
+    def score(x_final, rows):
+        events.append(("score", rows.tolist()))
+        return x_final.sum(1)
+
+    chunked, scores = minflow.rollout_in_chunks(chunk_velocity, x, sigmas, sampler, 0.7,
+                                                torch.Generator().manual_seed(3), 4, score)
+    assert torch.equal(chunked.xs, whole.xs) and torch.equal(chunked.log_probs, whole.log_probs)
+    assert torch.equal(chunked.stds, whole.stds) and torch.equal(chunked.sigmas, whole.sigmas)
+    chunks = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    # Each chunk samples all 6 steps, then is scored, before the next chunk samples at all.
+    assert events == [e for rows in chunks for e in [("sample", rows)] * 6 + [("score", rows)]]
+    assert [rows.tolist() for rows, _ in scores] == chunks
+    assert torch.equal(torch.cat([s for _, s in scores]), whole.xs[:, -1].sum(1))
+    # The noise drawn beforehand is the noise the whole rollout drew a step at a time.
+    noise = minflow.step_noise(x.shape, 6, torch.Generator().manual_seed(3))
+    assert torch.equal(minflow.rollout(velocity, x, sigmas, sampler, 0.7, noise=noise).xs, whole.xs)
+
+
 def test_ppo_clip_stops_the_gradient_outside_the_range():
     log_prob = torch.tensor([0.5, -0.5, 0.0], requires_grad=True)
     adv = torch.tensor([1.0, -1.0, 1.0])

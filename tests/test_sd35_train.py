@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import minflow
 from PIL import Image
-from sd35 import checkpoint, curves, policy
+from sd35 import checkpoint, curves, policy, rewards
 from sd35 import train as sd35_train
 from sd35.rewards import reward_range
 
@@ -142,6 +142,22 @@ def test_resumed_superflow_run_ends_bitwise_equal_to_an_uninterrupted_one(tmp_pa
     numbers = [json.loads((folder / checkpoint.RUN_FILE).read_text())["tracker"] for folder in folders]
     assert numbers[0] == numbers[1] and numbers[0]["kind"] == "beta"
     assert int(state[0]["tracker.visits"].sum()) == 6  # 2 prompts an iteration, 3 iterations
+
+
+@pytest.mark.parametrize("algo", ["flow_grpo", "stepwise"])
+def test_scoring_in_workers_while_sampling_goes_on_gives_the_run_of_scoring_in_turn(tmp_path, monkeypatch, algo):
+    # JPEG stands in for OCR, pooled as OCR is: its scores differ between images, so the
+    # LoRA really trains. Chunks of 2 trajectories: each is scored in the workers while the
+    # next samples (and, for Stepwise, while the clean estimates run).
+    monkeypatch.setattr(rewards, "CPU_BOUND", ("jpeg_compressibility",))
+    flags = [f"--algo={algo}", "--iters=2", "--eval_every=0", "--save_every=1", "--lr=1e-2", "--sample_batch=2"]
+    in_turn, in_turn_logs = run(tmp_path, "in_turn", *flags, "--reward_workers=0")
+    pooled, pooled_logs = run(tmp_path, "pooled", *flags, "--reward_workers=2")
+    a, b = lora(in_turn, 2), lora(pooled, 2)
+    assert all(torch.equal(a[k], b[k]) for k in a) and not all(torch.equal(a[k], lora(in_turn, 1)[k]) for k in a)
+    for key in ("reward_mean", "reward_std", "reward_jpeg_compressibility", "policy_loss", "ratio", "kl"):
+        assert [e[key] for e in pooled_logs] == [e[key] for e in in_turn_logs], key
+    assert pooled_logs[0]["reward_std"] > 0
 
 
 def test_the_tracker_range_of_a_reward_mix():
