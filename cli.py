@@ -14,6 +14,7 @@ one line that names the flag, the value and what is expected:
 """
 import math
 import os
+import re
 from dataclasses import field, fields, replace
 from pathlib import Path
 
@@ -22,6 +23,26 @@ def flag(default, accepts):
     """A settings field with its declared range, read by `check_flags`."""
     return field(default=default, metadata={"accepts": accepts})
 
+
+def text_range(description, check=bool):
+    """A declared range for a text flag: accepted when `check(value)` holds (by default: when
+    it is not empty); `description` says what is expected."""
+    return lambda value: None if value is not None and check(value) else description
+
+
+def parses(parse):
+    """A check that `parse(value)` raises no ValueError."""
+    def check(value):
+        try:
+            parse(value)
+        except ValueError:
+            return False
+        return True
+    return check
+
+
+# The --device flag of sd35's scripts: "" picks CUDA when there is one.
+DEVICE = text_range("empty, cpu, cuda or cuda:N", lambda v: re.fullmatch(r"|cpu|cuda(:\d+)?", v) is not None)
 
 
 def atomic_write(path, data):

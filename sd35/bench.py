@@ -34,7 +34,7 @@ What is measured:
              (the needed states only, passes of 4 x `--group_size` rows, OCR in the pool while
              the next pass runs): passes, seconds per trajectory by kind of work, with JPEG
              compressibility (and OCR with --reward=ocr); and the rollout with its final OCR
-             rewards (minflow.rollout_in_chunks), each chunk scored in the pool while the next
+             rewards (policy.rollout_in_chunks), each chunk scored in the pool while the next
              samples, against waiting for each chunk's scores.
   iteration  Stepwise's seconds per RL iteration over Flow-GRPO's, composed from the
              measurements above (rollout + final reward + intermediate rewards + the training
@@ -72,7 +72,7 @@ from cli import flag  # noqa: E402
 import minflow  # noqa: E402
 from sd35 import policy  # noqa: E402
 from sd35.data import load_prompts  # noqa: E402
-from sd35.rewards import CPU_BOUND, REWARDS, RewardMix, RewardOptions, keep_freed_memory  # noqa: E402
+from sd35.rewards import CPU_BOUND, RewardMix, worker_rewards  # noqa: E402
 from sd35.tiny import SD35_MEDIUM_TRANSFORMER_CONFIG  # noqa: E402
 
 
@@ -89,8 +89,7 @@ class Settings:
     reward: str = flag("jpeg_compressibility", ("jpeg_compressibility", "ocr"))  # Stepwise's intermediate reward (ocr adds OCR rows)
     repeats: int = flag(3, "[1, inf)")  # timed runs per measurement (the median is reported)
     warmup: int = flag(1, "[0, inf)")  # untimed runs before each measurement (allocator, kernel selection, compilation)
-    device: str = flag("", lambda v: None if v in ("", "cpu", "cuda") or (v or "")[:5] == "cuda:" and v[5:].isdecimal() else
-                       "empty, cpu, cuda or cuda:N")  # "" = cuda if available, else cpu
+    device: str = flag("", cli.DEVICE)  # "" = cuda if available, else cpu
     sweep: bool = flag(False, (False, True))  # add a table over resolution x batch size (256/512/1024 px; tiny: 64/128 px)
     sweep_batches: str = flag("1,4,8,16", lambda v: None if v and all(b.strip().isdecimal() and int(b) > 0 for b in v.split(","))
                               else "positive integers separated by commas")  # the sweep's batch sizes (rollout group and training micro-batch alike)
@@ -396,16 +395,14 @@ class Bench:
         return measure(once, self.s, self.device)
 
     def rollout_scored(self, mix, cond, noise, chunk, overlap):
-        """Rollout and final rewards of a batch through minflow.rollout_in_chunks, as the
+        """Rollout and final rewards of a batch through policy.rollout_in_chunks, as the
         trainer runs them (torch keeping the cores `mix`'s workers leave): with `overlap`,
         each chunk is scored in the pool while the next samples; without, each chunk's
         scores are waited for before the next samples."""
         texts, metadata = self.batch(noise.shape[0])
         sigmas = minflow.sd3_sigmas(self.s.num_steps)
-
-        def velocity(x, t, rows):
-            return policy.guided_velocity(self.model.transformer, cond.select(rows), self.s.guidance_scale,
-                                          self.dtype, None, self.autocast)(x, t)
+        velocity = policy.guided_velocity(self.model.transformer, cond, self.s.guidance_scale, self.dtype, None,
+                                          self.autocast)
 
         def score(x, rows):
             rows = rows.tolist()
@@ -419,8 +416,8 @@ class Bench:
             watch = Stopwatch(self.device)
             generator = torch.Generator(self.device).manual_seed(self.s.seed)
             with mix.leave_cores_to_workers():
-                _, scores = minflow.rollout_in_chunks(velocity, noise, sigmas, "flow_grpo", NOISE_LEVEL, generator,
-                                                      chunk, score)
+                _, scores = policy.rollout_in_chunks(velocity, noise, sigmas, "flow_grpo", NOISE_LEVEL, generator,
+                                                     chunk, score)
                 for _, pending in scores:
                     pending.result()
                 watch.lap("rollout_and_reward")
@@ -452,14 +449,15 @@ class Bench:
         clean estimates). With a pooled `mix`, the reward lap is what is left to wait for
         after the last pass, since the workers score while the next pass runs."""
         texts, metadata = self.batch(traj.xs.shape[0])
+        guided = policy.guided_velocity(self.model.transformer, cond, self.s.guidance_scale, self.dtype, None,
+                                        self.autocast)
 
         def once():
             watch, calls, pending = Stopwatch(self.device), {"velocity": 0, "decode": 0}, []
 
             def velocity(x, t, rows):
                 calls["velocity"] += 1
-                return policy.guided_velocity(self.model.transformer, cond.select(rows), self.s.guidance_scale,
-                                              self.dtype, None, self.autocast)(x, t)
+                return guided(x, t, rows)
 
             def reward(x0, rows):
                 watch.lap("velocity")  # the substeps that produced these clean estimates
@@ -649,7 +647,7 @@ def report_rewards(bench, out, cond, traj, images):
 
 def ocr_in_separate_processes(images, prompts, metadata, processes, repeats):
     """Seconds to OCR `images` split over `processes` fresh processes that share nothing, each
-    set up as a reward pool worker is (one thread, freed memory kept) and warmed on its share:
+    set up as a reward pool worker is (rewards.worker_rewards) and warmed on its share:
     the median over `repeats` runs, started together, of the slowest process's time."""
     context = multiprocessing.get_context("spawn")
     start, results = context.Barrier(processes), context.Queue()
@@ -666,9 +664,7 @@ def ocr_in_separate_processes(images, prompts, metadata, processes, repeats):
 
 def time_ocr_alone(images, prompts, metadata, repeats, start, results):
     """One of ocr_in_separate_processes' processes."""
-    torch.set_num_threads(1)
-    keep_freed_memory()
-    ocr = REWARDS["ocr"](RewardOptions(threads=1))
+    ocr = worker_rewards(["ocr"])["ocr"]
     ocr(images, prompts, metadata)
     seconds = []
     for _ in range(repeats):

@@ -12,6 +12,8 @@ import torch
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from peft import LoraConfig
 
+import minflow
+
 # The joint-attention projections of every MMDiT block: image-stream q/k/v/out and the text
 # stream's add_*_proj / to_add_out (the dual-attention blocks' attn2 is left frozen).
 LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
@@ -125,7 +127,9 @@ def guided_velocity(model, cond, guidance_scale, dtype, batch_size=None, autocas
     classifier-free guidance v = v_uncond + w (v_text - v_uncond), with the unconditional and
     conditional branches in one batch as diffusers does. t is sigma (0-d or [B]); the
     transformer wants sigma * 1000. Returns float32, so minflow's step math runs in float32.
-    Inputs larger than `batch_size` rows run in chunks (each chunk is one forward pass)."""
+    Inputs larger than `batch_size` rows run in chunks (each chunk is one forward pass).
+    `velocity(x, t, rows)` says which of `cond`'s prompts x's rows belong to (default: row i
+    to prompt i), the form minflow.step_rewards and rollout_in_chunks call with."""
     cfg = guidance_scale > 1
     autocast = autocast or nullcontext
 
@@ -144,9 +148,10 @@ def guided_velocity(model, cond, guidance_scale, dtype, batch_size=None, autocas
         uncond, text = out.chunk(2)
         return uncond + guidance_scale * (text - uncond)
 
-    def velocity(x, t):
+    def velocity(x, t, rows=None):
         t = torch.as_tensor(t, dtype=torch.float32, device=x.device).expand(x.shape[0])
-        rows = torch.arange(x.shape[0], device=cond.embeds.device)
+        rows = torch.arange(x.shape[0]) if rows is None else rows
+        rows = rows.to(cond.embeds.device)
         step = batch_size or x.shape[0]
         return torch.cat([forward(x[i:i + step], t[i:i + step], rows[i:i + step]) for i in range(0, x.shape[0], step)])
 
@@ -162,3 +167,33 @@ def decode(vae, latents, batch_size=None):
         z = chunk.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
         images.append((vae.decode(z, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1))
     return torch.cat(images)
+
+
+def step_noise(shape, steps, generator=None, device=None):
+    """The noise `minflow.rollout` draws, drawn beforehand -> [steps, *shape]: the same calls
+    in the same order (one per step), so the same values on any device."""
+    return torch.stack([torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+                        for _ in range(steps)])
+
+
+def rollout_in_chunks(velocity, x, sigmas, sampler, noise_level, generator, chunk, score):
+    """`minflow.rollout`, `chunk` trajectories at a time, handing each chunk's final states to
+    `score(x_T, rows)` as soon as they exist -> (the whole batch's Trajectory, [(rows, what
+    score returned)] in chunk order). `score` may return a future: the next chunk is then
+    sampled while this one is scored elsewhere (the trainer's OCR workers), and the caller
+    collects the results when it needs them. `velocity(x, t, rows)` is told which
+    trajectories it moves (to pick their prompts).
+
+    The steps' noise is drawn for the whole batch before the first chunk, exactly as
+    `minflow.rollout` draws it, so the trajectories do not depend on the chunk: they are
+    bitwise `minflow.rollout`'s when the velocity splits its forward passes at the same rows
+    (the trainer's does, with chunk = its forward batch)."""
+    noise = step_noise(x.shape, len(sigmas) - 1, generator, x.device)
+    parts, scores = [], []
+    for rows in torch.arange(x.shape[0]).split(chunk):
+        part = minflow.rollout(lambda x, t: velocity(x, t, rows), x[rows.to(x.device)], sigmas, sampler,
+                               noise_level, noise=noise[:, rows.to(x.device)])
+        parts.append(part)
+        scores.append((rows, score(part.xs[:, -1], rows)))
+    xs, log_probs = torch.cat([p.xs for p in parts]), torch.cat([p.log_probs for p in parts])
+    return minflow.Trajectory(xs, log_probs, parts[0].stds, parts[0].sigmas), scores

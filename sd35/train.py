@@ -5,7 +5,7 @@ environment (RANK, WORLD_SIZE, LOCAL_RANK) switches DDP on, NCCL on GPUs and glo
 rank 0 logs, evaluates to disk and saves.
 
     python sd35/train.py --model=tiny --iters=2                      # CPU smoke run at 64 px, no download
-    python sd35/train.py --reward=ocr --prompts=ocr               # one GPU, defaults below
+    python sd35/train.py --reward=ocr --prompts=ocr                  # one GPU, defaults below
     torchrun --nproc_per_node=8 sd35/train.py --algo=superflow --reward=pickscore --prompts=general
     torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --master_port=29500 --nproc_per_node=8 \\
         sd35/train.py --algo=stepwise --group_size=24 --prompts_per_iter=48   # node_rank=1 on the other
@@ -22,7 +22,6 @@ import io
 import json
 import math
 import os
-import re
 import signal
 import sys
 import time
@@ -40,28 +39,11 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cli  # noqa: E402
 import minflow  # noqa: E402
-from cli import flag  # noqa: E402
+from cli import flag, parses, text_range  # noqa: E402
 from sd35 import checkpoint, curves, policy  # noqa: E402
 from sd35.curves import read_log  # noqa: E402
 from sd35.data import SHIPPED_SETS, load_prompts  # noqa: E402
 from sd35.rewards import REWARDS, RewardError, RewardMix, RewardOptions, parse_reward_spec, reward_range  # noqa: E402
-
-
-def text_range(description, check=bool):
-    """A declared range for a text flag: accepted when `check(value)` holds (by default: when
-    it is not empty); `description` says what is expected."""
-    return lambda value: None if value is not None and check(value) else description
-
-
-def parses(parse):
-    """A check that `parse(value)` raises no ValueError."""
-    def check(value):
-        try:
-            parse(value)
-        except ValueError:
-            return False
-        return True
-    return check
 
 
 # The ranges of Config's text flags and of --resolution, named so that each field fits on its line.
@@ -73,7 +55,6 @@ REWARD_SPEC = text_range(f"rewards from {', '.join(sorted(REWARDS))} with option
 URL = text_range("empty or an http(s):// URL", lambda v: v == "" or v.startswith(("http://", "https://")))
 PROMPT_SET = text_range(f"a shipped set ({', '.join(SHIPPED_SETS)}) or a folder",
                         lambda v: v in SHIPPED_SETS or (v != "" and Path(v).is_dir()))
-DEVICE = text_range("empty, cpu, cuda or cuda:N", lambda v: re.fullmatch(r"|cpu|cuda(:\d+)?", v) is not None)
 
 
 def resolution_range(value):
@@ -110,7 +91,7 @@ class Config:
     ema_every: int = flag(8, "[1, inf)")  # optimiser steps between EMA updates
     mixed_precision: str = flag("auto", ("auto", "fp16", "bf16", "no"))  # fp16 (smaller log-prob mismatch); auto = fp16 on CUDA, no on CPU
     gradient_checkpointing: bool = flag(False, (False, True))  # recompute activations in backward: less memory, about 30 % slower
-    device: str = flag("", DEVICE)  # "" = cuda:LOCAL_RANK if CUDA is there, else cpu
+    device: str = flag("", cli.DEVICE)  # "" = cuda:LOCAL_RANK if CUDA is there, else cpu
     seed: int = flag(0, "[0, 1e18]")  # seeds every random draw, per iteration and rank
     out: str = flag("runs/sd35", text_range("a folder"))  # run folder: log.jsonl, curves.png, eval/ grids, checkpoints/
     resume: str = flag("", "text")  # a run folder (its newest checkpoint) or a checkpoint folder; a bare --resume means --out
@@ -238,10 +219,7 @@ def sample_and_score(it, cfg, algo, pipe, model_dtype, autocast, reward, prompts
     texts, metadata = [p for p, _ in local_prompts], [m for _, m in local_prompts]
 
     cond = policy.encode_prompts(pipe, texts, cfg.guidance_scale, ranks.device)
-
-    def velocity(x, t, rows):  # the velocity for rows of these trajectories (a pass may mix states)
-        return policy.guided_velocity(pipe.transformer, cond.select(rows), cfg.guidance_scale, model_dtype,
-                                      cfg.sample_batch, autocast)(x, t)
+    velocity = policy.guided_velocity(pipe.transformer, cond, cfg.guidance_scale, model_dtype, cfg.sample_batch, autocast)
 
     def score(latents, rows, total_only=False):
         """Decode here (on the device), then score: CPU-bound rewards run in the worker pool
@@ -256,7 +234,7 @@ def sample_and_score(it, cfg, algo, pipe, model_dtype, autocast, reward, prompts
     try:
         with reward.leave_cores_to_workers():
             # Each chunk of sample_batch trajectories is scored while the next one samples.
-            traj, finals = minflow.rollout_in_chunks(
+            traj, finals = policy.rollout_in_chunks(
                 velocity, noise[mine].to(ranks.device), minflow.sd3_sigmas(cfg.num_steps), algo.sampler,
                 algo.noise_level, generator(cfg.seed, it, "sde", ranks.rank, device=ranks.device), cfg.sample_batch, score)
             logs["seconds_sampling"] = time.perf_counter() - timer
@@ -302,7 +280,7 @@ def sample_and_score(it, cfg, algo, pipe, model_dtype, autocast, reward, prompts
 
 
 def collect_scores(chunks, size):
-    """Wait for the scores of rollout_in_chunks' chunks -> (total [size], {term: [size]})."""
+    """Wait for the scores of policy.rollout_in_chunks' chunks -> (total [size], {term: [size]})."""
     total, terms = torch.empty(size), {}
     for rows, pending in chunks:
         chunk_total, chunk_terms = pending.result()

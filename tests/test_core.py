@@ -7,6 +7,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 import minflow
+import prompt_allocation
 
 
 @pytest.mark.parametrize("n,shift", [(1, 3.0), (10, 3.0), (40, 3.0), (10, 1.0), (25, 5.0)])
@@ -116,35 +117,6 @@ def test_on_policy_ratio_is_exactly_one(sampler):
         torch.testing.assert_close(loss, -adv.mean())
 
 
-@pytest.mark.parametrize("sampler", minflow.SAMPLERS)
-def test_a_rollout_in_chunks_is_the_whole_rollout_and_scores_each_chunk_before_the_next_samples(sampler):
-    net, velocity = toy_velocity()
-    sigmas, x = minflow.sd3_sigmas(6), torch.randn(10, 2)
-    whole = minflow.rollout(velocity, x, sigmas, sampler, 0.7, torch.Generator().manual_seed(3))
-    events = []
-
-    def chunk_velocity(x, t, rows):
-        events.append(("sample", rows.tolist()))
-        return velocity(x, t)
-
-    def score(x_final, rows):
-        events.append(("score", rows.tolist()))
-        return x_final.sum(1)
-
-    chunked, scores = minflow.rollout_in_chunks(chunk_velocity, x, sigmas, sampler, 0.7,
-                                                torch.Generator().manual_seed(3), 4, score)
-    assert torch.equal(chunked.xs, whole.xs) and torch.equal(chunked.log_probs, whole.log_probs)
-    assert torch.equal(chunked.stds, whole.stds) and torch.equal(chunked.sigmas, whole.sigmas)
-    chunks = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
-    # Each chunk samples all 6 steps, then is scored, before the next chunk samples at all.
-    assert events == [e for rows in chunks for e in [("sample", rows)] * 6 + [("score", rows)]]
-    assert [rows.tolist() for rows, _ in scores] == chunks
-    assert torch.equal(torch.cat([s for _, s in scores]), whole.xs[:, -1].sum(1))
-    # The noise drawn beforehand is the noise the whole rollout drew a step at a time.
-    noise = minflow.step_noise(x.shape, 6, torch.Generator().manual_seed(3))
-    assert torch.equal(minflow.rollout(velocity, x, sigmas, sampler, 0.7, noise=noise).xs, whole.xs)
-
-
 def test_ppo_clip_stops_the_gradient_outside_the_range():
     log_prob = torch.tensor([0.5, -0.5, 0.0], requires_grad=True)
     adv = torch.tensor([1.0, -1.0, 1.0])
@@ -244,22 +216,22 @@ def test_neyman_sizes_sum_respect_bounds_and_are_monotone():
         n_max = n_min + int(torch.randint(0, 20, (1,), generator=g))
         budget = int(torch.randint(n_min * K, n_max * K + 1, (1,), generator=g))
         var = torch.rand(K, generator=g) ** 3 * (torch.rand(K, generator=g) > 0.2)
-        sizes = minflow.neyman_group_sizes(var, budget, n_min, n_max)
+        sizes = prompt_allocation.neyman_group_sizes(var, budget, n_min, n_max)
         assert sizes.dtype == torch.long and int(sizes.sum()) == budget
         assert (sizes >= n_min).all() and (sizes <= n_max).all()
         larger_var = var[:, None] > var[None, :]
         assert (sizes[:, None] >= sizes[None, :])[larger_var].all(), (var, sizes)
-    sizes = minflow.neyman_group_sizes(torch.tensor([0.0, 0.01, 0.25, 0.25]), 64)
+    sizes = prompt_allocation.neyman_group_sizes(torch.tensor([0.0, 0.01, 0.25, 0.25]), 64)
     assert sizes[0] == 2 < sizes[1] < min(sizes[2], sizes[3]) and abs(sizes[2] - sizes[3]) <= 1
-    assert minflow.neyman_group_sizes(torch.zeros(4), 64).tolist() == [16] * 4
+    assert prompt_allocation.neyman_group_sizes(torch.zeros(4), 64).tolist() == [16] * 4
     with pytest.raises(ValueError, match="cannot be split"):
-        minflow.neyman_group_sizes(torch.ones(4), 7)
+        prompt_allocation.neyman_group_sizes(torch.ones(4), 7)
 
 
 def test_bin_sizes_follow_the_sources_example_sum_to_the_budget_and_are_monotone():
     # The source's example: M_max 24, K 4 bins, one prompt a bin -> 24 (most uncertain) .. 21.
     u = torch.tensor([0.1, 0.25, 0.0, 0.2])
-    assert minflow.bin_group_sizes(u, 90, num_bins=4, m_max=24).tolist() == [22, 24, 21, 23]
+    assert prompt_allocation.bin_group_sizes(u, 90, num_bins=4, m_max=24).tolist() == [22, 24, 21, 23]
     g = torch.Generator().manual_seed(5)
     for trial in range(200):
         K = int(torch.randint(1, 40, (1,), generator=g))
@@ -267,18 +239,18 @@ def test_bin_sizes_follow_the_sources_example_sum_to_the_budget_and_are_monotone
         m_max = bins + int(torch.randint(0, 30, (1,), generator=g))
         budget = int(torch.randint(2 * K, 40 * K + 1, (1,), generator=g))
         u = torch.rand(K, generator=g) * (torch.rand(K, generator=g) > 0.3)
-        sizes = minflow.bin_group_sizes(u, budget, bins, m_max)
+        sizes = prompt_allocation.bin_group_sizes(u, budget, bins, m_max)
         assert sizes.dtype == torch.long and int(sizes.sum()) == budget and (sizes >= 2).all()
         assert (sizes[:, None] >= sizes[None, :])[u[:, None] > u[None, :]].all(), (u, sizes)
         # Never starves: the smallest group is within the bins' ratio of the largest (+1 for rounding).
         assert sizes.min() >= min(budget // K, (m_max - bins + 1) * sizes.max() // m_max - 1) or sizes.min() == 2
     # Equal uncertainty everywhere (the first iteration) gives near-equal groups.
-    sizes = minflow.bin_group_sizes(torch.full((8,), 0.25), 128)
+    sizes = prompt_allocation.bin_group_sizes(torch.full((8,), 0.25), 128)
     assert sizes.sum() == 128 and sizes.max() - sizes.min() <= 3
 
 
 def test_beta_tracker_matches_a_hand_computation():
-    tracker = minflow.PromptTracker(3, "beta", rho=0.5)
+    tracker = prompt_allocation.PromptTracker(3, "beta", rho=0.5)
     assert tracker.value(torch.arange(3)).tolist() == [0.5] * 3  # the prior Beta(1, 1)
     assert tracker.uncertainty(torch.arange(3)).tolist() == [0.25] * 3
     tracker.update(torch.tensor([0, 0, 1]), torch.tensor([1.0, 0.5, 0.0]))
@@ -290,13 +262,13 @@ def test_beta_tracker_matches_a_hand_computation():
     torch.testing.assert_close(tracker.state[1], torch.tensor([0.25, 2.75], dtype=torch.float64))
     assert tracker.visits.tolist() == [1, 2, 0]
     # An all-zero prompt keeps some uncertainty (the prior), unlike the moments tracker.
-    moments = minflow.PromptTracker(3, "moments", rho=0.5)
+    moments = prompt_allocation.PromptTracker(3, "moments", rho=0.5)
     moments.update(torch.tensor([1, 1]), torch.tensor([0.0, 0.0]))
     assert tracker.uncertainty(torch.tensor([1]))[0] > 0.05 and moments.uncertainty(torch.tensor([1]))[0] == 0
 
 
 def test_moments_tracker_forgets_and_both_round_trip():
-    tracker = minflow.PromptTracker(3, "moments", rho=0.8)
+    tracker = prompt_allocation.PromptTracker(3, "moments", rho=0.8)
     ids = torch.tensor([0, 0, 1, 1])
     tracker.update(ids, torch.tensor([0.0, 0.0, 0.0, 1.0]))  # a first visit sets the moments
     assert tracker.value(torch.tensor([0, 1])).tolist() == [0.0, 0.5]
@@ -304,22 +276,22 @@ def test_moments_tracker_forgets_and_both_round_trip():
     tracker.update(ids, torch.tensor([1.0, 1.0, 1.0, 1.0]))
     torch.testing.assert_close(tracker.value(torch.tensor([0])), torch.tensor([0.2]))  # 0.8 * 0 + 0.2 * 1
     for kind in ("beta", "moments"):
-        t = minflow.PromptTracker(3, kind, rho=0.8, reward_range=None)
+        t = prompt_allocation.PromptTracker(3, kind, rho=0.8, reward_range=None)
         t.update(ids, torch.tensor([3.0, -1.0, 2.0, 5.0]))
-        clone = minflow.PromptTracker(3)
+        clone = prompt_allocation.PromptTracker(3)
         clone.load_state_dict(t.state_dict())
         assert torch.equal(clone.state, t.state) and torch.equal(clone.range, t.range) and clone.kind == kind
         assert torch.equal(clone.baseline(torch.arange(3)), t.baseline(torch.arange(3)))
 
 
 def test_tracker_maps_rewards_by_a_stated_or_running_range_and_counts_clipping():
-    tracker = minflow.PromptTracker(2, "beta", rho=1.0, reward_range=(0.0, 26.0))
+    tracker = prompt_allocation.PromptTracker(2, "beta", rho=1.0, reward_range=(0.0, 26.0))
     tracker.update(torch.tensor([0, 0, 0]), torch.tensor([13.0, 30.0, -2.0]))  # 0.5, clipped 1, clipped 0
     assert tracker.clipped == 2
     torch.testing.assert_close(tracker.state[0], torch.tensor([2.5, 2.5], dtype=torch.float64))
     # The baseline is the value on the reward's own scale: v = 0.5 -> 13.
     torch.testing.assert_close(tracker.baseline(torch.tensor([0, 1])), torch.tensor([13.0, 13.0]))
-    running = minflow.PromptTracker(2, "beta", rho=1.0, reward_range=None)
+    running = prompt_allocation.PromptTracker(2, "beta", rho=1.0, reward_range=None)
     running.update(torch.tensor([0, 1]), torch.tensor([-4.0, 6.0]))  # range becomes [-4, 6]
     assert running.range.tolist() == [-4.0, 6.0] and running.clipped == 0
     torch.testing.assert_close(running.value(torch.tensor([0, 1])), torch.tensor([1 / 3, 2 / 3]))
@@ -345,7 +317,7 @@ def chi_square(counts, expected):
 def test_prioritised_sampling_follows_the_weights():
     weights = torch.tensor([0.05, 0.55, 0.3, 0.05, 0.5])
     g = torch.Generator().manual_seed(0)
-    draws = torch.stack([minflow.prioritised_prompts(weights, 1, g) for _ in range(20000)])[:, 0]
+    draws = torch.stack([prompt_allocation.prioritised_prompts(weights, 1, g) for _ in range(20000)])[:, 0]
     counts = torch.bincount(draws, minlength=5).double()
     # 4 degrees of freedom: 18.5 is the 0.999 quantile of chi-square(4).
     assert chi_square(counts, 20000 * weights.double() / weights.sum()) < 18.5
@@ -353,7 +325,7 @@ def test_prioritised_sampling_follows_the_weights():
     w = torch.tensor([1.0, 2.0, 5.0], dtype=torch.float64)
     W = w.sum()
     inclusion = torch.stack([w[i] / W + sum(w[j] / W * w[i] / (W - w[j]) for j in range(3) if j != i) for i in range(3)])
-    picks = torch.stack([minflow.prioritised_prompts(w, 2, g) for _ in range(20000)])
+    picks = torch.stack([prompt_allocation.prioritised_prompts(w, 2, g) for _ in range(20000)])
     assert all(len(set(p.tolist())) == 2 for p in picks[:100])
     counts = torch.bincount(picks.flatten(), minlength=3).double()
     assert chi_square(counts, 20000 * inclusion) < 13.8  # 0.999 quantile, 2 dof

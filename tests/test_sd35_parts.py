@@ -21,7 +21,8 @@ from diffusers import SD3Transformer2DModel
 from PIL import Image, ImageDraw, ImageFont
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-from sd35 import data, rewards, tiny
+import minflow
+from sd35 import data, policy, rewards, tiny
 from sd35.rewards import RewardError, RewardMix, RewardOptions, RewardServerError, RemoteReward
 
 
@@ -259,6 +260,40 @@ def test_pooled_scores_equal_serial_scores_and_a_dead_worker_stops_cleanly():
         assert time.monotonic() - started < 60
     finally:
         mix.close()
+
+
+@pytest.mark.parametrize("sampler", minflow.SAMPLERS)
+def test_a_rollout_in_chunks_is_the_whole_rollout_and_scores_each_chunk_before_the_next_samples(sampler):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 32), torch.nn.SiLU(), torch.nn.Linear(32, 2))
+
+    def velocity(x, t):  # a row-independent stand-in for the transformer
+        return net(torch.cat([x, torch.as_tensor(t, dtype=torch.float32).expand(x.shape[0])[:, None]], 1))
+
+    sigmas, x = minflow.sd3_sigmas(6), torch.randn(10, 2)
+    whole = minflow.rollout(velocity, x, sigmas, sampler, 0.7, torch.Generator().manual_seed(3))
+    events = []
+
+    def chunk_velocity(x, t, rows):
+        events.append(("sample", rows.tolist()))
+        return velocity(x, t)
+
+    def score(x_final, rows):
+        events.append(("score", rows.tolist()))
+        return x_final.sum(1)
+
+    chunked, scores = policy.rollout_in_chunks(chunk_velocity, x, sigmas, sampler, 0.7,
+                                               torch.Generator().manual_seed(3), 4, score)
+    assert torch.equal(chunked.xs, whole.xs) and torch.equal(chunked.log_probs, whole.log_probs)
+    assert torch.equal(chunked.stds, whole.stds) and torch.equal(chunked.sigmas, whole.sigmas)
+    chunks = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    # Each chunk samples all 6 steps, then is scored, before the next chunk samples at all.
+    assert events == [e for rows in chunks for e in [("sample", rows)] * 6 + [("score", rows)]]
+    assert [rows.tolist() for rows, _ in scores] == chunks
+    assert torch.equal(torch.cat([s for _, s in scores]), whole.xs[:, -1].sum(1))
+    # The noise drawn beforehand is the noise the whole rollout drew a step at a time.
+    noise = policy.step_noise(x.shape, 6, torch.Generator().manual_seed(3))
+    assert torch.equal(minflow.rollout(velocity, x, sigmas, sampler, 0.7, noise=noise).xs, whole.xs)
 
 
 # --------------------------------------------------------------------------- CLIP and PickScore loading
