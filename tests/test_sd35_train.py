@@ -1,5 +1,6 @@
 """sd35/train.py on the tiny pipeline: the same minflow functions, real diffusers, peft and
 torch.distributed (gloo), all on CPU and offline."""
+import gc
 import json
 import os
 import socket
@@ -273,6 +274,10 @@ def _gradient_step(rank, world, port, result_path):
                         adv[mine], opt, torch.amp.GradScaler("cpu", enabled=False), torch.float32, None, ranks)
     if rank == 0:
         save_file({str(i): b - p.detach() for i, (b, p) in enumerate(zip(before, params))}, result_path)
+    # Free DDP before its process group, as sd35/train.py does: a Reducer freed after the group
+    # can deadlock with gloo's thread (pytorch/pytorch#56297); CI once hung here that way.
+    del model
+    gc.collect()
     dist.destroy_process_group()
 
 
