@@ -50,8 +50,9 @@ def _line(ax, entries, key, label=None, **style):
 def draw(entries, path):
     """Draw the curves of a run's log entries into the PNG `path` (atomically)."""
     train = [e for e in entries if "reward_mean" in e]
-    fig, axes = plt.subplots(2, 5, figsize=(22, 7.5), constrained_layout=True)
-    (reward, terms, evaluation, kl, clip), (ratio, zero_std, sizes, draws, grad) = axes
+    fig, axes = plt.subplots(3, 4, figsize=(18, 11), constrained_layout=True)
+    (reward, terms, evaluation, kl), (clip, ratio, zero_std, sizes), (draws, grad, images, unused) = axes
+    unused.axis("off")
 
     xs, mean = _series(train, "reward_mean")
     _, std = _series(train, "reward_std")
@@ -82,7 +83,7 @@ def draw(entries, path):
     zero_std.set_ylim(-0.02, 1.02)
     zero_std.set_title("zero-variance group share")
 
-    # Flat under fixed sizes; under variance-aware sizes (bins, neyman) the band shows the spread.
+    # Flat under fixed sizes; under SuperFlow's binned sizes the band shows the spread.
     sized = [e for e in train if e.get("group_sizes")]
     if sized:
         its = [e["iteration"] for e in sized]
@@ -96,8 +97,12 @@ def draw(entries, path):
     draws.set_title("tracker uncertainty of the prompt draw")
     _line(grad, train, "grad_norm", label="largest finite gradient norm")
     grad.set_title("gradient norm (before clipping)")
+    for key in ("image_brightness", "image_black_share", "image_white_share", "image_edge_density"):
+        _line(images, train, key, label=key.removeprefix("image_"))
+    images.set_ylim(-0.02, 1.02)
+    images.set_title("final images (hacking alarms)")
 
-    for ax in axes.flat:
+    for ax in axes.flat[:-1]:
         ax.set_xlabel("iteration")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
