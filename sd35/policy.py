@@ -9,7 +9,6 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
-from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from peft import LoraConfig
 
 import minflow
@@ -18,30 +17,6 @@ import minflow
 # stream's add_*_proj / to_add_out (the dual-attention blocks' attn2 is left frozen).
 LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                 "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
-
-
-def load_pipeline(model, dtype, device):
-    """`model` is a hub id, a local diffusers folder, or "tiny" (built in code, no download)."""
-    if model == "tiny":
-        from sd35.tiny import tiny_pipeline
-        pipe = tiny_pipeline()
-    else:
-        pipe = StableDiffusion3Pipeline.from_pretrained(model, torch_dtype=dtype)
-    # Cast only when needed: hub weights already arrive in `dtype`, and diffusers warns on casts.
-    pipe.to(device, dtype) if pipe.transformer.dtype != dtype else pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    for part in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
-        part.requires_grad_(False).eval()
-    return pipe
-
-
-def transformer_config(model):
-    """The transformer's config alone (a small JSON file; for "tiny", the tiny model's), so
-    that flags can be checked against the model before gigabytes of weights load."""
-    if model == "tiny":
-        from sd35.tiny import tiny_pipeline
-        return dict(tiny_pipeline().transformer.config)
-    return SD3Transformer2DModel.load_config(model, subfolder="transformer")
 
 
 def add_lora(transformer, rank, alpha):
