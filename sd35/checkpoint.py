@@ -18,11 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 import cli
-from sd35.policy import StableDiffusion3Pipeline, LoraEMA
+from sd35.policy import LoraEMA  # first: it quiets a transformers warning before diffusers loads
+from diffusers import StableDiffusion3Pipeline  # noqa: E402
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict  # noqa: E402
 
 LORA_FILE, STATE_FILE, RUN_FILE = "pytorch_lora_weights.safetensors", "trainer_state.safetensors", "run.json"
 

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 import torch
 
 # diffusers' SD3 pipeline imports transformers' image processors for IP-adapters, which this
-# trainer never uses; without torchvision transformers says it falls back to the PIL ones,
-# a warning nobody can act on (torchvision is not installable beside this torch).
+# trainer never uses; without torchvision transformers says it falls back to the PIL ones, a
+# warning nobody can act on (torchvision does not install beside this torch). Import this
+# module before diffusers.
 logging.getLogger("transformers.utils.import_utils").addFilter(
     lambda record: "requires torchvision (not installed)" not in record.getMessage())
-from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 
 import minflow  # noqa: E402
@@ -27,29 +27,6 @@ import minflow  # noqa: E402
 LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                 "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
-
-
-def load_pipeline(model, dtype, device):
-    """`model` is a hub id, a local diffusers folder, or "tiny" (built in code, no download)."""
-    if model == "tiny":
-        from sd35.tiny import tiny_pipeline
-        pipe = tiny_pipeline()
-    else:
-        pipe = StableDiffusion3Pipeline.from_pretrained(model, torch_dtype=dtype)
-    # Cast only when needed: hub weights already arrive in `dtype`, and diffusers warns on casts.
-    pipe.to(device, dtype) if pipe.transformer.dtype != dtype else pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    for part in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
-        part.requires_grad_(False).eval()
-    return pipe
-
-
-def transformer_config(model):
-    """The transformer's config alone, so that flags are checked before the weights load."""
-    if model == "tiny":
-        from sd35.tiny import tiny_pipeline
-        return dict(tiny_pipeline().transformer.config)
-    return SD3Transformer2DModel.load_config(model, subfolder="transformer")
 
 
 def add_lora(transformer, rank, alpha):
