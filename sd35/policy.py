@@ -203,18 +203,19 @@ def step_noise(shape, steps, generator=None, device=None):
                         for _ in range(steps)])
 
 
-def rollout_in_chunks(velocity, x, sigmas, sampler, noise_level, generator, chunk, score):
+def rollout_in_chunks(velocity, x, sigmas, algo, generator, chunk, score):
     """`minflow.rollout`, `chunk` trajectories at a time, handing each chunk's final states to
     `score(x_T, traj_index)` as soon as they exist -> (the whole batch's Trajectory, [(traj_index,
     what score returned)] in chunk order). `score` may return a future: the next chunk then
     samples while this one is scored elsewhere. The steps' noise is drawn for the whole batch
     first, as `minflow.rollout` draws it, so the trajectories are bitwise its own whenever the
-    velocity splits its forward passes at the same rows (the trainer's does)."""
+    velocity splits its forward passes at the same rows (the trainer's does). `algo` is anything
+    with sampler, noise_level and ddim_noise (a minflow.Algorithm)."""
     noise = step_noise(x.shape, len(sigmas) - 1, generator, x.device)
     parts, scores = [], []
     for rows in torch.arange(x.shape[0]).split(chunk):
-        part = minflow.rollout(lambda x, t: velocity(x, t, rows), x[rows.to(x.device)], sigmas, sampler,
-                               noise_level, noise=noise[:, rows.to(x.device)])
+        part = minflow.rollout(lambda x, t: velocity(x, t, rows), x[rows.to(x.device)], sigmas, algo.sampler,
+                               algo.noise_level, noise=noise[:, rows.to(x.device)], ddim_noise=algo.ddim_noise)
         parts.append(part)
         scores.append((rows, score(part.xs[:, -1], rows)))
     xs, log_probs = torch.cat([p.xs for p in parts]), torch.cat([p.log_probs for p in parts])

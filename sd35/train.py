@@ -41,14 +41,13 @@ import cli  # noqa: E402
 import minflow  # noqa: E402
 from cli import flag, parses, text_range  # noqa: E402
 from sd35 import policy  # noqa: E402  (first: it quiets a transformers warning before diffusers loads)
-from sd35 import checkpoint, curves, tracking  # noqa: E402
+from sd35 import checkpoint, curves, models, tracking  # noqa: E402
 from sd35.curves import read_log  # noqa: E402
 from sd35.data import SHIPPED_SETS, load_prompts  # noqa: E402
 from sd35.rewards import REWARDS, RewardError, RewardMix, RewardOptions, parse_reward_spec, reward_range  # noqa: E402
 
-MODEL = text_range("a hub id, a local diffusers folder, or tiny")
 PRESET = text_range(f"a preset ({', '.join(minflow.PRESETS)}), optionally with :axis=value overrides",
-                    parses(minflow.make_algorithm))
+                    parses(cli.make_algorithm))
 REWARD_SPEC = text_range(f"rewards from {', '.join(sorted(REWARDS))} with optional weights, e.g. ocr=0.8,pickscore=0.2",
                          parses(parse_reward_spec))
 URL = text_range("empty or an http(s):// URL", lambda v: v == "" or v.startswith(("http://", "https://")))
@@ -64,8 +63,8 @@ def resolution_range(value):
 
 @dataclass
 class Config:
-    model: str = flag("stabilityai/stable-diffusion-3.5-medium", MODEL)  # hub id or local diffusers folder; "tiny" is built in code
-    algo: str = flag("flow_grpo", PRESET)  # flow_grpo, stepwise, superflow, ...; axis flags such as --sampler override it
+    model: str = flag("stabilityai/stable-diffusion-3.5-medium", models.MODEL)  # hub id or local diffusers folder; tiny and sd35m-random are built in code
+    algo: str = flag("flow_grpo", PRESET)  # flow_grpo, stepwise (Flow-GRPO's SDE), stepwise_ddim, superflow, ...; axis flags override it
     reward: str = flag("ocr", REWARD_SPEC)  # one reward or a weighted mix, e.g. ocr=0.8,pickscore=0.2 (sd35/rewards.py)
     reward_url: str = flag("", URL)  # the reward server, for --reward=remote
     prompts: str = flag("ocr", PROMPT_SET)  # shipped set (ocr, general) or a folder with train/test .txt or .jsonl
@@ -88,7 +87,7 @@ class Config:
     lora_alpha: int = flag(64, "[1, inf)")  # LoRA alpha (scale alpha / r)
     ema_decay: float = flag(0.9, "[0, 1)")  # evaluate an EMA of the LoRA weights (Flow-GRPO's default); 0 evaluates the live weights
     ema_every: int = flag(8, "[1, inf)")  # optimiser steps between EMA updates
-    mixed_precision: str = flag("auto", ("auto", "fp16", "bf16", "no"))  # auto = fp16 on CUDA (smaller log-prob mismatch), no on CPU
+    mixed_precision: str = flag("auto", models.MIXED_PRECISION)  # auto = fp16 on CUDA (smaller log-prob mismatch), no on CPU
     gradient_checkpointing: bool = flag(False, (False, True))  # recompute activations in backward: less memory, slower
     text_encoders: str = flag("free", ("free", "keep"))  # free: embed every prompt at start-up, then drop the encoders; keep: encode each iteration
     report_to: str = flag("none", tuple(tracking.PACKAGES))  # also mirror the log to tensorboard or wandb (wandb reads its WANDB_* environment)
@@ -121,13 +120,19 @@ class RunError(RuntimeError):
 def parse_args(argv):
     """Flags -> (cfg, algo, train prompts, test prompts); a ValueError of one line (the flag, its
     value, what is expected) for any bad input, before anything heavy loads."""
+    if "--help" in argv or "-h" in argv:
+        axes = cli.help_text(minflow.Algorithm)
+        print(cli.help_text(Config) + "\n\nAlgorithm axes, each overriding the --algo preset's value "
+              "(the defaults shown are flow_grpo's):\n" + axes[axes.index("\n  --") + 1:])
+        raise SystemExit(0)
     bare_resume = "--resume" in argv
     argv = [a for a in argv if a != "--resume"]
     axis_flags = [a for a in argv if a.removeprefix("--").partition("=")[0] in AXES]
     cfg = Config(**cli.parse_flags(Config, [a for a in argv if a not in axis_flags]))
     cfg = replace(cfg, resume=cfg.out) if bare_resume else cfg
     cli.check_flags(cfg)
-    algo = cli.read_flags(minflow.Algorithm, axis_flags, base=minflow.make_algorithm(cfg.algo))
+    algo = cli.read_flags(minflow.Algorithm, axis_flags, base=cli.make_algorithm(cfg.algo))
+    minflow.check_trains_something(algo, minflow.sd3_sigmas(cfg.num_steps))
     try:
         train_prompts, test_prompts = load_prompts(cfg.prompts)
     except ValueError as error:
@@ -232,7 +237,7 @@ def plan_iteration(run, it, tracker):
     plan = generator(run.cfg.seed, it, "plan")
     K = run.cfg.prompts_per_iter
     prompt_ids = minflow.choose_prompts(run.algo, len(run.train_prompts), K, tracker, plan)
-    sizes = minflow.group_sizes(run.algo, K, run.budget, tracker, prompt_ids)
+    sizes = minflow.allocate_groups(run.algo, K, run.budget, tracker, prompt_ids)
     latent = run.cfg.resolution // 8
     noise = minflow.initial_noise(sizes, (run.pipe.transformer.config.in_channels, latent, latent),
                                   run.algo.shared_noise, plan)
@@ -264,18 +269,17 @@ def sample_and_score(run, it, tracker):
     try:  # a reward failing on one rank stops every rank together (agree_on_failure)
         with run.reward.leave_cores_to_workers():
             traj, finals = policy.rollout_in_chunks(
-                velocity, noise[mine].to(ranks.device), minflow.sd3_sigmas(cfg.num_steps), run.algo.sampler,
-                run.algo.noise_level, generator(cfg.seed, it, "sde", ranks.rank, device=ranks.device),
-                cfg.sample_batch, score)
+                velocity, noise[mine].to(ranks.device), minflow.sd3_sigmas(cfg.num_steps), run.algo,
+                generator(cfg.seed, it, "sde", ranks.rank, device=ranks.device), cfg.sample_batch, score)
             logs["seconds_sampling"], timer = time.perf_counter() - timer, time.perf_counter()
-            if run.algo.step_credit == "gains":  # while the final rewards are still being scored
-                along = minflow.step_rewards(
-                    velocity, traj, lambda x0, rows: score(x0, rows, total_only=True), run.algo.substeps,
-                    needed=minflow.needed_states(traj.stds), groups=group_ids[mine] if run.algo.shared_noise else None,
-                    batch_size=cfg.sample_batch)
+            groups = group_ids[mine] if run.algo.shared_noise else None
+            if run.algo.step_credit == "gains":  # each pass is scored while the next runs, as are the finals
+                along = [(b, k, score(x0, b, total_only=True)) for b, k, x0 in minflow.clean_estimate_passes(
+                    velocity, traj, run.algo.substeps, minflow.needed_states(traj.stds), groups, cfg.sample_batch)]
             local_rewards, terms = collect_scores(finals, len(texts))
-        if along is not None:
-            along[:, -1] = local_rewards
+            if along is not None:
+                along = minflow.reward_table(traj.xs.shape[1], [(b, k, p.result()) for b, k, p in along],
+                                             local_rewards, groups)
     except RewardError as error:
         failure = str(error)
     agree_on_failure(failure, ranks)
@@ -302,8 +306,8 @@ def credit(run, it, tracker, ids, group_ids, stds, rewards, along):
         raise RunError(f"iteration {it + 1}: every reward is NaN or infinite; check the reward function")
     baseline = tracker.baseline(ids[valid]) if run.algo.baseline == "tracker" else None
     adv = torch.zeros(run.budget, len(stds))
-    adv[valid] = minflow.advantages(run.algo, total[valid], group_ids[valid], stds,
-                                    None if along is None else along[valid], baseline)
+    adv[valid] = minflow.step_advantages(run.algo, total[valid], group_ids[valid], stds,
+                                         None if along is None else along[valid], baseline)
     logs = {"reward_mean": total[valid].mean().item(), "reward_std": total[valid].std(unbiased=False).item(),
             "dropped_samples": int((~valid).sum()), "zero_std_ratio": minflow.zero_std_fraction(total[valid], group_ids[valid]),
             **{f"reward{k}": v[v.isfinite()].mean().item() for k, v in rewards.items() if k}}
@@ -386,11 +390,9 @@ def train_pass(run, learner, cond, rows, weight):
         with policy.adapter_disabled(transformer):
             return reference(x, t)
 
-    dev = run.ranks.device
-    return minflow.policy_loss(
-        run.velocity(learner.model, step_cond, None), rows["x"].to(dev), rows["x_next"].to(dev), rows["t"].to(dev),
-        rows["t_next"].to(dev), rows["old_log_prob"].to(dev), rows["advantage"].to(dev), run.algo.sampler,
-        run.algo.noise_level, run.cfg.clip_range, run.cfg.beta, ref_velocity, weight=weight.to(dev))
+    rows = {k: v.to(run.ranks.device) for k, v in rows.items() if k != "sample"}
+    return minflow.policy_loss(run.velocity(learner.model, step_cond, None), rows, run.algo, run.cfg.clip_range,
+                               run.cfg.beta, ref_velocity, weight.to(run.ranks.device))
 
 
 @torch.no_grad()
@@ -453,7 +455,7 @@ def check_before_loading(argv):
         raise ValueError(f"--resume={cfg.resume}: no complete checkpoint there")
     if resume_from:
         checkpoint.check_identity(resume_from, identity)
-    config = policy.transformer_config(cfg.model)
+    config = models.transformer_config(cfg.model)
     default_resolution = min(512, config["sample_size"] * 8)  # the model's own, at most Flow-GRPO's 512 px
     cfg = replace(cfg, resolution=cfg.resolution or default_resolution)
     side = cfg.resolution // 8 // config["patch_size"]
@@ -467,19 +469,24 @@ def check_before_loading(argv):
     return cfg, algo, train_prompts, test_prompts, ranks, resume_from, identity, default_resolution
 
 
-def autocast_dtype(mixed_precision, device):
-    precision = mixed_precision if mixed_precision != "auto" else ("fp16" if device.type == "cuda" else "no")
-    return {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}[precision]
+def print_memory_estimate(cfg, device):
+    """What the run will hold on the accelerator, from the model's configs, before the weights load."""
+    dtype = models.autocast_dtype(cfg.mixed_precision, device) or torch.float32
+    rows = models.memory_estimate(cfg.model, cfg.resolution, cfg.train_batch, cfg.lora_rank,
+                                  cfg.text_encoders == "keep", dtype)
+    total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    print(models.format_memory_table(rows, total) if rows else
+          "memory estimate: skipped (the model's config files are not in the local Hugging Face cache)")
 
 
 def build(cfg, algo, train_prompts, test_prompts, ranks):
     """Load the model, the rewards and the prompt embeddings -> (Run, Learner before resuming)."""
-    dtype = autocast_dtype(cfg.mixed_precision, ranks.device)
+    dtype = models.autocast_dtype(cfg.mixed_precision, ranks.device) or torch.float32
     autocast = (lambda: torch.autocast(ranks.device.type, dtype=dtype)) if dtype != torch.float32 else None
     workers = cfg.reward_workers if cfg.reward_workers >= 0 else \
         max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     reward = RewardMix(cfg.reward, RewardOptions(device=str(ranks.device), remote_url=cfg.reward_url or None), workers)
-    pipe = policy.load_pipeline(cfg.model, dtype, ranks.device)
+    pipe = models.load_pipeline(cfg.model, dtype, ranks.device)
     prompts = policy.PromptBank(pipe, [p for p, _ in train_prompts + test_prompts], cfg.guidance_scale, ranks.device,
                                 cfg.text_encoders == "keep", cfg.sample_batch)
     transformer = pipe.transformer
@@ -503,10 +510,11 @@ def describe_run(run, learner, start, default_resolution):
     cfg, algo, world = run.cfg, run.algo, run.ranks.world
     shares = sorted({len(range(run.budget)[run.ranks.share(run.budget, r)]) for r in range(world)}, reverse=True)
     sigmas = minflow.sd3_sigmas(cfg.num_steps)
-    trained = int(minflow.trained_steps(minflow.step_std(sigmas[:-1], sigmas[1:], algo.sampler, algo.noise_level)).sum())
+    trained = int(minflow.trained_steps(minflow.step_std(sigmas[:-1], sigmas[1:], algo.sampler, algo.noise_level,
+                                                         algo.ddim_noise)).sum())
     spread = f"{shares[0]}" if len(shares) == 1 else \
         f"{shares[1]}-{shares[0]} (ranks 0-{run.budget % world - 1} take {shares[0]})"
-    print(f"batch: {cfg.prompts_per_iter} prompts x {'mean ' if algo.group_sizes != 'fixed' else ''}{cfg.group_size} = "
+    print(f"batch: {cfg.prompts_per_iter} prompts x {'mean ' if algo.group_sizing != 'fixed' else ''}{cfg.group_size} = "
           f"{run.budget} trajectories per iteration, {world} rank(s) x {spread}; {trained} of {cfg.num_steps} steps "
           f"trained -> up to {run.budget * trained} transitions per iteration in {cfg.minibatches} optimiser steps of "
           f"micro-batches of {cfg.train_batch}; {len(run.train_prompts)} train / {len(run.test_prompts)} test prompts; "
@@ -514,7 +522,8 @@ def describe_run(run, learner, start, default_resolution):
           f"parameters; from iteration {start}")
     print(f"resolution: {cfg.resolution} px" + (" (the model's default; --resolution changes it)"
                                                 if cfg.resolution == default_resolution else ""))
-    print(f"algorithm: --algo={cfg.algo} samples with the {algo.sampler} SDE at noise level {algo.noise_level}; {algo}")
+    print(f"algorithm: --algo={cfg.algo} samples with the {algo.sampler} SDE"
+          f"{f' ({algo.ddim_noise} schedule)' if algo.sampler == 'ddim' else ''} at noise level {algo.noise_level}; {algo}")
     if learner.state.tracker is not None:
         tracked = reward_range(run.reward.weights)
         print("prompt tracker: rewards mapped to [0, 1] from " + (
@@ -575,6 +584,8 @@ def main(argv):
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     ranks.start()
+    if ranks.master:
+        print_memory_estimate(cfg, ranks.device)
     torch.manual_seed(cfg.seed)  # only the LoRA's initial weights draw from the global generator
     run, learner = build(cfg, algo, train_prompts, test_prompts, ranks)
     start = checkpoint.load(resume_from, learner.state, identity) if resume_from else 0
