@@ -38,6 +38,10 @@ class TrainState:
     tracker: object = None
     ema: LoraEMA | None = None
 
+    @property
+    def params(self):
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
 
 def save(run_dir, iteration, state, identity):
     """Write checkpoint `iteration` atomically; returns its folder."""

@@ -1,9 +1,6 @@
-"""The SD3.5 policy as minflow sees it: a velocity function.
-
-A diffusers StableDiffusion3Pipeline supplies the parts; a peft LoRA on the transformer's
-joint-attention projections is the trainable policy; the same transformer with the adapter
-switched off is the reference policy for the KL term. Model plumbing only: the RL math stays
-in minflow.py.
+"""The SD3.5 policy as minflow sees it, a velocity function: a peft LoRA on the transformer's
+joint-attention projections is the trainable policy, the same transformer with the adapter off
+the reference for the KL term. Model plumbing only; the RL math stays in minflow.py.
 """
 import gc
 import logging
@@ -12,10 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
-# diffusers' SD3 pipeline imports transformers' image processors for IP-adapters, which this
-# trainer never uses; without torchvision transformers says it falls back to the PIL ones, a
-# warning nobody can act on (torchvision does not install beside this torch). Import this
-# module before diffusers.
+# diffusers' SD3 pipeline imports transformers' image processors for IP-adapters, which we never
+# use; without torchvision transformers warns that it falls back to the PIL ones, which nobody
+# can act on (torchvision does not install beside this torch). Import this before diffusers.
 logging.getLogger("transformers.utils.import_utils").addFilter(
     lambda record: "requires torchvision (not installed)" not in record.getMessage())
 from peft import LoraConfig  # noqa: E402
@@ -41,10 +37,9 @@ def add_lora(transformer, rank, alpha):
 
 
 class LoraEMA:
-    """An exponential moving average of the LoRA weights, updated every `every` optimiser steps
-    and evaluated in their place (Flow-GRPO's default), so evaluation reflects the recent policy
-    rather than the last noisy step. Training samples with the live weights; `applied()` swaps
-    the average in and the live weights back after."""
+    """A moving average of the LoRA weights, updated every `every` optimiser steps and evaluated in
+    their place (Flow-GRPO's default): the recent policy, not the last noisy step. `applied()`
+    swaps it in and the live weights back after; training samples with the live weights."""
 
     def __init__(self, params, decay=0.9, every=8):
         self.params, self.decay, self.every = params, decay, every
@@ -52,8 +47,7 @@ class LoraEMA:
         self.steps = 0
 
     @torch.no_grad()
-    def step(self):
-        """Call after each optimiser step that changed the weights."""
+    def step(self):  # after each optimiser step that changed the weights
         self.steps += 1
         if self.steps % self.every == 0:
             for average, p in zip(self.average, self.params):
@@ -111,9 +105,9 @@ def encode_prompts(pipe, prompts, guidance_scale, device, max_sequence_length=25
 
 class PromptBank:
     """The conditioning of a fixed list of prompts, `bank(index) -> PromptEmbeddings` on `device`.
-    With `keep` the text encoders stay and encode each request; otherwise every prompt is
-    encoded once here, in batches, kept on the CPU (pinned when CUDA is there, for fast copies)
-    and the encoders are freed from the pipeline and the accelerator."""
+    With `keep` the text encoders stay and encode each request; otherwise every prompt is encoded
+    once here in batches, kept on the CPU (pinned with CUDA, for fast copies), and the encoders
+    leave the pipeline and the accelerator."""
 
     def __init__(self, pipe, prompts, guidance_scale, device, keep, batch_size):
         self.pipe, self.prompts, self.guidance_scale, self.device, self.table = pipe, prompts, guidance_scale, device, None
@@ -139,12 +133,11 @@ class PromptBank:
 
 
 def guided_velocity(model, cond, guidance_scale, dtype, batch_size=None, autocast=None):
-    """minflow's velocity for the transformer `model` (plain or DDP-wrapped) under classifier-free
-    guidance v = v_uncond + w (v_text - v_uncond), both branches in one batch as diffusers does.
-    t is sigma (0-d or [B]); the transformer wants sigma * 1000. Returns float32, so minflow's
-    step math runs in float32; more than `batch_size` rows run in chunks of forward passes.
-    `velocity(x, t, traj_index)` says which of `cond`'s prompts each row of x belongs to
-    (default: row i to prompt i)."""
+    """minflow's `velocity(x, t, traj_index)` for the transformer `model` (plain or DDP) under CFG,
+    v = v_uncond + w (v_text - v_uncond), both branches in one batch as diffusers does; traj_index
+    picks each row's prompt in `cond` (default row i, prompt i). t is sigma (the transformer
+    wants sigma * 1000); float32 out, so minflow's step math runs in float32; forward passes of
+    at most `batch_size` rows."""
     cfg = guidance_scale > 1
     autocast = autocast or nullcontext
 
@@ -197,20 +190,17 @@ def image_statistics(images):
 
 
 def step_noise(shape, steps, generator=None, device=None):
-    """The noise `minflow.rollout` draws, drawn beforehand -> [steps, *shape]: the same calls in
-    the same order (one per step), so the same values on any device."""
+    """The noise `minflow.rollout` draws, drawn beforehand in the same calls -> [steps, *shape]."""
     return torch.stack([torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
                         for _ in range(steps)])
 
 
 def rollout_in_chunks(velocity, x, sigmas, algo, generator, chunk, score):
-    """`minflow.rollout`, `chunk` trajectories at a time, handing each chunk's final states to
-    `score(x_T, traj_index)` as soon as they exist -> (the whole batch's Trajectory, [(traj_index,
-    what score returned)] in chunk order). `score` may return a future: the next chunk then
-    samples while this one is scored elsewhere. The steps' noise is drawn for the whole batch
-    first, as `minflow.rollout` draws it, so the trajectories are bitwise its own whenever the
-    velocity splits its forward passes at the same rows (the trainer's does). `algo` is anything
-    with sampler, noise_level and ddim_noise (a minflow.Algorithm)."""
+    """`minflow.rollout` under `algo`'s sampler, `chunk` trajectories at a time, handing each chunk's
+    final states to `score(x_T, traj_index)` at once -> (the Trajectory, [(traj_index, what score
+    returned)]). `score` may return a future: the next chunk samples while this one is scored.
+    The steps' noise is drawn for the whole batch first, as `minflow.rollout` draws it, so the
+    trajectories are its own, bitwise, when the velocity's forward passes split at the same rows."""
     noise = step_noise(x.shape, len(sigmas) - 1, generator, x.device)
     parts, scores = [], []
     for rows in torch.arange(x.shape[0]).split(chunk):

@@ -1,8 +1,6 @@
-"""Fine-tune Stable Diffusion 3.5 Medium with Flow-GRPO, Stepwise-Flow-GRPO or SuperFlow.
-
-One file that runs alone or under torchrun: torchrun's environment (RANK, WORLD_SIZE,
-LOCAL_RANK) switches DDP on, NCCL on GPUs and gloo on CPUs; rank 0 logs, evaluates to disk
-and saves.
+"""Fine-tune Stable Diffusion 3.5 Medium with Flow-GRPO, Stepwise-Flow-GRPO or SuperFlow, alone or
+under torchrun (its RANK, WORLD_SIZE, LOCAL_RANK switch DDP on: NCCL on GPUs, gloo on CPUs;
+rank 0 logs, evaluates and saves).
 
     python sd35/train.py --model=tiny --iters=2                      # CPU smoke run at 64 px, no download
     python sd35/train.py --reward=ocr --prompts=ocr                  # one GPU, defaults below
@@ -13,9 +11,8 @@ and saves.
     python sd35/train.py --eval_only --resume=runs/sd35              # evaluate the newest checkpoint
     python sd35/train.py --help                                      # every flag, its default and range
 
-`--algo` picks a preset; a field of minflow.Algorithm given as a flag overrides that axis
-(`--algo=stepwise --sampler=ddim`). Every RL formula lives in minflow.py; this file only feeds
-it images, rewards and gradients.
+`--algo` picks a preset; a field of minflow.Algorithm given as a flag overrides that axis. Every
+RL formula lives in minflow.py; this file feeds it images, rewards and gradients.
 """
 import gc
 import hashlib
@@ -55,25 +52,23 @@ PROMPT_SET = text_range(f"a shipped set ({', '.join(SHIPPED_SETS)}) or a folder"
                         lambda v: v in SHIPPED_SETS or (v != "" and Path(v).is_dir()))
 
 
-def resolution_range(value):
-    if value is None or value < 0 or value % 16:
-        return "0 (the model's own default) or a positive multiple of 16 (VAE 8x, patch 2)"
-    return None
+RESOLUTION = text_range("0 (the model's own default) or a positive multiple of 16 (VAE 8x, patch 2)",
+                        lambda v: v >= 0 and v % 16 == 0)
 
 
 @dataclass
 class Config:
-    model: str = flag("stabilityai/stable-diffusion-3.5-medium", models.MODEL)  # hub id or local diffusers folder; tiny and sd35m-random are built in code
-    algo: str = flag("flow_grpo", PRESET)  # flow_grpo, stepwise (Flow-GRPO's SDE), stepwise_ddim, superflow, ...; axis flags override it
+    model: str = flag("stabilityai/stable-diffusion-3.5-medium", models.MODEL)  # the model to fine-tune; tiny and sd35m-random are built in code, no download
+    algo: str = flag("flow_grpo", PRESET)  # stepwise runs on Flow-GRPO's SDE, stepwise_ddim on the DDIM-inspired one; axis flags override
     reward: str = flag("ocr", REWARD_SPEC)  # one reward or a weighted mix, e.g. ocr=0.8,pickscore=0.2 (sd35/rewards.py)
     reward_url: str = flag("", URL)  # the reward server, for --reward=remote
     prompts: str = flag("ocr", PROMPT_SET)  # shipped set (ocr, general) or a folder with train/test .txt or .jsonl
     group_size: int = flag(8, "[2, inf)")  # G, trajectories per prompt (the mean size under binned sizes); 24 in the paper
     prompts_per_iter: int = flag(8, "[1, inf)")  # groups per iteration; trajectories per iteration = group_size x this, over all ranks
-    num_steps: int = flag(10, "[2, inf)")  # sampling steps in training
-    eval_num_steps: int = flag(40, "[1, inf)")  # ODE steps in evaluation
+    num_steps: int = flag(10, "[2, 1000]")  # sampling steps in training (at most the scheduler's training timesteps)
+    eval_num_steps: int = flag(40, "[1, 1000]")  # ODE steps in evaluation
     guidance_scale: float = flag(4.5, "[1, 100]")  # CFG in sampling and training; 1 switches CFG off
-    resolution: int = flag(0, resolution_range)  # image side in pixels; 0 = the model's own (512 for SD3.5, 64 for tiny)
+    resolution: int = flag(0, RESOLUTION)  # image side in pixels; 0 = the model's own (512 for SD3.5, 64 for tiny)
     iters: int = flag(300, "[0, inf)")  # RL iterations
     minibatches: int = flag(2, "[1, inf)")  # optimiser steps per iteration, each over a share of the transitions
     train_batch: int = flag(8, "[1, inf)")  # transitions per forward-backward (gradients accumulate beyond it)
@@ -132,7 +127,10 @@ def parse_args(argv):
     cfg = replace(cfg, resume=cfg.out) if bare_resume else cfg
     cli.check_flags(cfg)
     algo = cli.read_flags(minflow.Algorithm, axis_flags, base=cli.make_algorithm(cfg.algo))
-    minflow.check_trains_something(algo, minflow.sd3_sigmas(cfg.num_steps))
+    try:
+        minflow.check_trains_something(algo, minflow.sd3_sigmas(cfg.num_steps))
+    except cli.FlagError as error:  # any of the three flags may be the one to change
+        raise cli.FlagError(f"{error} (with --noise_level={algo.noise_level} and --num_steps={cfg.num_steps})") from None
     try:
         train_prompts, test_prompts = load_prompts(cfg.prompts)
     except ValueError as error:
@@ -140,11 +138,10 @@ def parse_args(argv):
     return cfg, algo, train_prompts, test_prompts
 
 
-# Ranks. Every rank computes the iteration's plan (prompts, group sizes, initial noise) from
-# the same seeded generator, samples its contiguous share of the trajectories, and all-gathers
-# the rewards. Advantages are computed on the whole batch, identically on every rank, and each
-# rank trains on its share: a group is normalised whole even when it spans ranks or SuperFlow
-# makes sizes uneven; normalising per rank would bias the baseline.
+# Every rank computes the iteration's plan (prompts, group sizes, initial noise) from the same
+# seeded generator, samples its contiguous share and all-gathers the rewards; advantages come
+# from the whole batch, identically everywhere, so a group is normalised whole even when it
+# spans ranks (normalising per rank would bias the baseline). Each rank trains on its share.
 
 
 class Ranks:
@@ -186,9 +183,9 @@ class Ranks:
 
 
 def agree_on_failure(failure, ranks):
-    """Raise RunError on every rank together if `failure` (this rank's error text, or None) is
-    not None on any rank: a rank that failed alone would leave the others waiting forever in
-    their next collective. Rank 0 prints the run's error; another rank prints its own here."""
+    """Raise RunError on every rank together if `failure` (this rank's error text or None) is set on
+    any: a rank failing alone would leave the others waiting in their next collective forever.
+    Rank 0 prints the run's error; another rank prints its own here."""
     failed = ranks.gather(torch.tensor([failure is not None]))
     if failed.any():
         if failure and not ranks.master:
@@ -204,10 +201,11 @@ def generator(*key, device="cpu"):
 
 @dataclass
 class Run:
-    """What every step of an iteration reads and nothing changes: flags, model, ranks, rewards."""
+    """What every part of an iteration reads and none changes."""
     cfg: Config
     algo: minflow.Algorithm
     pipe: object
+    model: torch.nn.Module  # the transformer, DDP-wrapped under torchrun
     dtype: torch.dtype
     autocast: object  # a context factory for mixed precision, or None
     ranks: Ranks
@@ -219,13 +217,6 @@ class Run:
 
     def velocity(self, model, cond, batch_size):
         return policy.guided_velocity(model, cond, self.cfg.guidance_scale, self.dtype, batch_size, self.autocast)
-
-
-@dataclass
-class Learner:
-    model: torch.nn.Module  # the transformer, DDP-wrapped under torchrun
-    params: list
-    state: checkpoint.TrainState
 
 
 # ----------------------------------------------------------------------------------
@@ -245,8 +236,8 @@ def plan_iteration(run, it, tracker):
 
 
 def sample_and_score(run, it, tracker):
-    """Roll out this rank's share of the iteration's groups and score them (and, for gains, the
-    states the trained gains need) -> (local trajectories, conditioning, advantages [b, T], logs)."""
+    """Roll out this rank's share of the groups and score it (for gains also the states the trained
+    gains need) -> (local trajectories, conditioning, advantages [b, T], logs)."""
     timer, cfg, ranks = time.perf_counter(), run.cfg, run.ranks
     prompt_ids, sizes, group_ids, noise = plan_iteration(run, it, tracker)
     mine = ranks.share(run.budget)
@@ -258,8 +249,7 @@ def sample_and_score(run, it, tracker):
     images_seen = []
 
     def score(latents, traj_index, total_only=False):
-        """Decode here, then score: CPU-bound rewards run in the worker pool while this process
-        goes on sampling, or estimating clean images."""
+        """Decode here, then score: the worker pool scores while this process goes on sampling."""
         images, rows = policy.decode(run.pipe.vae, latents, cfg.sample_batch), traj_index.tolist()
         if not total_only:
             images_seen.append(policy.image_statistics(images))
@@ -276,7 +266,9 @@ def sample_and_score(run, it, tracker):
             if run.algo.step_credit == "gains":  # each pass is scored while the next runs, as are the finals
                 along = [(b, k, score(x0, b, total_only=True)) for b, k, x0 in minflow.clean_estimate_passes(
                     velocity, traj, run.algo.substeps, minflow.needed_states(traj.stds), groups, cfg.sample_batch)]
-            local_rewards, terms = collect_scores(finals, len(texts))
+            results = [pending.result() for _, pending in finals]  # the chunks in order
+            local_rewards, terms = torch.cat([r[0] for r in results]), {k: torch.cat([r[1][k] for r in results])
+                                                                         for k in results[0][1]}
             if along is not None:
                 along = minflow.reward_table(traj.xs.shape[1], [(b, k, p.result()) for b, k, p in along],
                                              local_rewards, groups)
@@ -317,21 +309,8 @@ def credit(run, it, tracker, ids, group_ids, stds, rewards, along):
     return adv, logs
 
 
-def collect_scores(chunks, size):
-    """Wait for the scores of policy.rollout_in_chunks' chunks -> (total [size], {term: [size]})."""
-    total, terms = torch.empty(size), {}
-    for rows, pending in chunks:
-        chunk_total, chunk_terms = pending.result()
-        total[rows] = chunk_total
-        for name, term in chunk_terms.items():
-            terms.setdefault(name, torch.empty(size))[rows] = term
-    return total, terms
-
-
 def prompt_draw_logs(prompt_ids, tracker):
-    """The draw: its ids (the same on every rank), how many are distinct, and under a tracker how
-    uncertain the drawn prompts are next to the pool's mean (a prioritised draw picks uncertain
-    ones) and how many prompts it had seen before."""
+    """The draw, and under a tracker how uncertain the drawn prompts are next to the whole pool."""
     logs = {"prompt_ids": prompt_ids.tolist(), "distinct_prompts": len(prompt_ids.unique())}
     if tracker is not None:
         pool = tracker.uncertainty(torch.arange(len(tracker.visits)))
@@ -340,12 +319,12 @@ def prompt_draw_logs(prompt_ids, tracker):
     return logs
 
 
-def optimise(run, it, learner, traj, cond, adv):
+def optimise(run, it, state, traj, cond, adv):
     """The PPO update: cfg.minibatches optimiser steps over this rank's informative transitions.
-    Every rank runs the same number of forward-backward passes (DDP needs that); short ranks pad
-    with rows of weight 0. A real row weighs world / N, N the step's rows over all ranks, so
-    DDP's gradient average is one big batch's mean, whatever the ranks' shares."""
-    cfg, ranks, state = run.cfg, run.ranks, learner.state
+    Every rank runs as many forward-backward passes (DDP needs that), short ranks padding with
+    rows of weight 0; a real row weighs world / N (N: the step's rows on all ranks), so DDP's
+    gradient average is one big batch's mean, whatever the ranks' shares."""
+    cfg, ranks = run.cfg, run.ranks
     rows = minflow.transitions(traj, adv, minflow.trained_steps(traj.stds).expand_as(adv))
     shuffle = generator(cfg.seed, it, "shuffle", ranks.rank)
     informative = (rows["advantage"] != 0).nonzero()[:, 0]
@@ -362,13 +341,13 @@ def optimise(run, it, learner, traj, cond, adv):
         weight = torch.zeros(len(order))
         weight[:len(step_rows)] = ranks.world / counts.sum()
         for p, (idx, w) in enumerate(zip(order.split(cfg.train_batch), weight.split(cfg.train_batch))):
-            with learner.model.no_sync() if ranks.ddp and p < passes - 1 else nullcontext():
-                loss, s = train_pass(run, learner, cond, {k: v[idx] for k, v in rows.items()}, w)
+            with run.model.no_sync() if ranks.ddp and p < passes - 1 else nullcontext():
+                loss, s = train_pass(run, cond, {k: v[idx] for k, v in rows.items()}, w)
                 state.scaler.scale(loss).backward()
             if w.any():
                 stats.append({**s, "policy_loss": loss.item()})
         state.scaler.unscale_(state.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(learner.params, cfg.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(state.params, cfg.grad_clip)
         if torch.isfinite(grad_norm):  # a NaN/inf loss or gradient: skip the step (all ranks agree)
             state.scaler.step(state.optimizer)
         state.scaler.update()
@@ -380,10 +359,9 @@ def optimise(run, it, learner, traj, cond, adv):
             "skipped_steps": [not math.isfinite(g) for g in grad_norms]}
 
 
-def train_pass(run, learner, cond, rows, weight):
+def train_pass(run, cond, rows, weight):
     """One forward pass of the loss over a micro-batch of transitions -> (loss, stats)."""
-    step_cond = cond.select(rows["sample"])
-    transformer = learner.state.transformer
+    step_cond, transformer = cond.select(rows["sample"]), run.pipe.transformer
     reference = run.velocity(transformer, step_cond, None)
 
     def ref_velocity(x, t):
@@ -391,7 +369,7 @@ def train_pass(run, learner, cond, rows, weight):
             return reference(x, t)
 
     rows = {k: v.to(run.ranks.device) for k, v in rows.items() if k != "sample"}
-    return minflow.policy_loss(run.velocity(learner.model, step_cond, None), rows, run.algo, run.cfg.clip_range,
+    return minflow.policy_loss(run.velocity(run.model, step_cond, None), rows, run.algo, run.cfg.clip_range,
                                run.cfg.beta, ref_velocity, weight.to(run.ranks.device))
 
 
@@ -420,24 +398,18 @@ def evaluate(run, it, out, mirror):
     grid = ranks.gather((images * 255).round().to(torch.uint8).cpu())[:chosen]
     if ranks.master:
         cols = math.ceil(math.sqrt(len(grid)))
-        grid = torch.cat([grid, torch.zeros((cols * math.ceil(len(grid) / cols) - len(grid), *grid.shape[1:]),
-                                            dtype=torch.uint8)])
-        pixels = rearrange(grid, "(r c) ch h w -> (r h) (c w) ch", c=cols).numpy()
+        grid = torch.cat([grid, torch.zeros((-len(grid) % cols, *grid.shape[1:]), dtype=torch.uint8)])
+        pixels, png = rearrange(grid, "(r c) ch h w -> (r h) (c w) ch", c=cols).numpy(), io.BytesIO()
         (out / "eval").mkdir(exist_ok=True)
-        png = io.BytesIO()
         Image.fromarray(pixels).save(png, format="PNG")
         cli.atomic_write(out / "eval" / f"iter_{it:06d}.png", png.getvalue())
         mirror.image("eval_grid", pixels, it)
     return logs
 
 
-# ----------------------------------------------------------------------------------
-# Start-up, the loop, the end
-
-
 def check_before_loading(argv):
-    """Every check that needs no model weights -> (cfg, algo, train, test prompts, ranks, the
-    checkpoint to resume from or None, the run's identity, the model's default resolution)."""
+    """Every check that needs no weights -> (cfg, algo, train and test prompts, ranks, the checkpoint
+    to resume or None, the run's identity, the model's default resolution)."""
     cfg, algo, train_prompts, test_prompts = parse_args(argv)
     ranks = Ranks(cfg.device)
     budget = cfg.group_size * cfg.prompts_per_iter
@@ -463,9 +435,8 @@ def check_before_loading(argv):
         raise ValueError(f"--resolution={cfg.resolution} needs {side} patches a side; this model takes at most "
                          f"{config['pos_embed_max_size']} ({config['pos_embed_max_size'] * 8 * config['patch_size']} px)")
     out.mkdir(parents=True, exist_ok=True)
-    probe = out / f".write-test-{ranks.rank}"
-    probe.write_bytes(b"")
-    probe.unlink()
+    (out / f".write-test-{ranks.rank}").write_bytes(b"")
+    (out / f".write-test-{ranks.rank}").unlink()
     return cfg, algo, train_prompts, test_prompts, ranks, resume_from, identity, default_resolution
 
 
@@ -480,7 +451,7 @@ def print_memory_estimate(cfg, device):
 
 
 def build(cfg, algo, train_prompts, test_prompts, ranks):
-    """Load the model, the rewards and the prompt embeddings -> (Run, Learner before resuming)."""
+    """Load the model, the rewards and the prompt embeddings -> (Run, TrainState before resuming)."""
     dtype = models.autocast_dtype(cfg.mixed_precision, ranks.device) or torch.float32
     autocast = (lambda: torch.autocast(ranks.device.type, dtype=dtype)) if dtype != torch.float32 else None
     workers = cfg.reward_workers if cfg.reward_workers >= 0 else \
@@ -500,54 +471,52 @@ def build(cfg, algo, train_prompts, test_prompts, ranks):
         policy.LoraEMA(params, cfg.ema_decay, cfg.ema_every) if cfg.ema_decay > 0 else None)
     model = DDP(transformer, device_ids=[ranks.device.index] if ranks.device.type == "cuda" else None) \
         if ranks.ddp else transformer
-    run = Run(cfg, algo, pipe, dtype, autocast, ranks, reward, prompts, train_prompts, test_prompts,
-              cfg.group_size * cfg.prompts_per_iter)
-    return run, Learner(model, params, state)
+    return Run(cfg, algo, pipe, model, dtype, autocast, ranks, reward, prompts, train_prompts, test_prompts,
+               cfg.group_size * cfg.prompts_per_iter), state
 
 
-def describe_run(run, learner, start, default_resolution):
+def describe_run(run, state, start, default_resolution):
     """The start-up lines: the batch arithmetic, resolution, algorithm and tracker."""
     cfg, algo, world = run.cfg, run.algo, run.ranks.world
-    shares = sorted({len(range(run.budget)[run.ranks.share(run.budget, r)]) for r in range(world)}, reverse=True)
+    per, extra = divmod(run.budget, world)
     sigmas = minflow.sd3_sigmas(cfg.num_steps)
     trained = int(minflow.trained_steps(minflow.step_std(sigmas[:-1], sigmas[1:], algo.sampler, algo.noise_level,
                                                          algo.ddim_noise)).sum())
-    spread = f"{shares[0]}" if len(shares) == 1 else \
-        f"{shares[1]}-{shares[0]} (ranks 0-{run.budget % world - 1} take {shares[0]})"
+    spread = f"{per}-{per + 1} (ranks 0-{extra - 1} take {per + 1})" if extra else f"{per}"
     print(f"batch: {cfg.prompts_per_iter} prompts x {'mean ' if algo.group_sizing != 'fixed' else ''}{cfg.group_size} = "
           f"{run.budget} trajectories per iteration, {world} rank(s) x {spread}; {trained} of {cfg.num_steps} steps "
           f"trained -> up to {run.budget * trained} transitions per iteration in {cfg.minibatches} optimiser steps of "
           f"micro-batches of {cfg.train_batch}; {len(run.train_prompts)} train / {len(run.test_prompts)} test prompts; "
-          f"{str(run.dtype).removeprefix('torch.')}; {sum(p.numel() for p in learner.params) / 1e6:.2f}M LoRA "
+          f"{str(run.dtype).removeprefix('torch.')}; {sum(p.numel() for p in state.params) / 1e6:.2f}M LoRA "
           f"parameters; from iteration {start}")
     print(f"resolution: {cfg.resolution} px" + (" (the model's default; --resolution changes it)"
                                                 if cfg.resolution == default_resolution else ""))
     print(f"algorithm: --algo={cfg.algo} samples with the {algo.sampler} SDE"
           f"{f' ({algo.ddim_noise} schedule)' if algo.sampler == 'ddim' else ''} at noise level {algo.noise_level}; {algo}")
-    if learner.state.tracker is not None:
+    if state.tracker is not None:
         tracked = reward_range(run.reward.weights)
         print("prompt tracker: rewards mapped to [0, 1] from " + (
             f"the fixed range [{tracked[0]:g}, {tracked[1]:g}] of --reward={cfg.reward}" if tracked
             else "the running min..max seen (this reward mix declares no range)"))
 
 
-def train_loop(run, learner, start, log, save, evaluated):
-    """The RL iterations -> (failure or None, the newest saved iteration). A failure every rank
-    agrees on (a reward failing on any rank, NaN rewards or gradients) ends the loop on every
-    rank together, as (error, iterations completed)."""
-    cfg, ranks, ema = run.cfg, run.ranks, learner.state.ema
+def train_loop(run, state, start, log, save, evaluated):
+    """The RL iterations -> (failure, the newest saved iteration). A failure all ranks agree on (a
+    reward failing on any rank, NaN rewards or gradients) ends the loop on every rank together,
+    as (error, iterations completed)."""
+    cfg, ranks, ema = run.cfg, run.ranks, state.ema
     stop = {"signal": 0}
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: stop.update(signal=signum))
     saved, bad_steps, failure = start, 0, None
     for it in tqdm(range(start, cfg.iters), disable=not ranks.master, desc="RL iterations"):
         try:  # a RunError from sampling and scoring comes before the iteration changes any state
-            traj, cond, adv, logs = sample_and_score(run, it, learner.state.tracker)
+            traj, cond, adv, logs = sample_and_score(run, it, state.tracker)
         except RunError as error:
             failure = (error, it)
             break
         timer = time.perf_counter()
-        logs.update(optimise(run, it, learner, traj, cond, adv), seconds_training=time.perf_counter() - timer)
+        logs.update(optimise(run, it, state, traj, cond, adv), seconds_training=time.perf_counter() - timer)
         for skipped in logs["skipped_steps"]:
             if ema and not skipped:
                 ema.step()
@@ -587,21 +556,21 @@ def main(argv):
     if ranks.master:
         print_memory_estimate(cfg, ranks.device)
     torch.manual_seed(cfg.seed)  # only the LoRA's initial weights draw from the global generator
-    run, learner = build(cfg, algo, train_prompts, test_prompts, ranks)
-    start = checkpoint.load(resume_from, learner.state, identity) if resume_from else 0
-    out, ema = Path(cfg.out), learner.state.ema
+    run, state = build(cfg, algo, train_prompts, test_prompts, ranks)
+    start = checkpoint.load(resume_from, state, identity) if resume_from else 0
+    out = Path(cfg.out)
     if ranks.master:
-        describe_run(run, learner, start, default_resolution)
+        describe_run(run, state, start, default_resolution)
     mirror = tracking.Mirror(cfg.report_to if ranks.master else "none", out, asdict(cfg))
     log = tracking.RunLog(out / "log.jsonl", ranks.master, mirror, None if cfg.eval_only else start)
 
     def evaluated(it):
-        with ema.applied() if ema else nullcontext():
+        with state.ema.applied() if state.ema else nullcontext():
             return evaluate(run, it, out, mirror)
 
     def save(it):
         if ranks.master:
-            checkpoint.save(out, it, learner.state, identity)
+            checkpoint.save(out, it, state, identity)
         if ranks.ddp:
             dist.barrier()
         return it
@@ -613,24 +582,23 @@ def main(argv):
         except RunError as error:
             failure = (error, start)
     else:
-        failure, saved = train_loop(run, learner, start, log, save, evaluated)
+        failure, saved = train_loop(run, state, start, log, save, evaluated)
     if failure and failure[1] > saved:  # keep the iterations not yet in a checkpoint
         save(failure[1])
-    finish(run, learner, log, failure, saved)
+    finish(run, state, log, failure, saved)
 
 
-def finish(run, learner, log, failure, saved):
+def finish(run, state, log, failure, saved):
     """Stop the workers and the tracker, check the ranks agree, free DDP, report a failure."""
     ranks = run.ranks
     run.reward.close()  # the scoring workers, now rather than at interpreter exit
     if ranks.ddp:
         if failure is None:
-            flat = torch.cat([p.detach().float().flatten().cpu() for p in learner.params])
+            flat = torch.cat([p.detach().float().flatten().cpu() for p in state.params])
             log(None, {"ranks_in_sync": bool((ranks.gather(flat[None]) == flat).all())})
-        # Free DDP while the process group is still registered: otherwise DDP's Reducer is the
-        # group's last owner and destroys it holding the GIL, which can deadlock with gloo's
-        # thread (pytorch/pytorch#56297). Every rank gets here, on success and failure alike.
-        learner.model = None
+        # Free DDP while the process group is registered: else DDP's Reducer, its last owner,
+        # destroys it holding the GIL, which can deadlock with gloo's thread (pytorch/pytorch#56297).
+        run.model = None
         gc.collect()
         dist.destroy_process_group()
     log.mirror.close()

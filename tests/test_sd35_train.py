@@ -264,24 +264,23 @@ def _gradient_step(rank, world, port, result_path):
     cond = policy.encode_prompts(pipe, [PROMPTS[i % 3] for i in range(n)], 4.5, "cpu")
     velocity = policy.guided_velocity(pipe.transformer, cond, 4.5, torch.float32)
     traj = minflow.rollout(velocity, torch.randn(n, 16, 8, 8, generator=torch.Generator().manual_seed(3)),
-                           minflow.sd3_sigmas(4), "flow_grpo", 0.7, torch.Generator().manual_seed(4))
-    adv = torch.randn(n, 4, generator=torch.Generator().manual_seed(5)) * minflow.trained_steps(traj.stds)
+                           minflow.sd3_sigmas(3), "flow_grpo", 0.7, torch.Generator().manual_seed(4))
+    adv = torch.randn(n, 3, generator=torch.Generator().manual_seed(5)) * minflow.trained_steps(traj.stds)
     adv[1::5] = 0  # samples without signal: their rows are skipped, so the ranks hold unequal row counts
     mine = ranks.share(n)
     local = minflow.Trajectory(traj.xs[mine], traj.log_probs[mine], traj.stds, traj.sigmas)
-    cfg = sd35_train.Config(minibatches=2, train_batch=8, grad_clip=1e9, beta=0.05, guidance_scale=4.5)
-    run = sd35_train.Run(cfg, minflow.Algorithm(), pipe, torch.float32, None, ranks, None, None, [], [], n)
+    cfg = sd35_train.Config(minibatches=1, train_batch=16, grad_clip=1e9, beta=0.05, guidance_scale=4.5)
     model = torch.nn.parallel.DistributedDataParallel(pipe.transformer)
+    run = sd35_train.Run(cfg, minflow.Algorithm(), pipe, model, torch.float32, None, ranks, None, None, [], [], n)
     before = [p.detach().clone() for p in params]
     state = checkpoint.TrainState(pipe.transformer, torch.optim.SGD(params, lr=1.0),
                                   torch.amp.GradScaler("cpu", enabled=False))
-    sd35_train.optimise(run, 0, sd35_train.Learner(model, params, state), local, cond.select(torch.arange(n)[mine]),
-                        adv[mine])
+    sd35_train.optimise(run, 0, state, local, cond.select(torch.arange(n)[mine]), adv[mine])
     if rank == 0:
         save_file({str(i): b - p.detach() for i, (b, p) in enumerate(zip(before, params))}, result_path)
     # Free DDP before its process group, as sd35/train.py does: a Reducer freed after the group
     # can deadlock with gloo's thread (pytorch/pytorch#56297).
-    del model
+    del model, run
     gc.collect()
     dist.destroy_process_group()
 
