@@ -70,14 +70,10 @@ def ocr_target(prompt, metadata):
     return quoted.group(1)
 
 
-def normalize_ocr_text(text):
-    """Lowercase without whitespace: case and spacing are the least reliable parts of OCR output."""
-    return "".join(text.lower().split())
-
-
 def ocr_similarity(recognised, target):
-    """max(0, 1 - edit_distance / len(target)) on normalised strings: 1 for a perfect match."""
-    recognised, target = normalize_ocr_text(recognised), normalize_ocr_text(target)
+    """max(0, 1 - edit_distance / len(target)) on the strings lowercased without whitespace (case
+    and spacing are the least reliable parts of OCR output): 1 for a perfect match."""
+    recognised, target = ("".join(text.lower().split()) for text in (recognised, target))
     if not target:
         raise ValueError("the target text is empty after removing whitespace")
     return max(0.0, 1.0 - levenshtein(recognised, target) / len(target))

@@ -38,8 +38,7 @@ import cli  # noqa: E402
 import minflow  # noqa: E402
 from cli import flag, parses, text_range  # noqa: E402
 from sd35 import policy  # noqa: E402  (first: it quiets a transformers warning before diffusers loads)
-from sd35 import checkpoint, curves, models, tracking  # noqa: E402
-from sd35.curves import read_log  # noqa: E402
+from sd35 import checkpoint, models, tracking  # noqa: E402
 from sd35.data import SHIPPED_SETS, load_prompts  # noqa: E402
 from sd35.rewards import REWARDS, RewardError, RewardMix, RewardOptions, parse_reward_spec, reward_range  # noqa: E402
 
@@ -482,7 +481,7 @@ def describe_run(run, state, start, default_resolution):
     sigmas = minflow.sd3_sigmas(cfg.num_steps)
     trained = int(minflow.trained_steps(minflow.step_std(sigmas[:-1], sigmas[1:], algo.sampler, algo.noise_level,
                                                          algo.ddim_noise)).sum())
-    spread = f"{per}-{per + 1} (ranks 0-{extra - 1} take {per + 1})" if extra else f"{per}"
+    spread = f"{per}-{per + 1} ({per + 1} on the first {extra}, {per} on the rest)" if extra else f"{per}"
     print(f"batch: {cfg.prompts_per_iter} prompts x {'mean ' if algo.group_sizing != 'fixed' else ''}{cfg.group_size} = "
           f"{run.budget} trajectories per iteration, {world} rank(s) x {spread}; {trained} of {cfg.num_steps} steps "
           f"trained -> up to {run.budget * trained} transitions per iteration in {cfg.minibatches} optimiser steps of "

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 import cli
 import minflow
 from sd35 import checkpoint, kill_soak, models, rewards
+from sd35.curves import read_log
 from sd35 import train as sd35_train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +26,7 @@ TINY = ["--model=tiny", "--resolution=64", "--num_steps=4", "--eval_num_steps=2"
 
 def main(out, *args):
     sd35_train.main([*TINY, f"--out={out}", *args])
-    return sd35_train.read_log(out / "log.jsonl")
+    return read_log(out / "log.jsonl")
 
 
 # ---------------------------------------------------------------------------------- crash safety
@@ -72,13 +73,13 @@ def test_sigint_and_sigterm_save_before_exiting(tmp_path, sig):
     proc = subprocess.Popen([sys.executable, str(ROOT / "sd35" / "train.py"), *TINY, "--iters=1000", "--save_every=0",
                              f"--out={out}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while not ((out / "log.jsonl").exists() and sd35_train.read_log(out / "log.jsonl")):
+    while not ((out / "log.jsonl").exists() and read_log(out / "log.jsonl")):
         assert proc.poll() is None and time.time() < deadline, "the run ended before its first iteration"
         time.sleep(0.1)
     proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr[-2000:]
-    reached = sd35_train.read_log(out / "log.jsonl")[-1]["iteration"]
+    reached = read_log(out / "log.jsonl")[-1]["iteration"]
     assert f"stopped by signal {int(sig)} after iteration {reached}" in stdout
     assert checkpoint.newest(out).name == f"iter_{reached:06d}"
 
@@ -243,7 +244,7 @@ def test_nan_gradients_are_skipped_then_stop_the_run(tmp_path, monkeypatch, caps
         main(tmp_path / "run", "--iters=10", "--max_bad_steps=3", "--save_every=1")
     err = capsys.readouterr().err
     assert stop.value.code == 1 and "3 optimiser steps in a row had a NaN or infinite gradient" in err
-    entries = sd35_train.read_log(tmp_path / "run" / "log.jsonl")
+    entries = read_log(tmp_path / "run" / "log.jsonl")
     assert entries[0]["skipped_steps"] == [True, True]
     lora = load_file(checkpoint.newest(tmp_path / "run") / checkpoint.LORA_FILE)
     assert all((v == 0).all() for k, v in lora.items() if "lora_B" in k)  # skipped steps never touched the weights

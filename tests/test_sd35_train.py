@@ -18,6 +18,7 @@ import minflow
 from PIL import Image
 from sd35 import checkpoint, curves, models, policy, rewards
 from sd35 import train as sd35_train
+from sd35.curves import read_log
 from sd35.rewards import reward_range
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -229,7 +230,7 @@ def test_torchrun_three_ranks_take_unequal_shares_train_and_stay_in_sync(tmp_pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [e.get("iteration") for e in logs[:2]] == [1, 2] and logs[-1] == {"ranks_in_sync": True}
-    assert "8 trajectories per iteration, 3 rank(s) x 2-3 (ranks 0-1 take 3)" in proc.stdout  # 8 = 3 + 3 + 2
+    assert "8 trajectories per iteration, 3 rank(s) x 2-3 (3 on the first 2, 2 on the rest)" in proc.stdout  # 8 = 3 + 3 + 2
     assert (out / "checkpoints" / "iter_000002" / checkpoint.LORA_FILE).exists()
 
 
@@ -242,7 +243,7 @@ def test_two_ranks_draw_the_same_prompts_and_track_the_same_as_one_rank(tmp_path
                          capture_output=True, text=True, timeout=300)
     two = torchrun(WITH_TEST_REWARDS, *flags, f"--out={tmp_path / 'two'}")
     assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
-    logs = [sd35_train.read_log(tmp_path / name / "log.jsonl")[:2] for name in ("one", "two")]
+    logs = [read_log(tmp_path / name / "log.jsonl")[:2] for name in ("one", "two")]
     draws = [[(e["prompt_ids"], e["group_sizes"]) for e in run_logs] for run_logs in logs]
     assert draws[0] == draws[1]
     assert draws[0][0][0] != draws[0][1][0]  # the draws do change between iterations
@@ -368,4 +369,4 @@ def test_sd35m_random_trains_three_iterations_at_512_px_on_a_gpu(tmp_path):
                           capture_output=True, text=True, timeout=3600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resolution: 512 px" in proc.stdout
-    assert [e["iteration"] for e in sd35_train.read_log(tmp_path / "run" / "log.jsonl")] == [1, 2, 3]
+    assert [e["iteration"] for e in read_log(tmp_path / "run" / "log.jsonl")] == [1, 2, 3]
