@@ -239,6 +239,7 @@ def sample_and_score(run, it, tracker):
     gains need) -> (local trajectories, conditioning, advantages [b, T], logs)."""
     timer, cfg, ranks = time.perf_counter(), run.cfg, run.ranks
     prompt_ids, sizes, group_ids, noise = plan_iteration(run, it, tracker)
+    logs = prompt_draw_logs(prompt_ids, tracker)  # the tracker as the draw saw it, before this update
     mine = ranks.share(run.budget)
     index = prompt_ids[group_ids[mine]]
     texts = [run.train_prompts[i][0] for i in index.tolist()]
@@ -254,7 +255,7 @@ def sample_and_score(run, it, tracker):
             images_seen.append(policy.image_statistics(images))
         return run.reward.submit(images, [texts[i] for i in rows], [metadata[i] for i in rows], total_only)
 
-    failure, along, logs = None, None, {}
+    failure, along = None, None
     try:  # a reward failing on one rank stops every rank together (agree_on_failure)
         with run.reward.leave_cores_to_workers():
             traj, finals = policy.rollout_in_chunks(
@@ -282,7 +283,7 @@ def sample_and_score(run, it, tracker):
     along = None if along is None else ranks.gather(along, run.budget)
     logs["seconds_reward"] = time.perf_counter() - timer
     adv, credit_logs = credit(run, it, tracker, prompt_ids[group_ids], group_ids, traj.stds, gathered, along)
-    logs.update(prompt_draw_logs(prompt_ids, tracker), **credit_logs, **stats, group_sizes=sizes.tolist())
+    logs.update(**credit_logs, **stats, group_sizes=sizes.tolist())
     return traj, cond, adv[mine], logs
 
 
