@@ -73,7 +73,8 @@ import minflow  # noqa: E402
 from sd35 import policy  # noqa: E402
 from sd35.data import load_prompts  # noqa: E402
 from sd35.rewards import CPU_BOUND, RewardMix, worker_rewards  # noqa: E402
-from sd35.tiny import SD35_MEDIUM_TRANSFORMER_CONFIG  # noqa: E402
+from sd35.models import SD35_MEDIUM_TRANSFORMER_CONFIG  # noqa: E402
+from sd35 import models  # noqa: E402
 
 
 @dataclass
@@ -215,7 +216,7 @@ def load_model(name, device, dtype, guidance_scale, seed):
     """"tiny": the tiny pipeline's parts and its real text encoders; "sd35m-random": random
     SD3.5-M parts and random conditioning of SD3's shapes."""
     if name == "tiny":
-        pipe = policy.load_pipeline("tiny", dtype, device)
+        pipe = models.load_pipeline("tiny", dtype, device)
         return Model(pipe.transformer, pipe.vae,
                      lambda prompts: policy.encode_prompts(pipe, prompts, guidance_scale, device), True)
     transformer, vae = random_sd35m(device, dtype)

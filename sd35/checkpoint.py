@@ -1,46 +1,49 @@
-"""Checkpoints: one folder per iteration, `OUT/checkpoints/iter_000020/`, holding
+"""Checkpoints: one folder per iteration, OUT/checkpoints/iter_000020/, holding
 
     pytorch_lora_weights.safetensors   the LoRA in diffusers' format: pipe.load_lora_weights(folder)
-    trainer_state.safetensors          the optimiser's, the SuperFlow tracker's and the LoRA EMA's tensors
-    run.json                           what the checkpoint belongs to (model, LoRA rank, algorithm),
-                                       the iteration, and the rest of the state as plain numbers
+    trainer_state.safetensors          the optimiser's, the prompt tracker's and the LoRA EMA's tensors
+    run.json                           what it belongs to (model, LoRA rank, algorithm), the
+                                       iteration, and the rest of the state as plain numbers
 
-No pickle anywhere: tensors go to safetensors, everything else to JSON, so loading a
-checkpoint can never run code. A folder is written under a temporary name, fsynced, and
-renamed when complete, so a kill at any moment leaves the previous checkpoint intact and no
-half-written one that looks complete (`newest` only sees renamed folders). The random state
-needs no saving: every random draw of iteration i comes from generators seeded with
-(seed, i, rank), so a resumed run draws exactly what an uninterrupted one would.
+No pickle: tensors go to safetensors, the rest to JSON, so loading can never run code. A
+folder is written under a temporary name, fsynced and renamed when complete, so a kill at any
+moment leaves the previous checkpoint intact and nothing half-written that looks complete.
+The random state needs no saving: every draw of iteration i comes from generators seeded with
+(seed, i, ...), so a resumed run draws what an uninterrupted one would.
 """
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusion3Pipeline
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 import cli
+from sd35.policy import LoraEMA  # first: it quiets a transformers warning before diffusers loads
+from diffusers import StableDiffusion3Pipeline  # noqa: E402
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict  # noqa: E402
 
 LORA_FILE, STATE_FILE, RUN_FILE = "pytorch_lora_weights.safetensors", "trainer_state.safetensors", "run.json"
 
 
-def _flatten(optimizer, tracker, ema):
-    """Optimiser, tracker and EMA state -> (tensors for safetensors, numbers for JSON)."""
-    state = optimizer.state_dict()
-    tensors = {f"optimizer.{i}.{k}": v.contiguous() for i, s in state["state"].items() for k, v in s.items()}
-    if tracker is not None:
-        tensors.update({f"tracker.{k}": v for k, v in tracker.state_dict().items() if isinstance(v, torch.Tensor)})
-    if ema is not None:
-        tensors.update({f"ema.{i}": a.contiguous() for i, a in enumerate(ema.average)})
-    return tensors, {"param_groups": state["param_groups"], "tracker": None if tracker is None else
-                     {k: v for k, v in tracker.state_dict().items() if not isinstance(v, torch.Tensor)},
-                     "ema_steps": None if ema is None else ema.steps}
+@dataclass
+class TrainState:
+    """What a checkpoint holds: the LoRA (in the transformer), the optimiser, the grad scaler,
+    the prompt tracker and the EMA (each of the last two may be None)."""
+    transformer: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    tracker: object = None
+    ema: LoraEMA | None = None
+
+    @property
+    def params(self):
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
 
 
-def save(run_dir, iteration, transformer, optimizer, scaler, tracker, ema, identity):
+def save(run_dir, iteration, state, identity):
     """Write checkpoint `iteration` atomically; returns its folder."""
     final = Path(run_dir) / "checkpoints" / f"iter_{iteration:06d}"
     tmp = final.with_name(final.name + ".tmp")
@@ -49,11 +52,18 @@ def save(run_dir, iteration, transformer, optimizer, scaler, tracker, ema, ident
     # The adapter's config travels as metadata: without it diffusers' loader assumes
     # lora_alpha = rank and would apply the LoRA at the wrong scale.
     StableDiffusion3Pipeline.save_lora_weights(
-        tmp, transformer_lora_layers=get_peft_model_state_dict(transformer),
-        transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict())
-    tensors, numbers = _flatten(optimizer, tracker, ema)
+        tmp, transformer_lora_layers=get_peft_model_state_dict(state.transformer),
+        transformer_lora_adapter_metadata=state.transformer.peft_config["default"].to_dict())
+    opt = state.optimizer.state_dict()
+    tensors = {f"optimizer.{i}.{k}": v.contiguous() for i, s in opt["state"].items() for k, v in s.items()}
+    tracker = state.tracker.state_dict() if state.tracker is not None else {}
+    tensors.update({f"tracker.{k}": v for k, v in tracker.items() if isinstance(v, torch.Tensor)})
+    tensors.update({f"ema.{i}": a.contiguous() for i, a in enumerate(state.ema.average if state.ema else [])})
     save_file(tensors, tmp / STATE_FILE)
-    (tmp / RUN_FILE).write_text(json.dumps({**identity, "iteration": iteration, "scaler": scaler.state_dict(), **numbers}))
+    numbers = {"param_groups": opt["param_groups"], "scaler": state.scaler.state_dict(),
+               "tracker": {k: v for k, v in tracker.items() if not isinstance(v, torch.Tensor)} if state.tracker else None,
+               "ema_steps": state.ema.steps if state.ema else None}
+    (tmp / RUN_FILE).write_text(json.dumps({**identity, "iteration": iteration, **numbers}))
     for path in tmp.iterdir():
         with open(path, "rb") as f:
             os.fsync(f.fileno())
@@ -66,8 +76,7 @@ def save(run_dir, iteration, transformer, optimizer, scaler, tracker, ema, ident
 
 
 def newest(path):
-    """The newest complete checkpoint: `path` itself if it is one, else the highest-numbered one
-    under `path/checkpoints/`; None if there is none."""
+    """`path` if it is a complete checkpoint, else the highest-numbered one under path/checkpoints/, else None."""
     path = Path(path)
     if (path / RUN_FILE).exists():
         return path
@@ -76,35 +85,34 @@ def newest(path):
 
 
 def check_identity(folder, identity):
-    """Refuse (one line) a checkpoint made for another model, LoRA rank or algorithm; cheap,
-    so it runs before any model loads."""
+    """Refuse (one line) a checkpoint of another model, LoRA rank or algorithm; cheap, so it runs
+    before any model loads."""
     saved = json.loads((Path(folder) / RUN_FILE).read_text())
     for key, value in identity.items():
         if saved.get(key) != value:
             raise ValueError(f"checkpoint {folder} was made with {key}={saved.get(key)!r}, this run has {value!r}")
 
 
-def load(folder, transformer, optimizer, scaler, tracker, ema, identity):
-    """Restore a checkpoint into the live objects; returns the iteration to continue from."""
+def load(folder, state, identity):
+    """Restore a checkpoint into the live objects of `state`; returns the iteration to continue from."""
     check_identity(folder, identity)
     saved = json.loads((folder / RUN_FILE).read_text())
     lora = {k.removeprefix("transformer."): v for k, v in load_file(folder / LORA_FILE).items()}
-    result = set_peft_model_state_dict(transformer, lora)
-    if result.unexpected_keys:
-        raise ValueError(f"checkpoint {folder} has LoRA weights this model lacks: {result.unexpected_keys[:3]}")
+    if unexpected := set_peft_model_state_dict(state.transformer, lora).unexpected_keys:
+        raise ValueError(f"checkpoint {folder} has LoRA weights this model lacks: {unexpected[:3]}")
     tensors = load_file(folder / STATE_FILE)
     per_param = {}
     for key, value in tensors.items():
         if key.startswith("optimizer."):
             _, index, name = key.split(".", 2)
             per_param.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": per_param, "param_groups": saved["param_groups"]})
-    scaler.load_state_dict(saved["scaler"])
-    if tracker is not None:
-        tracker.load_state_dict({**saved["tracker"], **{k.removeprefix("tracker."): v for k, v in tensors.items()
-                                                        if k.startswith("tracker.")}})
-    if ema is not None and saved["ema_steps"] is not None:  # a run saved without EMA starts it afresh
-        for i, average in enumerate(ema.average):
+    state.optimizer.load_state_dict({"state": per_param, "param_groups": saved["param_groups"]})
+    state.scaler.load_state_dict(saved["scaler"])
+    if state.tracker is not None:
+        state.tracker.load_state_dict({**saved["tracker"], **{k.removeprefix("tracker."): v for k, v in tensors.items()
+                                                              if k.startswith("tracker.")}})
+    if state.ema is not None and saved["ema_steps"] is not None:  # a run saved without EMA starts it afresh
+        for i, average in enumerate(state.ema.average):
             average.copy_(tensors[f"ema.{i}"])
-        ema.steps = saved["ema_steps"]
+        state.ema.steps = saved["ema_steps"]
     return saved["iteration"]

@@ -1,17 +1,13 @@
-"""Kill soak: SIGKILL a tiny CPU training run at random moments, resume it every time, and
-check that a kill never costs more than the work since the last checkpoint.
+"""Kill soak: SIGKILL a tiny CPU training run at random moments, resume it every time, and check
+that a kill never costs more than the work since the last checkpoint.
 
     python sd35/kill_soak.py                       # 25 kills
     python sd35/kill_soak.py --kills=100 --iters=120
 
-1. A reference run of `iters` iterations, never interrupted.
-2. The same run started, SIGKILLed after a random delay, and restarted with --resume (from
-   scratch while no checkpoint exists), `kills` times; then left to finish. After every kill
-   each complete checkpoint must load (LoRA and trainer state in safetensors, run.json) and
-   every line of log.jsonl but a torn last one must parse.
-3. The finished run must have logged each iteration once and end with a LoRA bitwise equal
-   to the reference's.
-Prints what it saw and exits non-zero if anything failed.
+A reference run goes uninterrupted; the same run is SIGKILLed after random delays and resumed
+`kills` times, then left to finish. After every kill each complete checkpoint must load and
+every log line but a torn last one must parse; the finished run must log each iteration once
+and end with the reference's LoRA, bitwise. Exits non-zero if anything failed.
 """
 import json
 import random
@@ -40,7 +36,7 @@ RUN = ["--model=tiny", "--resolution=64", "--num_steps=4", "--eval_num_steps=2",
 @dataclass
 class Settings:
     kills: int = flag(25, "[0, 10000]")  # SIGKILLs to deliver before letting the run finish
-    iters: int = flag(40, "[1, 100000]")  # iterations of the soaked run (about 0.4 s each; start-up about 3 s)
+    iters: int = flag(40, "[1, 100000]")  # iterations of the soaked run
     min_delay: float = flag(1.0, "[0, 3600]")  # seconds after a (re)start before the kill, drawn uniformly
     max_delay: float = flag(5.0, "[0, 3600]")  # (so kills land in start-up, sampling, training and checkpoint saves)
     seed: int = flag(0, "[0, 1e18]")  # seeds the kill delays
@@ -55,18 +51,16 @@ def train(out, iters, resume):
 
 
 def audit(out):
-    """Problems a kill left behind: unreadable checkpoints, unparsable log lines."""
+    """Problems a kill left behind: unreadable checkpoints, unparsable log lines. (A .tmp folder is a
+    save the kill interrupted: invisible to --resume, replaced by the next save.)"""
     problems = []
-    for folder in sorted((out / "checkpoints").glob("iter_*")) if (out / "checkpoints").exists() else []:
-        if folder.suffix == ".tmp":
-            continue  # a save the kill interrupted: invisible to --resume, replaced by the next save
+    for folder in sorted(f for f in (out / "checkpoints").glob("iter_*") if f.suffix != ".tmp"):
         try:
             load_file(folder / checkpoint.LORA_FILE), load_file(folder / checkpoint.STATE_FILE)
             json.loads((folder / checkpoint.RUN_FILE).read_text())
         except Exception as error:  # noqa: BLE001 - any failure to read is what we are looking for
             problems.append(f"{folder.name}: {error}")
-    log = out / "log.jsonl"
-    lines = log.read_text(errors="replace").split("\n")[:-1] if log.exists() else []
+    lines = (out / "log.jsonl").read_text(errors="replace").split("\n")[:-1] if (out / "log.jsonl").exists() else []
     for number, line in enumerate(lines[:-1], 1):  # the last complete line may not be torn either
         try:
             json.loads(line)
@@ -91,7 +85,7 @@ def soak(settings):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         report["kills"] += 1
-        report["kills_during_save"] += any((soaked / "checkpoints").glob("*.tmp")) if (soaked / "checkpoints").exists() else 0
+        report["kills_during_save"] += any((soaked / "checkpoints").glob("*.tmp"))
         report["problems"] += audit(soaked)
     finish = train(soaked, settings.iters, checkpoint.newest(soaked) is not None)
     if finish.wait() != 0:
@@ -100,8 +94,7 @@ def soak(settings):
     iterations = [e["iteration"] for e in entries if "iteration" in e]
     if iterations != list(range(1, settings.iters + 1)):
         report["problems"].append(f"logged iterations {iterations}, expected 1..{settings.iters} once each")
-    a = load_file(checkpoint.newest(reference) / checkpoint.LORA_FILE)
-    b = load_file(checkpoint.newest(soaked) / checkpoint.LORA_FILE)
+    a, b = (load_file(checkpoint.newest(run) / checkpoint.LORA_FILE) for run in (reference, soaked))
     report["lora_equal"] = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     if not report["lora_equal"]:
         report["problems"].append("the soaked run's final LoRA differs from the uninterrupted run's")

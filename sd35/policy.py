@@ -1,52 +1,33 @@
-"""The SD3.5 policy as minflow sees it: a velocity function.
-
-A diffusers StableDiffusion3Pipeline supplies the parts; a peft LoRA on the transformer's
-joint-attention projections is the trainable policy; the same transformer with the adapter
-switched off is the reference policy for the KL term. Everything here is model plumbing:
-the RL math stays in minflow.py.
+"""The SD3.5 policy as minflow sees it, a velocity function: a peft LoRA on the transformer's
+joint-attention projections is the trainable policy, the same transformer with the adapter off
+the reference for the KL term. Model plumbing only; the RL math stays in minflow.py.
 """
+import gc
+import logging
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
-from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
-from peft import LoraConfig
 
-import minflow
+# diffusers' SD3 pipeline imports transformers' image processors for IP-adapters, which we never
+# use; without torchvision transformers warns that it falls back to the PIL ones, which nobody
+# can act on (torchvision does not install beside this torch). Import this before diffusers.
+logging.getLogger("transformers.utils.import_utils").addFilter(
+    lambda record: "requires torchvision (not installed)" not in record.getMessage())
+from peft import LoraConfig  # noqa: E402
+
+import minflow  # noqa: E402
 
 # The joint-attention projections of every MMDiT block: image-stream q/k/v/out and the text
 # stream's add_*_proj / to_add_out (the dual-attention blocks' attn2 is left frozen).
 LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                 "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
-
-
-def load_pipeline(model, dtype, device):
-    """`model` is a hub id, a local diffusers folder, or "tiny" (built in code, no download)."""
-    if model == "tiny":
-        from sd35.tiny import tiny_pipeline
-        pipe = tiny_pipeline()
-    else:
-        pipe = StableDiffusion3Pipeline.from_pretrained(model, torch_dtype=dtype)
-    # Cast only when needed: hub weights already arrive in `dtype`, and diffusers warns on casts.
-    pipe.to(device, dtype) if pipe.transformer.dtype != dtype else pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    for part in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
-        part.requires_grad_(False).eval()
-    return pipe
-
-
-def transformer_config(model):
-    """The transformer's config alone (a small JSON file; for "tiny", the tiny model's), so
-    that flags can be checked against the model before gigabytes of weights load."""
-    if model == "tiny":
-        from sd35.tiny import tiny_pipeline
-        return dict(tiny_pipeline().transformer.config)
-    return SD3Transformer2DModel.load_config(model, subfolder="transformer")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 def add_lora(transformer, rank, alpha):
-    """Attach a fresh LoRA (gaussian A, zero B: the policy starts equal to the reference);
-    its weights stay in float32 whatever the base weights' dtype, for stable Adam updates."""
+    """Attach a fresh LoRA (gaussian A, zero B: the policy starts as the reference), its weights
+    in float32 whatever the base weights' dtype, for stable Adam updates."""
     transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
                                        target_modules=LORA_TARGETS))
     params = [p for p in transformer.parameters() if p.requires_grad]
@@ -56,10 +37,9 @@ def add_lora(transformer, rank, alpha):
 
 
 class LoraEMA:
-    """An exponential moving average of the LoRA weights, evaluated in their place (Flow-GRPO's
-    default: decay 0.9, one update every 8 optimiser steps): evaluation then reflects the
-    recent policy rather than the last noisy step. Training always samples with the live
-    weights; only `applied()` swaps the average in, and swaps the live weights back after."""
+    """A moving average of the LoRA weights, updated every `every` optimiser steps and evaluated in
+    their place (Flow-GRPO's default): the recent policy, not the last noisy step. `applied()`
+    swaps it in and the live weights back after; training samples with the live weights."""
 
     def __init__(self, params, decay=0.9, every=8):
         self.params, self.decay, self.every = params, decay, every
@@ -67,8 +47,7 @@ class LoraEMA:
         self.steps = 0
 
     @torch.no_grad()
-    def step(self):
-        """Call after each optimiser step that changed the weights."""
+    def step(self):  # after each optimiser step that changed the weights
         self.steps += 1
         if self.steps % self.every == 0:
             for average, p in zip(self.average, self.params):
@@ -109,27 +88,56 @@ class PromptEmbeddings:
         index = index.to(self.embeds.device)
         return PromptEmbeddings(self.embeds[index], self.pooled[index], self.negative_embeds, self.negative_pooled)
 
+    def apply(self, fn):
+        return PromptEmbeddings(*(None if t is None else fn(t) for t in
+                                  (self.embeds, self.pooled, self.negative_embeds, self.negative_pooled)))
+
 
 @torch.no_grad()
 def encode_prompts(pipe, prompts, guidance_scale, device, max_sequence_length=256):
-    """Embed the prompts once, without gradients; the empty negative prompt only with CFG."""
+    """Embed the prompts without gradients; the empty negative prompt only with CFG."""
     cfg = guidance_scale > 1
     embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
         prompt=prompts, prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=cfg,
         negative_prompt=[""] * len(prompts) if cfg else None, max_sequence_length=max_sequence_length)
-    if not cfg:
-        return PromptEmbeddings(embeds, pooled, None, None)
-    return PromptEmbeddings(embeds, pooled, negative[:1], negative_pooled[:1])
+    return PromptEmbeddings(embeds, pooled, negative[:1] if cfg else None, negative_pooled[:1] if cfg else None)
+
+
+class PromptBank:
+    """The conditioning of a fixed list of prompts, `bank(index) -> PromptEmbeddings` on `device`.
+    With `keep` the text encoders stay and encode each request; otherwise every prompt is encoded
+    once here in batches, kept on the CPU (pinned with CUDA, for fast copies), and the encoders
+    leave the pipeline and the accelerator."""
+
+    def __init__(self, pipe, prompts, guidance_scale, device, keep, batch_size):
+        self.pipe, self.prompts, self.guidance_scale, self.device, self.table = pipe, prompts, guidance_scale, device, None
+        if keep:
+            return
+        parts = [encode_prompts(pipe, prompts[i:i + batch_size], guidance_scale, device).apply(lambda t: t.cpu())
+                 for i in range(0, len(prompts), batch_size)]
+        first = parts[0]
+        self.table = PromptEmbeddings(torch.cat([p.embeds for p in parts]), torch.cat([p.pooled for p in parts]),
+                                      first.negative_embeds, first.negative_pooled)
+        if torch.cuda.is_available():
+            self.table = self.table.apply(lambda t: t.pin_memory())
+        for name in TEXT_ENCODERS:
+            setattr(pipe, name, None)
+        gc.collect()
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+
+    def __call__(self, index):
+        if self.table is None:
+            return encode_prompts(self.pipe, [self.prompts[i] for i in index.tolist()], self.guidance_scale, self.device)
+        return self.table.select(index.cpu()).apply(lambda t: t.to(self.device, non_blocking=True))
 
 
 def guided_velocity(model, cond, guidance_scale, dtype, batch_size=None, autocast=None):
-    """minflow's `velocity(x, t)` for the transformer `model` (plain or DDP-wrapped) under
-    classifier-free guidance v = v_uncond + w (v_text - v_uncond), with the unconditional and
-    conditional branches in one batch as diffusers does. t is sigma (0-d or [B]); the
-    transformer wants sigma * 1000. Returns float32, so minflow's step math runs in float32.
-    Inputs larger than `batch_size` rows run in chunks (each chunk is one forward pass).
-    `velocity(x, t, rows)` says which of `cond`'s prompts x's rows belong to (default: row i
-    to prompt i), the form minflow.step_rewards and rollout_in_chunks call with."""
+    """minflow's `velocity(x, t, traj_index)` for the transformer `model` (plain or DDP) under CFG,
+    v = v_uncond + w (v_text - v_uncond), both branches in one batch as diffusers does; traj_index
+    picks each row's prompt in `cond` (default row i, prompt i). t is sigma (the transformer
+    wants sigma * 1000); float32 out, so minflow's step math runs in float32; forward passes of
+    at most `batch_size` rows."""
     cfg = guidance_scale > 1
     autocast = autocast or nullcontext
 
@@ -148,10 +156,9 @@ def guided_velocity(model, cond, guidance_scale, dtype, batch_size=None, autocas
         uncond, text = out.chunk(2)
         return uncond + guidance_scale * (text - uncond)
 
-    def velocity(x, t, rows=None):
+    def velocity(x, t, traj_index=None):
         t = torch.as_tensor(t, dtype=torch.float32, device=x.device).expand(x.shape[0])
-        rows = torch.arange(x.shape[0]) if rows is None else rows
-        rows = rows.to(cond.embeds.device)
+        rows = (torch.arange(x.shape[0]) if traj_index is None else traj_index).to(cond.embeds.device)
         step = batch_size or x.shape[0]
         return torch.cat([forward(x[i:i + step], t[i:i + step], rows[i:i + step]) for i in range(0, x.shape[0], step)])
 
@@ -161,38 +168,44 @@ def guided_velocity(model, cond, guidance_scale, dtype, batch_size=None, autocas
 @torch.no_grad()
 def decode(vae, latents, batch_size=None):
     """Latents -> images [B, 3, H, W] in [0, 1], float32, in chunks of `batch_size`."""
-    step = batch_size or latents.shape[0]
     images = []
-    for chunk in latents.split(step):
+    for chunk in latents.split(batch_size or latents.shape[0]):
         z = chunk.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
         images.append((vae.decode(z, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1))
     return torch.cat(images)
 
 
+@torch.no_grad()
+def image_statistics(images):
+    """Cheap alarms for reward hacking, per image [B] each: mean brightness (luma), the share of
+    near-black and of near-white pixels, and the share of pixels on an edge (a luma step to a
+    neighbour above a tenth of the range)."""
+    luma = (images.float() * torch.tensor([0.299, 0.587, 0.114], device=images.device)[:, None, None]).sum(1)
+    edges = torch.zeros_like(luma, dtype=torch.bool)
+    edges[:, :, 1:] |= (luma[:, :, 1:] - luma[:, :, :-1]).abs() > 0.1
+    edges[:, 1:, :] |= (luma[:, 1:, :] - luma[:, :-1, :]).abs() > 0.1
+    share = lambda mask: mask.float().mean((1, 2)).cpu()  # noqa: E731
+    return {"image_brightness": luma.mean((1, 2)).cpu(), "image_black_share": share(luma < 0.05),
+            "image_white_share": share(luma > 0.95), "image_edge_density": share(edges)}
+
+
 def step_noise(shape, steps, generator=None, device=None):
-    """The noise `minflow.rollout` draws, drawn beforehand -> [steps, *shape]: the same calls
-    in the same order (one per step), so the same values on any device."""
+    """The noise `minflow.rollout` draws, drawn beforehand in the same calls -> [steps, *shape]."""
     return torch.stack([torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
                         for _ in range(steps)])
 
 
-def rollout_in_chunks(velocity, x, sigmas, sampler, noise_level, generator, chunk, score):
-    """`minflow.rollout`, `chunk` trajectories at a time, handing each chunk's final states to
-    `score(x_T, rows)` as soon as they exist -> (the whole batch's Trajectory, [(rows, what
-    score returned)] in chunk order). `score` may return a future: the next chunk is then
-    sampled while this one is scored elsewhere (the trainer's OCR workers), and the caller
-    collects the results when it needs them. `velocity(x, t, rows)` is told which
-    trajectories it moves (to pick their prompts).
-
-    The steps' noise is drawn for the whole batch before the first chunk, exactly as
-    `minflow.rollout` draws it, so the trajectories do not depend on the chunk: they are
-    bitwise `minflow.rollout`'s when the velocity splits its forward passes at the same rows
-    (the trainer's does, with chunk = its forward batch)."""
+def rollout_in_chunks(velocity, x, sigmas, algo, generator, chunk, score):
+    """`minflow.rollout` under `algo`'s sampler, `chunk` trajectories at a time, handing each chunk's
+    final states to `score(x_T, traj_index)` at once -> (the Trajectory, [(traj_index, what score
+    returned)]). `score` may return a future: the next chunk samples while this one is scored.
+    The steps' noise is drawn for the whole batch first, as `minflow.rollout` draws it, so the
+    trajectories are its own, bitwise, when the velocity's forward passes split at the same rows."""
     noise = step_noise(x.shape, len(sigmas) - 1, generator, x.device)
     parts, scores = [], []
     for rows in torch.arange(x.shape[0]).split(chunk):
-        part = minflow.rollout(lambda x, t: velocity(x, t, rows), x[rows.to(x.device)], sigmas, sampler,
-                               noise_level, noise=noise[:, rows.to(x.device)])
+        part = minflow.rollout(lambda x, t: velocity(x, t, rows), x[rows.to(x.device)], sigmas, algo.sampler,
+                               algo.noise_level, noise=noise[:, rows.to(x.device)], ddim_noise=algo.ddim_noise)
         parts.append(part)
         scores.append((rows, score(part.xs[:, -1], rows)))
     xs, log_probs = torch.cat([p.xs for p in parts]), torch.cat([p.log_probs for p in parts])

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import minflow
-from sd35 import bench, policy
+from sd35 import bench, models, policy
 
 TINY = ["--model=tiny", "--resolution=64", "--num_steps=4", "--repeats=1", "--warmup=0", "--group_size=2",
         "--train_batch=2", "--reward=ocr", "--sweep", "--sweep_batches=1,2", "--reward_workers=2"]
@@ -64,7 +64,7 @@ def test_bench_rollouts_agree_and_actually_moved(tiny_run):
 
 @pytest.mark.parametrize("guidance", [4.5, 1.0])
 def test_plain_rollout_matches_minflow_with_two_passes_per_cfg_step(guidance):
-    pipe = policy.load_pipeline("tiny", torch.float32, "cpu")
+    pipe = models.load_pipeline("tiny", torch.float32, "cpu")
     cond = policy.encode_prompts(pipe, ["a red bicycle", 'a sign that reads "OPEN"'], guidance, "cpu")
     noise, sigmas = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0)), minflow.sd3_sigmas(4)
     calls = []
@@ -117,7 +117,7 @@ def counted_flops(transformer, batch, latent_side, text_tokens, device, monkeypa
 
 @pytest.mark.parametrize("latent_side", [8, 16])
 def test_flop_formula_equals_the_matmuls_run_by_the_tiny_transformer(latent_side, monkeypatch):
-    transformer = policy.load_pipeline("tiny", torch.float32, "cpu").transformer
+    transformer = models.load_pipeline("tiny", torch.float32, "cpu").transformer
     layers, attention = counted_flops(transformer, 3, latent_side, bench.SD3_TEXT_TOKENS, "cpu", monkeypatch)
     parts = bench.transformer_flops(transformer.config, latent_side, bench.SD3_TEXT_TOKENS)
     # Nothing differs: the formula counts exactly these matmuls. What it leaves out (norms,

@@ -18,11 +18,11 @@ from hypothesis import HealthCheck, given, settings
 import cli
 import minflow
 from flag_values import EDGE_CASES, field_names, hostile_values, refusal_problems, undeclared
-from sd35 import bench, curves, kill_soak, policy
+from sd35 import bench, curves, kill_soak, models
 from sd35 import train as sd35_train
 
 COMMANDS = {  # name -> (settings classes whose fields are its flags, parser, main)
-    "train": ((sd35_train.Config, minflow.Algorithm), lambda argv: sd35_train.parse_args(argv, 1), sd35_train.main),
+    "train": ((sd35_train.Config, minflow.Algorithm), sd35_train.parse_args, sd35_train.main),
     "kill_soak": ((kill_soak.Settings,), lambda argv: cli.read_flags(kill_soak.Settings, argv), kill_soak.main),
     "bench": ((bench.Settings,), bench.parse_settings, bench.main),
     "curves": ((curves.Settings,), lambda argv: cli.read_flags(curves.Settings, argv), curves.main),
@@ -52,7 +52,7 @@ def fail_if_called(what):
 
 @pytest.fixture
 def nothing_heavy_runs(monkeypatch):
-    for module, name in [(policy, "load_pipeline"), (policy, "transformer_config"), (bench, "load_model"),
+    for module, name in [(models, "load_pipeline"), (models, "transformer_config"), (bench, "load_model"),
                          (kill_soak, "soak"), (curves, "draw"), (sd35_train, "RewardMix")]:
         monkeypatch.setattr(module, name, fail_if_called(f"{module.__name__}.{name}"))
 
@@ -102,7 +102,8 @@ def test_hostile_values_for_every_flag(command, name, value, nothing_heavy_runs)
     (["--eval_every=x"], "error: --eval_every=x: expected an integer >= 0"),
     (["--ema_decay=1"], "error: --ema_decay=1.0: expected a number in [0, 1)"),
     (["--reward=remote"], "error: --reward_url=: expected a reward server's URL with --reward=remote"),
-    (["--bins=30"], "error: --m_max=24: expected at least --bins=30, so every bin's size is positive"),
+    (["--group_min=30"], "error: --group_min=30: expected at most --group_max=24"),
+    (["--report_to=mlflow"], "error: --report_to=mlflow: expected one of none, tensorboard, wandb"),
 ])
 def test_the_reported_cases_are_one_line_each(tmp_path, argv, message, nothing_heavy_runs):
     """The cases measured on the old trainer: a peft traceback after the model loaded
@@ -112,3 +113,22 @@ def test_the_reported_cases_are_one_line_each(tmp_path, argv, message, nothing_h
         sd35_train.main([f"--out={tmp_path / 'out'}", *argv])
     assert stop.value.code == message
     assert not (tmp_path / "out").exists()
+
+
+def test_help_lists_every_flag_with_its_default_and_exits_0(capsys):
+    for command, (classes, _, main) in COMMANDS.items():
+        with pytest.raises(SystemExit) as stop:
+            main(["--help"])
+        assert stop.value.code in (0, None), command
+        text = capsys.readouterr().out
+        for cls in classes:
+            for f in fields(cls):
+                assert f"--{f.name}=" in text, (command, f.name)
+                assert f.name not in cli.field_comments(cls) or cli.field_comments(cls)[f.name] in text, (command, f.name)
+
+
+def test_a_tracker_whose_package_is_missing_is_refused_before_any_model_loads(tmp_path, monkeypatch, nothing_heavy_runs):
+    monkeypatch.setattr(sd35_train.tracking.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(SystemExit) as stop:
+        sd35_train.main([f"--out={tmp_path / 'out'}", "--report_to=wandb"])
+    assert stop.value.code == "error: --report_to=wandb: expected a tracker whose package is installed (pip install wandb)"

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 import cli
 import minflow
-from sd35 import checkpoint, kill_soak, policy, rewards
+from sd35 import checkpoint, kill_soak, models, rewards
+from sd35.curves import read_log
 from sd35 import train as sd35_train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +26,7 @@ TINY = ["--model=tiny", "--resolution=64", "--num_steps=4", "--eval_num_steps=2"
 
 def main(out, *args):
     sd35_train.main([*TINY, f"--out={out}", *args])
-    return sd35_train.read_log(out / "log.jsonl")
+    return read_log(out / "log.jsonl")
 
 
 # ---------------------------------------------------------------------------------- crash safety
@@ -72,13 +73,13 @@ def test_sigint_and_sigterm_save_before_exiting(tmp_path, sig):
     proc = subprocess.Popen([sys.executable, str(ROOT / "sd35" / "train.py"), *TINY, "--iters=1000", "--save_every=0",
                              f"--out={out}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while not ((out / "log.jsonl").exists() and sd35_train.read_log(out / "log.jsonl")):
+    while not ((out / "log.jsonl").exists() and read_log(out / "log.jsonl")):
         assert proc.poll() is None and time.time() < deadline, "the run ended before its first iteration"
         time.sleep(0.1)
     proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr[-2000:]
-    reached = sd35_train.read_log(out / "log.jsonl")[-1]["iteration"]
+    reached = read_log(out / "log.jsonl")[-1]["iteration"]
     assert f"stopped by signal {int(sig)} after iteration {reached}" in stdout
     assert checkpoint.newest(out).name == f"iter_{reached:06d}"
 
@@ -89,7 +90,7 @@ def test_sigint_and_sigterm_save_before_exiting(tmp_path, sig):
 @pytest.fixture
 def no_model_loads(monkeypatch):
     """Bad input must be caught before any weights load."""
-    monkeypatch.setattr(policy, "load_pipeline", lambda *a: pytest.fail("a model loaded before the input was checked"))
+    monkeypatch.setattr(models, "load_pipeline", lambda *a: pytest.fail("a model loaded before the input was checked"))
 
 
 def prompt_folder(path, train_bytes):
@@ -101,7 +102,7 @@ def prompt_folder(path, train_bytes):
 @pytest.mark.parametrize("args,message", [
     (["--lr=fast"], "--lr=fast: expected a number in (0, 1]"),
     (["--learning_rate=1"], "unknown flag --learning_rate"),
-    (["--algo=dpo"], "--algo=dpo: expected a preset (flow_grpo, stepwise, superflow"),
+    (["--algo=dpo"], "--algo=dpo: expected a preset (flow_grpo, stepwise, stepwise_ddim, superflow"),
     (["--sampler=heun"], "--sampler=heun: expected one of flow_grpo, ddim, cps"),
     (["--reward=ocrr"], "--reward=ocrr: expected rewards from clipscore, jpeg_compressibility, ocr"),
     (["--reward=ocr=0.5=1"], "--reward=ocr=0.5=1: expected rewards from"),
@@ -111,6 +112,7 @@ def prompt_folder(path, train_bytes):
     (["--group_size=1"], "--group_size=1: expected an integer >= 2"),
     (["--resolution=100"], "--resolution=100: expected 0 (the model's own default) or a positive multiple of 16"),
     (["--resolution=1024"], "--resolution=1024 needs 64 patches a side; this model takes at most 32 (512 px)"),
+    (["--sampler=ddim", "--num_steps=2"], "--sampler=ddim: expected a sampler with a trained step on this 2-step grid"),
     (["--guidance_scale=nan"], "--guidance_scale=nan: expected a number in [1, 100]"),
     (["--lora_rank=0"], "--lora_rank=0: expected an integer >= 1"),
     (["--device=gpu"], "--device=gpu: expected empty, cpu, cuda or cuda:N"),
@@ -133,17 +135,17 @@ def test_bad_input_stops_early_in_one_line_and_loses_nothing(tmp_path, no_model_
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"] and (out / "keep.txt").read_text() == "earlier output"
 
 
-def test_a_budget_that_does_not_split_over_the_ranks(tmp_path, monkeypatch, no_model_loads):
-    monkeypatch.setenv("WORLD_SIZE", "3")
+def test_a_budget_smaller_than_the_ranks(tmp_path, monkeypatch, no_model_loads):
+    monkeypatch.setenv("WORLD_SIZE", "16")
     with pytest.raises(SystemExit, match=r"^error: --prompts_per_iter=2: expected group_size x prompts_per_iter \(now 8\) "
-                                         r"to split evenly over the 3 ranks$"):
+                                         r"to be at least the 16 ranks$"):
         sd35_train.main([*TINY, f"--out={tmp_path / 'out'}"])
 
 
 def test_a_checkpoint_of_another_model_rank_or_algorithm_is_refused_before_loading(tmp_path, monkeypatch):
     out = tmp_path / "run"
     main(out, "--iters=1")
-    monkeypatch.setattr(policy, "load_pipeline", lambda *a: pytest.fail("a model loaded before the checkpoint was checked"))
+    monkeypatch.setattr(models, "load_pipeline", lambda *a: pytest.fail("a model loaded before the checkpoint was checked"))
     for flag, message in [("--model=stabilityai/stable-diffusion-3.5-large", "made with model='tiny'"),
                           ("--lora_rank=4", "lora_rank=32, this run has 4"), ("--algo=stepwise", "made with algorithm="),
                           ("--noise_level=0.5", "made with algorithm=")]:
@@ -242,7 +244,7 @@ def test_nan_gradients_are_skipped_then_stop_the_run(tmp_path, monkeypatch, caps
         main(tmp_path / "run", "--iters=10", "--max_bad_steps=3", "--save_every=1")
     err = capsys.readouterr().err
     assert stop.value.code == 1 and "3 optimiser steps in a row had a NaN or infinite gradient" in err
-    entries = sd35_train.read_log(tmp_path / "run" / "log.jsonl")
+    entries = read_log(tmp_path / "run" / "log.jsonl")
     assert entries[0]["skipped_steps"] == [True, True]
     lora = load_file(checkpoint.newest(tmp_path / "run") / checkpoint.LORA_FILE)
     assert all((v == 0).all() for k, v in lora.items() if "lora_B" in k)  # skipped steps never touched the weights

@@ -13,6 +13,7 @@ import json
 import socket
 import threading
 import time
+import types
 
 import numpy as np
 import pytest
@@ -22,7 +23,7 @@ from PIL import Image, ImageDraw, ImageFont
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
 import minflow
-from sd35 import data, policy, rewards, tiny
+from sd35 import data, models, policy, rewards, tiny
 from sd35.rewards import RewardError, RewardMix, RewardOptions, RewardServerError, RemoteReward
 
 
@@ -51,7 +52,7 @@ def test_tiny_pipeline_has_sd35_architecture(pipe):
     assert (pipe.vae.config.scaling_factor, pipe.vae.config.shift_factor) == (1.5305, 0.0609)
     assert pipe.scheduler.config.shift == 3.0
     assert not any(m.training for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3))
-    real = tiny.SD35_MEDIUM_TRANSFORMER_CONFIG  # checked, not built: it has 2.2B parameters
+    real = models.SD35_MEDIUM_TRANSFORMER_CONFIG  # checked, not built: it has 2.2B parameters
     assert set(real) <= set(inspect.signature(SD3Transformer2DModel.__init__).parameters)
     assert real["dual_attention_layers"] == tuple(range(13)) and real["qk_norm"] == "rms_norm"
 
@@ -282,8 +283,9 @@ def test_a_rollout_in_chunks_is_the_whole_rollout_and_scores_each_chunk_before_t
         events.append(("score", rows.tolist()))
         return x_final.sum(1)
 
-    chunked, scores = policy.rollout_in_chunks(chunk_velocity, x, sigmas, sampler, 0.7,
-                                               torch.Generator().manual_seed(3), 4, score)
+    algo = types.SimpleNamespace(sampler=sampler, noise_level=0.7, ddim_noise="literal")
+    chunked, scores = policy.rollout_in_chunks(chunk_velocity, x, sigmas, algo, torch.Generator().manual_seed(3), 4,
+                                               score)
     assert torch.equal(chunked.xs, whole.xs) and torch.equal(chunked.log_probs, whole.log_probs)
     assert torch.equal(chunked.stds, whole.stds) and torch.equal(chunked.sigmas, whole.sigmas)
     chunks = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
@@ -294,6 +296,17 @@ def test_a_rollout_in_chunks_is_the_whole_rollout_and_scores_each_chunk_before_t
     # The noise drawn beforehand is the noise the whole rollout drew a step at a time.
     noise = policy.step_noise(x.shape, 6, torch.Generator().manual_seed(3))
     assert torch.equal(minflow.rollout(velocity, x, sigmas, sampler, 0.7, noise=noise).xs, whole.xs)
+
+
+def test_image_statistics_tell_black_white_flat_and_busy_images_apart():
+    black, white, grey = torch.zeros(3, 8, 8), torch.ones(3, 8, 8), torch.full((3, 8, 8), 0.5)
+    stripes = torch.zeros(3, 8, 8)
+    stripes[:, :, ::2] = 1  # a luma step at every column
+    stats = policy.image_statistics(torch.stack([black, white, grey, stripes]))
+    torch.testing.assert_close(stats["image_brightness"], torch.tensor([0.0, 1.0, 0.5, 0.5]))
+    assert stats["image_black_share"].tolist() == [1.0, 0.0, 0.0, 0.5]
+    assert stats["image_white_share"].tolist() == [0.0, 1.0, 0.0, 0.5]
+    assert stats["image_edge_density"].tolist() == [0.0, 0.0, 0.0, 7 / 8]  # every column but the first
 
 
 # --------------------------------------------------------------------------- CLIP and PickScore loading

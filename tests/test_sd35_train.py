@@ -16,8 +16,9 @@ from safetensors.torch import load_file, save_file
 
 import minflow
 from PIL import Image
-from sd35 import checkpoint, curves, policy, rewards
+from sd35 import checkpoint, curves, models, policy, rewards
 from sd35 import train as sd35_train
+from sd35.curves import read_log
 from sd35.rewards import reward_range
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +32,7 @@ PROMPTS = ['a sign that reads "OPEN"', "a red bicycle", "a bowl of soup"]
 def tiny_policy(lora_seed=None, rank=4):
     """The tiny pipeline with a LoRA; with lora_seed its B matrices are random (not zero), so
     the policy differs from the reference."""
-    pipe = policy.load_pipeline("tiny", torch.float32, "cpu")
+    pipe = models.load_pipeline("tiny", torch.float32, "cpu")
     params = policy.add_lora(pipe.transformer, rank, 2 * rank)
     if lora_seed is not None:
         g = torch.Generator().manual_seed(lora_seed)
@@ -43,7 +44,7 @@ def tiny_policy(lora_seed=None, rank=4):
 
 @pytest.mark.parametrize("guidance", [4.5, 1.0])
 def test_minflow_ode_reproduces_the_pipeline(guidance):
-    pipe = policy.load_pipeline("tiny", torch.float32, "cpu")
+    pipe = models.load_pipeline("tiny", torch.float32, "cpu")
     noise = torch.randn(3, 16, 8, 8, generator=torch.Generator().manual_seed(0))
     expected = pipe(prompt=PROMPTS, num_inference_steps=6, guidance_scale=guidance, height=64, width=64,
                     latents=noise.clone(), output_type="latent").images
@@ -66,9 +67,11 @@ def test_on_policy_ratio_is_exactly_one_through_the_transformer(sampler):
         with policy.adapter_disabled(pipe.transformer):
             return reference(x, t)
 
+    algo = minflow.Algorithm(sampler=sampler)
     for k in torch.nonzero(minflow.trained_steps(traj.stds))[:, 0]:
-        _, stats = minflow.policy_loss(velocity, traj.xs[:, k], traj.xs[:, k + 1], sigmas[k], sigmas[k + 1],
-                                       traj.log_probs[:, k], torch.ones(3), sampler, 0.7, 1e-4, 0.1, ref_velocity)
+        rows = {"x": traj.xs[:, k], "x_next": traj.xs[:, k + 1], "t": sigmas[k], "t_next": sigmas[k + 1],
+                "old_log_prob": traj.log_probs[:, k], "advantage": torch.ones(3)}
+        _, stats = minflow.policy_loss(velocity, rows, algo, 1e-4, 0.1, ref_velocity)
         assert stats["ratio"] == 1.0 and stats["clipfrac"] == 0.0
         assert stats["kl"] > 0  # random LoRA: the policy is not the reference
 
@@ -141,7 +144,7 @@ def test_resumed_superflow_run_ends_bitwise_equal_to_an_uninterrupted_one(tmp_pa
     assert {k.split(".")[0] for k in state[0]} == {"optimizer", "tracker", "ema"}
     assert state[0].keys() == state[1].keys() and all(torch.equal(state[0][k], state[1][k]) for k in state[0])
     numbers = [json.loads((folder / checkpoint.RUN_FILE).read_text())["tracker"] for folder in folders]
-    assert numbers[0] == numbers[1] and numbers[0]["kind"] == "beta"
+    assert numbers[0] == numbers[1] and numbers[0]["fixed_range"] is False  # JPEG sizes: a running range
     assert int(state[0]["tracker.visits"].sum()) == 6  # 2 prompts an iteration, 3 iterations
 
 
@@ -192,7 +195,7 @@ def test_saved_lora_loads_with_diffusers_and_changes_the_output(tmp_path):
         return pipe(prompt=PROMPTS[:2], num_inference_steps=4, guidance_scale=4.5, height=64, width=64,
                     latents=noise.clone(), output_type="latent").images
 
-    base = policy.load_pipeline("tiny", torch.float32, "cpu")
+    base = models.load_pipeline("tiny", torch.float32, "cpu")
     before = sample(base)
     base.load_lora_weights(folder)
     after = sample(base)
@@ -202,7 +205,8 @@ def test_saved_lora_loads_with_diffusers_and_changes_the_output(tmp_path):
     opt = torch.optim.AdamW(params)
     identity = json.loads((folder / checkpoint.RUN_FILE).read_text())
     identity.pop("iteration")
-    checkpoint.load(folder, ours.transformer, opt, torch.amp.GradScaler("cpu", enabled=False), None, None, identity)
+    checkpoint.load(folder, checkpoint.TrainState(ours.transformer, opt, torch.amp.GradScaler("cpu", enabled=False)),
+                    identity)
     torch.testing.assert_close(sample(ours), after)
 
 
@@ -219,13 +223,14 @@ def torchrun(script, *args, nproc=2, env=None):
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
-def test_torchrun_two_ranks_train_and_stay_in_sync(tmp_path):
+def test_torchrun_three_ranks_take_unequal_shares_train_and_stay_in_sync(tmp_path):
     out = tmp_path / "ddp"
-    proc = torchrun(ROOT / "sd35" / "train.py", *TINY, "--algo=stepwise", "--iters=2", "--eval_every=1", f"--out={out}")
+    proc = torchrun(ROOT / "sd35" / "train.py", *TINY, "--algo=stepwise", "--iters=2", "--eval_every=1", f"--out={out}",
+                    nproc=3)
     assert proc.returncode == 0, proc.stderr[-3000:]
     logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [e.get("iteration") for e in logs[:2]] == [1, 2] and logs[-1] == {"ranks_in_sync": True}
-    assert "2 rank(s) x 4 samples = 8 per iteration" in proc.stdout
+    assert "8 trajectories per iteration, 3 rank(s) x 2-3 (3 on the first 2, 2 on the rest)" in proc.stdout  # 8 = 3 + 3 + 2
     assert (out / "checkpoints" / "iter_000002" / checkpoint.LORA_FILE).exists()
 
 
@@ -238,7 +243,7 @@ def test_two_ranks_draw_the_same_prompts_and_track_the_same_as_one_rank(tmp_path
                          capture_output=True, text=True, timeout=300)
     two = torchrun(WITH_TEST_REWARDS, *flags, f"--out={tmp_path / 'two'}")
     assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
-    logs = [sd35_train.read_log(tmp_path / name / "log.jsonl")[:2] for name in ("one", "two")]
+    logs = [read_log(tmp_path / name / "log.jsonl")[:2] for name in ("one", "two")]
     draws = [[(e["prompt_ids"], e["group_sizes"]) for e in run_logs] for run_logs in logs]
     assert draws[0] == draws[1]
     assert draws[0][0][0] != draws[0][1][0]  # the draws do change between iterations
@@ -248,7 +253,7 @@ def test_two_ranks_draw_the_same_prompts_and_track_the_same_as_one_rank(tmp_path
 
 
 def _gradient_step(rank, world, port, result_path):
-    """One optimiser step (SGD, lr 1) of sd35_train.optimise on a fixed global batch of 6
+    """One optimiser step (SGD, lr 1) of sd35_train.optimise on a fixed global batch of 64
     trajectories, with this rank's share of it; rank 0 saves the parameter change."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -256,38 +261,51 @@ def _gradient_step(rank, world, port, result_path):
     ranks = sd35_train.Ranks("cpu")
     ranks.start()
     pipe, params = tiny_policy(lora_seed=2)
-    prompts = PROMPTS * 2
-    cond = policy.encode_prompts(pipe, prompts, 4.5, "cpu")
+    n = 64
+    cond = policy.encode_prompts(pipe, [PROMPTS[i % 3] for i in range(n)], 4.5, "cpu")
     velocity = policy.guided_velocity(pipe.transformer, cond, 4.5, torch.float32)
-    traj = minflow.rollout(velocity, torch.randn(6, 16, 8, 8, generator=torch.Generator().manual_seed(3)),
-                           minflow.sd3_sigmas(4), "flow_grpo", 0.7, torch.Generator().manual_seed(4))
-    adv = torch.randn(6, 4, generator=torch.Generator().manual_seed(5)) * minflow.trained_steps(traj.stds)
-    adv[1] = 0  # a sample without signal: its rows are skipped, so the ranks hold unequal row counts
-    mine = ranks.share(6)
+    traj = minflow.rollout(velocity, torch.randn(n, 16, 8, 8, generator=torch.Generator().manual_seed(3)),
+                           minflow.sd3_sigmas(3), "flow_grpo", 0.7, torch.Generator().manual_seed(4))
+    adv = torch.randn(n, 3, generator=torch.Generator().manual_seed(5)) * minflow.trained_steps(traj.stds)
+    adv[1::5] = 0  # samples without signal: their rows are skipped, so the ranks hold unequal row counts
+    mine = ranks.share(n)
     local = minflow.Trajectory(traj.xs[mine], traj.log_probs[mine], traj.stds, traj.sigmas)
-    cfg = sd35_train.Config(minibatches=1, train_batch=2, grad_clip=1e9, beta=0.05, guidance_scale=4.5)
-    algo = minflow.Algorithm()
+    cfg = sd35_train.Config(minibatches=1, train_batch=16, grad_clip=1e9, beta=0.05, guidance_scale=4.5)
     model = torch.nn.parallel.DistributedDataParallel(pipe.transformer)
+    run = sd35_train.Run(cfg, minflow.Algorithm(), pipe, model, torch.float32, None, ranks, None, None, [], [], n)
     before = [p.detach().clone() for p in params]
-    opt = torch.optim.SGD(params, lr=1.0)
-    sd35_train.optimise(0, cfg, algo, model, pipe.transformer, params, local, cond.select(torch.arange(6)[mine]),
-                        adv[mine], opt, torch.amp.GradScaler("cpu", enabled=False), torch.float32, None, ranks)
+    state = checkpoint.TrainState(pipe.transformer, torch.optim.SGD(params, lr=1.0),
+                                  torch.amp.GradScaler("cpu", enabled=False))
+    sd35_train.optimise(run, 0, state, local, cond.select(torch.arange(n)[mine]), adv[mine])
     if rank == 0:
         save_file({str(i): b - p.detach() for i, (b, p) in enumerate(zip(before, params))}, result_path)
     # Free DDP before its process group, as sd35/train.py does: a Reducer freed after the group
-    # can deadlock with gloo's thread (pytorch/pytorch#56297); CI once hung here that way.
-    del model
+    # can deadlock with gloo's thread (pytorch/pytorch#56297).
+    del model, run
     gc.collect()
     dist.destroy_process_group()
 
 
-def test_gradients_from_two_ranks_equal_one_rank_on_the_same_global_batch(tmp_path):
-    mp.spawn(_gradient_step, args=(1, free_port(), tmp_path / "one.safetensors"), nprocs=1, join=True)
-    mp.spawn(_gradient_step, args=(2, free_port(), tmp_path / "two.safetensors"), nprocs=2, join=True)
-    one, two = (list(load_file(tmp_path / name).values()) for name in ("one.safetensors", "two.safetensors"))
-    assert any(g.abs().max() > 0 for g in one)
-    for a, b in zip(one, two):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+def test_gradients_from_ranks_with_unequal_shares_equal_one_rank_on_the_same_global_batch(tmp_path):
+    """64 trajectories over 3 ranks (22, 21, 21) and over 2: the update is one rank's."""
+    changes = {}
+    for world in (1, 2, 3):
+        mp.spawn(_gradient_step, args=(world, free_port(), tmp_path / f"{world}.safetensors"), nprocs=world, join=True)
+        changes[world] = list(load_file(tmp_path / f"{world}.safetensors").values())
+    assert any(g.abs().max() > 0 for g in changes[1])
+    for world in (2, 3):
+        for a, b in zip(changes[1], changes[world]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_rank_shares_cover_the_budget_and_differ_by_at_most_one(monkeypatch):
+    for world, total in [(3, 64), (8, 12), (5, 5), (1, 7)]:
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        ranks = sd35_train.Ranks("cpu")
+        shares = [ranks.share(total, r) for r in range(world)]
+        assert [s.start for s in shares[1:]] == [s.stop for s in shares[:-1]] and shares[-1].stop == total
+        sizes = [s.stop - s.start for s in shares]
+        assert shares[0].start == 0 and max(sizes) - min(sizes) <= 1
 
 
 def test_existing_runs_are_never_overwritten_or_resumed_wrongly(tmp_path):
@@ -303,3 +321,52 @@ def test_existing_runs_are_never_overwritten_or_resumed_wrongly(tmp_path):
     _, evaluated = run(tmp_path, "run", "--eval_only", f"--resume={out}")
     assert (out / "log.jsonl").read_bytes().startswith(before) and "eval_reward" in evaluated[-1]
 
+
+
+def test_prompts_embedded_once_give_the_rewards_of_encoding_every_iteration(tmp_path, monkeypatch):
+    """--text_encoders=free embeds every prompt at start-up and drops the encoders; keep encodes
+    each iteration's prompts as they come. On CPU in float32 the runs agree bitwise."""
+    built = []
+    real_bank = policy.PromptBank
+    monkeypatch.setattr(policy, "PromptBank", lambda pipe, *a: built.append(pipe) or real_bank(pipe, *a))
+    flags = ["--algo=stepwise", "--iters=2", "--eval_every=1", "--save_every=2", "--lr=1e-2"]
+    _, free = run(tmp_path, "free", *flags)
+    assert all(getattr(built[-1], name) is None for name in policy.TEXT_ENCODERS)
+    _, keep = run(tmp_path, "keep", *flags, "--text_encoders=keep")
+    assert all(getattr(built[-1], name) is not None for name in policy.TEXT_ENCODERS)
+    for key in ("reward_mean", "reward_std", "policy_loss", "kl", "eval_reward"):
+        assert [e[key] for e in free] == [e[key] for e in keep], key
+    a, b = lora(tmp_path / "free", 2), lora(tmp_path / "keep", 2)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_tensorboard_holds_the_logged_scalars_and_the_eval_grid(tmp_path):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    out, logs = run(tmp_path, "tb", "--iters=2", "--eval_every=1", "--eval_images=1", "--report_to=tensorboard")
+    events = event_accumulator.EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    for key in ("reward_mean", "kl", "image_edge_density", "eval_reward", "grad_norm"):
+        logged = [(e["iteration"], e[key]) for e in logs]
+        read = [(s.step, s.value) for s in events.Scalars(key)]
+        assert read == [(i, pytest.approx(v, rel=1e-6)) for i, v in logged], key
+    assert [image.step for image in events.Images("eval_grid")] == [1, 2]
+
+
+def test_wandb_offline_writes_its_run_folder(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out, logs = run(tmp_path, "wb", "--iters=1", "--eval_images=1", "--report_to=wandb")
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb")) and logs[-1]["iteration"] == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sd35m_random_trains_three_iterations_at_512_px_on_a_gpu(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "sd35" / "train.py"), "--model=sd35m-random",
+                           "--reward=jpeg_compressibility", "--iters=3", f"--out={tmp_path / 'run'}"],
+                          capture_output=True, text=True, timeout=3600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resolution: 512 px" in proc.stdout
+    assert [e["iteration"] for e in read_log(tmp_path / "run" / "log.jsonl")] == [1, 2, 3]

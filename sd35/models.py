@@ -1,0 +1,242 @@
+"""The one place that builds or loads a model, and what a model will cost in accelerator memory,
+computed from its configs before any weight loads.
+
+    load_pipeline(model, dtype, device)   "tiny", "sd35m-random", a local folder or a hub id
+    memory_estimate(...)                  [(part, bytes)], from configs on the meta device
+    autocast_dtype(mixed_precision, device)  the one decision of --mixed_precision
+
+"sd35m-random" is SD3.5-Medium's real architecture with random weights (speed and memory do
+not depend on weight values): the transformer and VAE of its configs, CLIP-L, OpenCLIP bigG
+and the T5-XXL encoder at their real sizes, with sd35/tiny.py's per-character tokenizers.
+"""
+import re
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+from cli import text_range
+from sd35 import policy, tiny
+
+MODEL = text_range("tiny, sd35m-random, a local diffusers folder or a hub id (owner/name)",
+                   lambda v: v in ("tiny", "sd35m-random") or v != "" and Path(v).is_dir()
+                   or re.fullmatch(r"[\w.-]+/[\w.-]+", v) is not None)
+MIXED_PRECISION = ("auto", "fp16", "bf16", "no")  # the --mixed_precision flag's range
+
+# stabilityai/stable-diffusion-3.5-medium, transformer/config.json and vae/config.json.
+SD35_MEDIUM_TRANSFORMER_CONFIG = dict(
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, num_attention_heads=24,
+    attention_head_dim=64, joint_attention_dim=4096, pooled_projection_dim=2048, caption_projection_dim=1536,
+    pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+SD35_VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=16, down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+    norm_num_groups=32, sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609,
+    use_quant_conv=False, use_post_quant_conv=False)
+# The three text encoders: OpenAI CLIP ViT-L/14's and OpenCLIP ViT-bigG/14's text towers, and
+# the encoder of T5 v1.1 XXL; the vocabularies keep their real sizes.
+CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, projection_dim=768, num_hidden_layers=12,
+              num_attention_heads=12, hidden_act="quick_gelu")
+CLIP_G = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, projection_dim=1280,
+              num_hidden_layers=32, num_attention_heads=20, hidden_act="gelu")
+T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+              feed_forward_proj="gated-gelu")
+
+PARTS = {"transformer": SD3Transformer2DModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModelWithProjection,
+         "text_encoder_2": CLIPTextModelWithProjection, "text_encoder_3": T5EncoderModel}
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+TEXT_TOKENS = tiny.CLIP_MAX_LENGTH + 256  # CLIP's 77 joined with T5's 256 (policy.encode_prompts' default)
+
+
+def autocast_dtype(mixed_precision, device):
+    """--mixed_precision -> the autocast dtype, None for plain float32. "auto" is fp16 on CUDA
+    (its finer mantissa keeps the log-probs of sampling and training closer than bf16's) and
+    float32 elsewhere."""
+    if mixed_precision not in MIXED_PRECISION:
+        raise ValueError(f"--mixed_precision={mixed_precision}: expected one of {', '.join(MIXED_PRECISION)}")
+    if mixed_precision == "auto":
+        mixed_precision = "fp16" if torch.device(device).type == "cuda" else "no"
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "no": None}[mixed_precision]
+
+
+def sd35m_configs():
+    return {"transformer": SD35_MEDIUM_TRANSFORMER_CONFIG, "vae": SD35_VAE_CONFIG,
+            "text_encoder": CLIPTextConfig(**CLIP_L, max_position_embeddings=77, **tiny.CLIP_TOKENS),
+            "text_encoder_2": CLIPTextConfig(**CLIP_G, max_position_embeddings=77, **tiny.CLIP_TOKENS),
+            "text_encoder_3": T5Config(**T5_XXL, **tiny.T5_TOKENS)}
+
+
+def keep_fp32(module, dtype):
+    """What transformers' from_pretrained does in float16: the modules a class names in
+    _keep_in_fp32_modules (T5's feed-forward outputs, which overflow float16) stay float32."""
+    names = getattr(module, "_keep_in_fp32_modules", None) or ()
+    if dtype == torch.float16:
+        for name, sub in module.named_modules():
+            if name.rsplit(".", 1)[-1] in names:
+                sub.float()
+
+
+def build_parts(configs, device, dtype):
+    """{part: config} -> {part: module} of random weights made directly on `device` in `dtype`
+    (the default dtype is switched, so no float32 copy is cast); on "meta" nothing is allocated."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            parts = {name: PARTS[name].from_config(c) if name in ("transformer", "vae") else PARTS[name](c)
+                     for name, c in configs.items()}
+    finally:
+        torch.set_default_dtype(previous)
+    for module in parts.values():
+        keep_fp32(module, dtype)
+        module.requires_grad_(False).eval()
+    return parts
+
+
+def load_pipeline(model, dtype, device) -> StableDiffusion3Pipeline:
+    """"tiny" (sd35/tiny.py), "sd35m-random" (built on `device`), else a local diffusers folder
+    or a hub id through from_pretrained; every part frozen, in eval mode, in `dtype` on `device`."""
+    if model == "tiny":
+        pipe = tiny.tiny_pipeline()
+        # Cast only when needed: diffusers warns on casts.
+        pipe.to(device, dtype) if pipe.transformer.dtype != dtype else pipe.to(device)
+    elif model == "sd35m-random":
+        pipe = tiny.assemble(**build_parts(sd35m_configs(), device, dtype))
+    else:
+        pipe = StableDiffusion3Pipeline.from_pretrained(model, torch_dtype=dtype).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    for name in PARTS:
+        keep_fp32(getattr(pipe, name), dtype)
+        getattr(pipe, name).requires_grad_(False).eval()
+    return pipe
+
+
+def transformer_config(model):
+    """The transformer's config alone (for a hub id, its small JSON file), so that flags can be
+    checked against the model before any weight loads."""
+    if model in ("tiny", "sd35m-random"):
+        return dict(part_configs(model)["transformer"])
+    return SD3Transformer2DModel.load_config(model, subfolder="transformer")
+
+
+def part_configs(model):
+    """{part: config} of `model` without its weights, or None when a hub id's config files are
+    not in the local cache (nothing is downloaded)."""
+    if model == "tiny":
+        pipe = tiny.tiny_pipeline()
+        return {name: getattr(pipe, name).config for name in PARTS}
+    if model == "sd35m-random":
+        return sd35m_configs()
+    folder = Path(model)
+    if not folder.is_dir():
+        from huggingface_hub import try_to_load_from_cache
+        try:
+            index = try_to_load_from_cache(model, "model_index.json")
+        except ValueError:  # not a valid hub id
+            return None
+        if not isinstance(index, str):
+            return None
+        folder = Path(index).parent
+    if not all((folder / name / "config.json").is_file() for name in PARTS):
+        return None
+    return {name: cls.load_config(folder / name) if name in ("transformer", "vae")
+            else cls.config_class.from_json_file(folder / name / "config.json") for name, cls in PARTS.items()}
+
+
+class FusedAttentionSaves(torch.autograd.Function):
+    """Stands in for scaled_dot_product_attention on the meta device and saves what the fused
+    CUDA kernels (flash, memory-efficient) keep for backward: q, k, v, the output and a float32
+    log-sum-exp per query, not the [Lq, Lk] weights the math kernel saves."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
+        return out
+
+
+@contextmanager
+def fused_attention_on_meta():
+    sdpa = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = lambda q, k, v, *args, **kwargs: FusedAttentionSaves.apply(q, k, v)
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = sdpa
+
+
+def activation_bytes(transformer, resolution, rows, dtype):
+    """Bytes autograd saves for backward in one forward of `transformer` (on the meta device,
+    LoRA attached) over `rows` rows at `resolution` px: each saved storage once, weights not."""
+    weights = {p.untyped_storage()._cdata for p in transformer.parameters()}
+    saved = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage._cdata not in weights:
+            saved[storage._cdata] = storage.nbytes()
+        return tensor
+
+    c, side = transformer.config, resolution // 8
+    with torch.device("meta"), fused_attention_on_meta(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = transformer(hidden_states=torch.empty(rows, c.in_channels, side, side, dtype=dtype),
+                          timestep=torch.empty(rows), return_dict=False,
+                          pooled_projections=torch.empty(rows, c.pooled_projection_dim, dtype=dtype),
+                          encoder_hidden_states=torch.empty(rows, TEXT_TOKENS, c.joint_attention_dim, dtype=dtype))
+    del out
+    return sum(saved.values())
+
+
+def weight_bytes(module):
+    return weight_bytes_of(module.parameters())
+
+
+def weight_bytes_of(params):
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+def memory_estimate(model, resolution, train_batch, lora_rank, keep_text_encoders, dtype):
+    """[(part, bytes)] the trainer holds on the accelerator, from the configs alone (None when
+    they cannot be read without a download): the weights in `dtype` (the text encoders only if
+    kept), the LoRA with its gradients and AdamW's two moments (all float32, 16 bytes a
+    parameter), and what one training micro-batch saves for backward. A micro-batch of
+    `train_batch` transitions is 2 x train_batch transformer rows, CFG's two branches in one
+    batch. Not counted: the transient buffers of sampling and decoding (no autograd), the
+    backward pass's own temporaries, gradient checkpointing (which saves far less), the
+    allocator's fragmentation and the CUDA context."""
+    configs = part_configs(model)
+    if configs is None:
+        return None
+    parts = build_parts(configs, "meta", dtype)
+    names = {"text_encoder": "CLIP-L", "text_encoder_2": "CLIP-G", "text_encoder_3": "T5"}
+    rows = [(f"transformer weights ({str(dtype).removeprefix('torch.')})", weight_bytes(parts["transformer"]))]
+    rows += [(f"{names[n]} text encoder weights", weight_bytes(parts[n])) for n in TEXT_ENCODERS if keep_text_encoders]
+    rows.append(("VAE weights", weight_bytes(parts["vae"])))
+    lora = policy.add_lora(parts["transformer"], lora_rank, lora_rank)
+    rows.append((f"LoRA r{lora_rank}: fp32 weights, gradients, AdamW moments", 4 * sum(4 * p.numel() for p in lora)))
+    for p in lora:  # on the accelerator autocast runs them in `dtype`
+        p.data = p.data.to(dtype)
+    activations = activation_bytes(parts["transformer"], resolution, 2 * train_batch, dtype)
+    rows.append((f"activations: micro-batch {train_batch} x 2 (CFG), {resolution} px", activations))
+    return rows
+
+
+def size(n):
+    """Bytes in words: 4.18 GiB, 12.0 KiB."""
+    unit = max((u for u in range(4) if n >= 1024**u), default=0)
+    return f"{n / 1024**unit:.{2 if unit == 3 else 1}f} {('B', 'KiB', 'MiB', 'GiB')[unit]}"
+
+
+def format_memory_table(rows, device_bytes=None) -> str:
+    """A short table of the estimate, the total against the device's memory when known."""
+    total = sum(b for _, b in rows)
+    width = max(len(name) for name, _ in rows)
+    lines = ["Estimated accelerator memory, before loading (sd35/models.py: memory_estimate)"]
+    lines += [f"  {name:<{width}}  {size(b):>10}" for name, b in rows]
+    line = f"  {'total':<{width}}  {size(total):>10}"
+    if device_bytes:
+        line += f"  of {size(device_bytes)} on this device ({100 * total / device_bytes:.0f} %)"
+    return "\n".join(lines + [line])
