@@ -1,13 +1,10 @@
-"""The one place that builds or loads a model, and what a model will cost in accelerator memory,
-computed from its configs before any weight loads.
+"""The one place that builds or loads a model (load_pipeline), what it will cost in accelerator
+memory computed from its configs before any weight loads (memory_estimate), and the one
+decision of --mixed_precision (autocast_dtype).
 
-    load_pipeline(model, dtype, device)   "tiny", "sd35m-random", a local folder or a hub id
-    memory_estimate(...)                  [(part, bytes)], from configs on the meta device
-    autocast_dtype(mixed_precision, device)  the one decision of --mixed_precision
-
-"sd35m-random" is SD3.5-Medium's real architecture with random weights (speed and memory do
-not depend on weight values): the transformer and VAE of its configs, CLIP-L, OpenCLIP bigG
-and the T5-XXL encoder at their real sizes, with sd35/tiny.py's per-character tokenizers.
+"sd35m-random" is SD3.5-Medium's architecture with random weights (speed and memory do not
+depend on weight values): its transformer and VAE, CLIP-L, OpenCLIP bigG and the T5-XXL
+encoder at their real sizes, with sd35/tiny.py's per-character tokenizers.
 """
 import re
 from contextlib import contextmanager
@@ -28,27 +25,30 @@ MIXED_PRECISION = ("auto", "fp16", "bf16", "no")  # the --mixed_precision flag's
 
 # stabilityai/stable-diffusion-3.5-medium, transformer/config.json and vae/config.json.
 SD35_MEDIUM_TRANSFORMER_CONFIG = dict(
-    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, num_attention_heads=24,
-    attention_head_dim=64, joint_attention_dim=4096, pooled_projection_dim=2048, caption_projection_dim=1536,
-    pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+    num_attention_heads=24, attention_head_dim=64, joint_attention_dim=4096,
+    pooled_projection_dim=2048, caption_projection_dim=1536, pos_embed_max_size=384,
+    dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
 SD35_VAE_CONFIG = dict(
     in_channels=3, out_channels=3, latent_channels=16, down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-    norm_num_groups=32, sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609,
-    use_quant_conv=False, use_post_quant_conv=False)
+    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2, norm_num_groups=32, sample_size=1024, scaling_factor=1.5305,
+    shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
 # The three text encoders: OpenAI CLIP ViT-L/14's and OpenCLIP ViT-bigG/14's text towers, and
 # the encoder of T5 v1.1 XXL; the vocabularies keep their real sizes.
-CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, projection_dim=768, num_hidden_layers=12,
-              num_attention_heads=12, hidden_act="quick_gelu")
+CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, projection_dim=768,
+              num_hidden_layers=12, num_attention_heads=12, hidden_act="quick_gelu",
+              max_position_embeddings=77)
 CLIP_G = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, projection_dim=1280,
-              num_hidden_layers=32, num_attention_heads=20, hidden_act="gelu")
+              num_hidden_layers=32, num_attention_heads=20, hidden_act="gelu", max_position_embeddings=77)
 T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
               feed_forward_proj="gated-gelu")
 
-PARTS = {"transformer": SD3Transformer2DModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModelWithProjection,
-         "text_encoder_2": CLIPTextModelWithProjection, "text_encoder_3": T5EncoderModel}
+PARTS = {"transformer": SD3Transformer2DModel, "vae": AutoencoderKL,
+         "text_encoder": CLIPTextModelWithProjection, "text_encoder_2": CLIPTextModelWithProjection,
+         "text_encoder_3": T5EncoderModel}
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
-TEXT_TOKENS = tiny.CLIP_MAX_LENGTH + 256  # CLIP's 77 joined with T5's 256 (policy.encode_prompts' default)
+TEXT_TOKENS = tiny.CLIP_MAX_LENGTH + 256  # CLIP's 77 and T5's 256 (policy.encode_prompts)
 
 
 def autocast_dtype(mixed_precision, device):
@@ -56,7 +56,8 @@ def autocast_dtype(mixed_precision, device):
     (its finer mantissa keeps the log-probs of sampling and training closer than bf16's) and
     float32 elsewhere."""
     if mixed_precision not in MIXED_PRECISION:
-        raise ValueError(f"--mixed_precision={mixed_precision}: expected one of {', '.join(MIXED_PRECISION)}")
+        raise ValueError(f"--mixed_precision={mixed_precision}: expected one of "
+                         f"{', '.join(MIXED_PRECISION)}")
     if mixed_precision == "auto":
         mixed_precision = "fp16" if torch.device(device).type == "cuda" else "no"
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "no": None}[mixed_precision]
@@ -64,19 +65,17 @@ def autocast_dtype(mixed_precision, device):
 
 def sd35m_configs():
     return {"transformer": SD35_MEDIUM_TRANSFORMER_CONFIG, "vae": SD35_VAE_CONFIG,
-            "text_encoder": CLIPTextConfig(**CLIP_L, max_position_embeddings=77, **tiny.CLIP_TOKENS),
-            "text_encoder_2": CLIPTextConfig(**CLIP_G, max_position_embeddings=77, **tiny.CLIP_TOKENS),
+            "text_encoder": CLIPTextConfig(**CLIP_L, **tiny.CLIP_TOKENS),
+            "text_encoder_2": CLIPTextConfig(**CLIP_G, **tiny.CLIP_TOKENS),
             "text_encoder_3": T5Config(**T5_XXL, **tiny.T5_TOKENS)}
 
 
 def keep_fp32(module, dtype):
-    """What transformers' from_pretrained does in float16: the modules a class names in
+    """As transformers' from_pretrained does in float16: the modules a class names in
     _keep_in_fp32_modules (T5's feed-forward outputs, which overflow float16) stay float32."""
-    names = getattr(module, "_keep_in_fp32_modules", None) or ()
-    if dtype == torch.float16:
-        for name, sub in module.named_modules():
-            if name.rsplit(".", 1)[-1] in names:
-                sub.float()
+    names = getattr(module, "_keep_in_fp32_modules", None) or () if dtype == torch.float16 else ()
+    for sub in (sub for name, sub in module.named_modules() if name.rsplit(".", 1)[-1] in names):
+        sub.float()
 
 
 def build_parts(configs, device, dtype):
@@ -86,8 +85,8 @@ def build_parts(configs, device, dtype):
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            parts = {name: PARTS[name].from_config(c) if name in ("transformer", "vae") else PARTS[name](c)
-                     for name, c in configs.items()}
+            parts = {name: PARTS[name].from_config(c) if name in ("transformer", "vae")
+                     else PARTS[name](c) for name, c in configs.items()}
     finally:
         torch.set_default_dtype(previous)
     for module in parts.values():
@@ -97,8 +96,8 @@ def build_parts(configs, device, dtype):
 
 
 def load_pipeline(model, dtype, device) -> StableDiffusion3Pipeline:
-    """"tiny" (sd35/tiny.py), "sd35m-random" (built on `device`), else a local diffusers folder
-    or a hub id through from_pretrained; every part frozen, in eval mode, in `dtype` on `device`."""
+    """"tiny" (sd35/tiny.py), "sd35m-random" (built on `device`), else a local diffusers
+    folder or a hub id through from_pretrained; every part frozen, eval, in `dtype`."""
     if model == "tiny":
         pipe = tiny.tiny_pipeline()
         # Cast only when needed: diffusers warns on casts.
@@ -143,13 +142,14 @@ def part_configs(model):
     if not all((folder / name / "config.json").is_file() for name in PARTS):
         return None
     return {name: cls.load_config(folder / name) if name in ("transformer", "vae")
-            else cls.config_class.from_json_file(folder / name / "config.json") for name, cls in PARTS.items()}
+            else cls.config_class.from_json_file(folder / name / "config.json")
+            for name, cls in PARTS.items()}
 
 
 class FusedAttentionSaves(torch.autograd.Function):
-    """Stands in for scaled_dot_product_attention on the meta device and saves what the fused
-    CUDA kernels (flash, memory-efficient) keep for backward: q, k, v, the output and a float32
-    log-sum-exp per query, not the [Lq, Lk] weights the math kernel saves."""
+    """Stands in for scaled_dot_product_attention on the meta device and saves what the
+    fused CUDA kernels (flash, memory-efficient) keep for backward: q, k, v, the output and a
+    float32 log-sum-exp per query, not the [Lq, Lk] weights the math kernel saves."""
 
     @staticmethod
     def forward(ctx, q, k, v):
@@ -161,7 +161,7 @@ class FusedAttentionSaves(torch.autograd.Function):
 @contextmanager
 def fused_attention_on_meta():
     sdpa = F.scaled_dot_product_attention
-    F.scaled_dot_product_attention = lambda q, k, v, *args, **kwargs: FusedAttentionSaves.apply(q, k, v)
+    F.scaled_dot_product_attention = lambda q, k, v, *args, **kw: FusedAttentionSaves.apply(q, k, v)
     try:
         yield
     finally:
@@ -169,8 +169,8 @@ def fused_attention_on_meta():
 
 
 def activation_bytes(transformer, resolution, rows, dtype):
-    """Bytes autograd saves for backward in one forward of `transformer` (on the meta device,
-    LoRA attached) over `rows` rows at `resolution` px: each saved storage once, weights not."""
+    """Bytes autograd saves for backward in one forward of `transformer` (on the meta
+    device, LoRA attached) of `rows` rows at `resolution` px: each storage once, no weights."""
     weights = {p.untyped_storage()._cdata for p in transformer.parameters()}
     saved = {}
 
@@ -181,11 +181,14 @@ def activation_bytes(transformer, resolution, rows, dtype):
         return tensor
 
     c, side = transformer.config, resolution // 8
-    with torch.device("meta"), fused_attention_on_meta(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = transformer(hidden_states=torch.empty(rows, c.in_channels, side, side, dtype=dtype),
-                          timestep=torch.empty(rows), return_dict=False,
-                          pooled_projections=torch.empty(rows, c.pooled_projection_dim, dtype=dtype),
-                          encoder_hidden_states=torch.empty(rows, TEXT_TOKENS, c.joint_attention_dim, dtype=dtype))
+    hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+    with torch.device("meta"), fused_attention_on_meta(), hooks:
+        out = transformer(  # alive until counted: a freed storage's address is reused
+            hidden_states=torch.empty(rows, c.in_channels, side, side, dtype=dtype),
+            timestep=torch.empty(rows), return_dict=False,
+            pooled_projections=torch.empty(rows, c.pooled_projection_dim, dtype=dtype),
+            encoder_hidden_states=torch.empty(rows, TEXT_TOKENS, c.joint_attention_dim, dtype=dtype),
+        )
     del out
     return sum(saved.values())
 
@@ -212,11 +215,13 @@ def memory_estimate(model, resolution, train_batch, lora_rank, keep_text_encoder
         return None
     parts = build_parts(configs, "meta", dtype)
     names = {"text_encoder": "CLIP-L", "text_encoder_2": "CLIP-G", "text_encoder_3": "T5"}
-    rows = [(f"transformer weights ({str(dtype).removeprefix('torch.')})", weight_bytes(parts["transformer"]))]
-    rows += [(f"{names[n]} text encoder weights", weight_bytes(parts[n])) for n in TEXT_ENCODERS if keep_text_encoders]
+    rows = [(f"transformer weights ({str(dtype)[6:]})", weight_bytes(parts["transformer"]))]
+    rows += [(f"{names[n]} text encoder weights", weight_bytes(parts[n]))
+             for n in TEXT_ENCODERS if keep_text_encoders]
     rows.append(("VAE weights", weight_bytes(parts["vae"])))
     lora = policy.add_lora(parts["transformer"], lora_rank, lora_rank)
-    rows.append((f"LoRA r{lora_rank}: fp32 weights, gradients, AdamW moments", 4 * sum(4 * p.numel() for p in lora)))
+    rows.append((f"LoRA r{lora_rank}: fp32 weights, gradients, AdamW moments",
+                 4 * sum(4 * p.numel() for p in lora)))
     for p in lora:  # on the accelerator autocast runs them in `dtype`
         p.data = p.data.to(dtype)
     activations = activation_bytes(parts["transformer"], resolution, 2 * train_batch, dtype)
