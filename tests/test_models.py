@@ -54,7 +54,7 @@ def test_memory_estimate_equals_the_bytes_of_the_real_tiny_model(dtype):
     opt.step()
     state = sum(t.numel() * t.element_size() for s in opt.state.values() for k, t in s.items() if k != "step")
     grads = sum(p.grad.numel() * p.grad.element_size() for p in lora)
-    assert rows["LoRA r4: fp32 weights, gradients, AdamW moments"] == models.weight_bytes_of(lora) + grads + state
+    assert rows["LoRA r4: fp32 weights, gradients, AdamW moments"] == models.weight_bytes(lora) + grads + state
 
 
 def test_text_encoders_are_left_out_when_freed_and_activations_grow_linearly():
@@ -91,8 +91,8 @@ def test_memory_estimate_of_an_uncached_hub_id_is_none_and_a_folder_is_read(tmp_
 def test_memory_table_totals_the_rows_against_the_device():
     rows = [("weights", 3 * 2**30), ("activations", 2**29)]
     table = models.format_memory_table(rows, device_bytes=7 * 2**30)
-    assert "3.50 GiB" in table and "of 7.00 GiB on this device (50 %)" in table
-    assert "on this device" not in models.format_memory_table(rows)
+    assert "3.50 GiB" in table and "of 7.00 GiB here (50 %)" in table
+    assert "here" not in models.format_memory_table(rows)
 
 
 def test_autocast_dtype_is_the_one_mixed_precision_decision():
