@@ -3,15 +3,13 @@
     python sd35/bench.py --model=tiny           # CPU: the tiny random pipeline
     python sd35/bench.py --model=sd35m-random   # GPU: SD3.5-Medium, random weights
 
-Speed does not depend on weight values, so nothing need be downloaded (sd35/models.py). As
-sd35/train.py does, the bench encodes the prompts once and frees the text encoders, and runs
-the transformer with a fresh rank-32 LoRA in the --mixed_precision dtype under autocast.
-Each measurement runs --warmup times, then --repeats times timed: tables give the median and,
-on CUDA, the peak allocated memory. One table a question: what will the trainer hold in
-memory (estimated before loading); how fast are sampling and training, and how much of the
-device's matmul peak do they use; and what do the rewards and Stepwise-Flow-GRPO's
-intermediate rewards cost, in an iteration against Flow-GRPO's. For scaling, run it again
-with other --resolution, --group_size and --train_batch.
+As sd35/train.py does, it encodes the prompts once, frees the text encoders and runs the
+transformer with a fresh rank-32 LoRA in the --mixed_precision dtype under autocast. Each
+measurement runs --warmup times, then --repeats times timed: the median, and on CUDA the peak
+allocated memory. One table a question: what will the trainer hold in memory (estimated
+before loading); how fast are sampling and training, at what share of the device's matmul
+peak; what do the rewards and Stepwise-Flow-GRPO's intermediate rewards cost, in an iteration
+against Flow-GRPO's. For scaling, run it with other --resolution, --group_size, --train_batch.
 """
 import os
 import statistics
@@ -45,7 +43,7 @@ class Settings:
     guidance_scale: float = flag(4.5, "[1, 100]")  # CFG scale in rollouts and training; 1: no CFG
     mixed_precision: str = flag("auto", models.MIXED_PRECISION)  # auto: fp16 on CUDA, none on CPU
     train_batch: int = flag(8, "[1, inf)")  # transitions per forward-backward when training
-    reward: str = flag("jpeg_compressibility", ("jpeg_compressibility", "ocr"))  # stepwise's
+    reward: str = flag("jpeg_compressibility", ("jpeg_compressibility", "ocr"))  # timed reward
     repeats: int = flag(3, "[1, inf)")  # timed runs per measurement (the median is reported)
     warmup: int = flag(1, "[0, inf)")  # untimed runs before each (allocator, kernel choice)
     device: str = flag("", cli.DEVICE)  # "" = cuda if available, else cpu
@@ -60,7 +58,7 @@ TIMESTEP_CHANNELS = 256  # diffusers' sinusoidal timestep features, input of the
 
 def transformer_flops(config, latent_side, text_tokens):
     """Matmul FLOPs of one SD3Transformer2DModel forward pass for ONE row (one image, one CFG
-    branch) -> {part: FLOPs}. A [m, k] by [k, n] matmul counts 2 m n k. With d = heads x
+    branch) -> {part: FLOPs}; a [m, k] by [k, n] matmul counts 2 m n k. With d = heads x
     head_dim, N = (latent_side / patch)^2 image and M text tokens, L layers, D of them dual:
       q/k/v/out       L (4N + 3M) 2d^2 + (L - 1) M 2d^2  (the last text stream: no output)
       MLPs            L N 16d^2 + (L - 1) M 16d^2        (d -> 4d -> d; none on the last text)
@@ -112,35 +110,32 @@ class Stopwatch:
     """Seconds per named lap (laps of one name add up); synchronises CUDA, which runs async."""
 
     def __init__(self, device):
-        self.device, self.seconds, self.last = device, {}, self.now(device)
+        self.device, self.seconds = device, {}
+        self.last = self.now()
 
-    @staticmethod
-    def now(device):
-        torch.cuda.synchronize(device) if device.type == "cuda" else None
+    def now(self):
+        torch.cuda.synchronize(self.device) if self.device.type == "cuda" else None
         return time.perf_counter()
 
     def lap(self, name):
-        now = self.now(self.device)
+        now = self.now()
         self.seconds[name], self.last = self.seconds.get(name, 0.0) + now - self.last, now
         return self.seconds[name]
 
 
 def measure(run, s, device):
-    """`run()` -> (seconds by lap, result), s.warmup times, then s.repeats times timed ->
-    (median seconds by lap and "total", peak bytes or None on CPU, the last result)."""
+    """`run(watch)` laps a Stopwatch and returns a result; called s.warmup times, then
+    s.repeats times timed -> (median seconds by lap and "total", CUDA peak bytes or None, the
+    last result)."""
     for _ in range(s.warmup):
-        run()
+        run(Stopwatch(device))
     torch.cuda.reset_peak_memory_stats(device) if device.type == "cuda" else None
     laps = []
     for _ in range(s.repeats):
-        seconds, result = run()
-        laps.append({**seconds, "total": sum(seconds.values())})
+        result = run(watch := Stopwatch(device))
+        laps.append({**watch.seconds, "total": sum(watch.seconds.values())})
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return {k: statistics.median(lap[k] for lap in laps) for k in laps[0]}, peak, result
-
-
-def gib(peak):
-    return "n/a (CPU)" if peak is None else f"{peak / 2**30:.2f} GiB"
 
 
 def print_table(title, header, rows):
@@ -157,10 +152,8 @@ class Bench:
     """The run's fixed parts (device, dtype, LoRA'd model, optimiser, prompts and their
     embeddings) and one method per kind of measurement, each -> measure()'s triple."""
 
-    def __init__(self, s, amp):
-        self.s, self.dtype = s, amp or torch.float32
-        self.workers = s.reward_workers or os.cpu_count()
-        self.device = torch.device(s.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    def __init__(self, s, amp, device):
+        self.s, self.dtype, self.device = s, amp or torch.float32, torch.device(device)
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=amp)) if amp else None
         self.prompts = load_prompts("ocr")[0]  # OCR prompts: their texts feed the OCR reward
         torch.manual_seed(s.seed)  # the LoRA's A matrices
@@ -168,20 +161,18 @@ class Bench:
         pipe = models.load_pipeline(s.model, self.dtype, self.device)
         watch.lap("build")
         texts = self.batch(s.group_size)[0]
-        self.cond = policy.encode_prompts(pipe, texts, s.guidance_scale, self.device)
+        self.cond = policy.encode_prompts(pipe, texts, s.guidance_scale, device)
         watch.lap("encode")
         self.seconds, self.transformer, self.vae = watch.seconds, pipe.transformer, pipe.vae
         del pipe  # and with it the text encoders
         self.opt = torch.optim.AdamW(policy.add_lora(self.transformer, LORA_RANK, LORA_ALPHA))
+        self.velocity = policy.guided_velocity(self.transformer, self.cond, s.guidance_scale,
+                                               self.dtype, None, self.autocast)
 
     def batch(self, size):
         """`size` prompts' texts and metadata, cycling through the prompt set."""
         chosen = [self.prompts[i % len(self.prompts)] for i in range(size)]
         return [p for p, _ in chosen], [m for _, m in chosen]
-
-    def velocity(self, cond):
-        return policy.guided_velocity(self.transformer, cond, self.s.guidance_scale, self.dtype,
-                                      None, self.autocast)
 
     def rollout(self, resolution):
         """Sample and decode a group -> result (trajectory, images)."""
@@ -189,26 +180,14 @@ class Bench:
         noise = torch.randn((self.s.group_size, self.transformer.config.in_channels, side, side),
                             generator=torch.Generator().manual_seed(self.s.seed)).to(self.device)
 
-        def once():
-            watch = Stopwatch(self.device)
+        def once(watch):
             generator = torch.Generator(self.device).manual_seed(self.s.seed)
-            traj = minflow.rollout(self.velocity(self.cond), noise, sigmas, "flow_grpo",
-                                   FLOW_GRPO.noise_level, generator)
+            traj = minflow.rollout(self.velocity, noise, sigmas, "flow_grpo", FLOW_GRPO.noise_level,
+                                   generator)
             watch.lap("sample")
             images = policy.decode(self.vae, traj.xs[:, -1])
             watch.lap("decode")
-            return watch.seconds, (traj, images)
-
-        return measure(once, self.s, self.device)
-
-    def reward(self, mix, images):
-        """Rewards of a batch of images (a pool takes them one image a task)."""
-        texts, metadata = self.batch(len(images))
-
-        def once():
-            watch = Stopwatch(self.device)
-            mix.submit(images, texts, metadata).result()
-            return {"reward": watch.lap("reward")}, None
+            return traj, images
 
         return measure(once, self.s, self.device)
 
@@ -220,13 +199,13 @@ class Bench:
         texts, metadata = self.batch(traj.xs.shape[0])
         stds = minflow.step_std(traj.sigmas[:-1], traj.sigmas[1:], STEPWISE.sampler,
                                 STEPWISE.noise_level, STEPWISE.ddim_noise)
-        needed, velocity = minflow.needed_states(stds), self.velocity(self.cond)
 
-        def once():
-            watch, scored = Stopwatch(self.device), []
+        def once(watch):
+            scored = []
             with mix.leave_cores_to_workers():
-                passes = minflow.clean_estimate_passes(velocity, traj, STEPWISE.substeps, needed,
-                                                       batch_size=batch_size)
+                needed = minflow.needed_states(stds)
+                passes = minflow.clean_estimate_passes(self.velocity, traj, STEPWISE.substeps,
+                                                       needed, None, batch_size)
                 for b, k, x0 in passes:
                     watch.lap("velocity")
                     images, rows = policy.decode(self.vae, x0), b.tolist()
@@ -236,7 +215,7 @@ class Bench:
                 scored = [(b, k, pending.result()) for b, k, pending in scored]
                 minflow.reward_table(traj.xs.shape[1], scored, torch.zeros(traj.xs.shape[0]))
                 watch.lap("reward")
-            return watch.seconds, len(scored)
+            return len(scored)
 
         return measure(once, self.s, self.device)
 
@@ -244,50 +223,43 @@ class Bench:
         """Forward + backward of minflow.policy_loss on a micro-batch of --train_batch of the
         rollout's trained transitions (repeated if fewer; random +-1 advantages), then one
         AdamW step inside the same memory window -> (seconds per micro-batch, peak bytes)."""
-        stds = minflow.step_std(traj.sigmas[:-1], traj.sigmas[1:], "flow_grpo",
+        stds = minflow.step_std(traj.sigmas[:-1], traj.sigmas[1:], FLOW_GRPO.sampler,
                                 FLOW_GRPO.noise_level)
         mask = minflow.trained_steps(stds).expand(traj.xs.shape[0], -1)
-        generator = torch.Generator().manual_seed(self.s.seed)
-        signs = torch.randint(2, mask.shape, generator=generator) * 2.0 - 1
-        rows = minflow.transitions(traj, signs, mask)
+        signs = torch.randint(2, mask.shape, generator=torch.Generator().manual_seed(self.s.seed))
+        rows = minflow.transitions(traj, signs * 2.0 - 1, mask)
         idx = torch.arange(self.s.train_batch) % len(rows["advantage"])
         batch = {k: v[idx].to(self.device) for k, v in rows.items() if k != "sample"}
-        velocity = self.velocity(self.cond.select(rows["sample"][idx]))
+        velocity = policy.guided_velocity(self.transformer, self.cond.select(rows["sample"][idx]),
+                                          self.s.guidance_scale, self.dtype, None, self.autocast)
 
         def ref_velocity(x, t):
             with policy.adapter_disabled(self.transformer):
                 return velocity(x, t)
 
-        def once():
-            watch = Stopwatch(self.device)
+        def once(watch):
             minflow.policy_loss(velocity, batch, FLOW_GRPO, 1e-4, beta, ref_velocity)[0].backward()
-            return {"train": watch.lap("train")}, None
+            watch.lap("train")
 
         self.transformer.enable_gradient_checkpointing() if checkpointing else None
-        try:
-            seconds, peak, _ = measure(once, self.s, self.device)
-            self.opt.step()  # its state joins the peak, read again while the window is open
-            peak = torch.cuda.max_memory_allocated(self.device) if peak is not None else None
-        finally:
-            self.opt.zero_grad(set_to_none=True)
-            self.transformer.disable_gradient_checkpointing()
+        seconds, peak, _ = measure(once, self.s, self.device)
+        self.opt.step()  # its state joins the peak, read again while the window is open
+        peak = torch.cuda.max_memory_allocated(self.device) if peak is not None else None
+        self.opt.zero_grad(set_to_none=True)
+        self.transformer.disable_gradient_checkpointing()
         return seconds["total"], peak
 
 
-def trained_steps(algo, num_steps):
-    sigmas = minflow.sd3_sigmas(num_steps)
-    stds = minflow.step_std(sigmas[:-1], sigmas[1:], algo.sampler, algo.noise_level,
-                            algo.ddim_noise)
-    return int(minflow.trained_steps(stds).sum())
+def gib(peak):
+    return "n/a (CPU)" if peak is None else f"{peak / 2**30:.2f} GiB"
 
 
 def report_speed(bench, out, resolution):
     """Rollout and training: seconds, rate, MFU against this device's matmul peak, memory."""
     s, B = bench.s, bench.s.group_size
     seconds, peak, (traj, images) = bench.rollout(resolution)
-    text_tokens = bench.cond.embeds.shape[1]
-    flops = sum(transformer_flops(bench.transformer.config, resolution // 8, text_tokens).values())
-    flops *= 2 if s.guidance_scale > 1 else 1  # CFG: two rows an image
+    parts = transformer_flops(bench.transformer.config, resolution // 8, bench.cond.embeds.shape[1])
+    flops = sum(parts.values()) * (2 if s.guidance_scale > 1 else 1)  # CFG: two rows an image
     matmul, how = peak_matmul_flops(bench.device, bench.dtype)
     out.update(rollout=seconds, peak_matmul_flops=matmul, rollout_images_per_s=B / seconds["total"])
     # Training counts 3 forwards (the usual convention; frozen base weights make it nearer 2),
@@ -297,50 +269,59 @@ def report_speed(bench, out, resolution):
     for checkpointing in ("off", "on"):
         for beta in (0.0, DEFAULT_BETA):
             sec, mem = bench.train(traj, beta, checkpointing == "on")
-            name = f"training, checkpointing {checkpointing}, beta {beta:g}"
             out[f"train_checkpointing={checkpointing}_beta={beta:g}"] = sec
             work = (3 + (beta > 0)) * s.train_batch * flops
-            measured.append((name, sec, s.train_batch, "transitions", work, mem))
+            measured.append((f"training, checkpointing {checkpointing}, beta {beta:g}", sec,
+                             s.train_batch, "transitions", work, mem))
     out["mfu"] = {name: work / sec / matmul for name, sec, _, _, work, _ in measured}
-    rows = [[name, f"{sec:.3f}", f"{n / sec:.2f} {unit}/s", f"{work / sec / 1e12:.4f}",
-             f"{100 * work / sec / matmul:.2f} %", gib(mem)]
-            for name, sec, n, unit, work, mem in measured]
-    print_table(f"Speed: a rollout of {B} ({s.num_steps} steps; decoding "
-                f"{seconds['decode']:.3f} s), "
-                f"training micro-batches of {s.train_batch}; MFU against {matmul / 1e12:.3f} "
-                f"TFLOP/s ({how})",
-                ["measurement", "s", "rate", "TFLOP/s", "MFU", "peak memory"], rows)
+    print_table(f"Speed: a rollout of {B} ({s.num_steps} steps, then {seconds['decode']:.3f} s "
+                f"decoding), training micro-batches of {s.train_batch}; MFU against "
+                f"{matmul / 1e12:.3f} TFLOP/s ({how})",
+                ["measurement", "s", "rate", "TFLOP/s", "MFU", "peak memory"],
+                [[name, f"{sec:.3f}", f"{n / sec:.2f} {unit}/s", f"{work / sec / 1e12:.4f}",
+                  f"{100 * work / sec / matmul:.2f} %", gib(mem)]
+                 for name, sec, n, unit, work, mem in measured])
     return traj, images
 
 
 def report_stepwise(bench, out, traj, images):
-    """Per reward: the final reward of the group, Stepwise's intermediate rewards per
-    trajectory, and Stepwise's iteration against Flow-GRPO's, composed from this run's
-    rollout, rewards and training micro-batches."""
-    s, B, rows = bench.s, bench.s.group_size, []
+    """The final reward of the group, Stepwise's intermediate rewards per trajectory, and
+    Stepwise's iteration against Flow-GRPO's, composed from this run's rollout, rewards and
+    training micro-batches."""
+    s, B = bench.s, bench.s.group_size
+    workers = s.reward_workers or os.cpu_count()
+    mix = RewardMix(s.reward, workers=workers)
+    texts, metadata = bench.batch(B)
+    mix(images, texts, metadata)  # starts the workers and their engines, untimed
+    def score(watch):
+        mix.submit(images, texts, metadata).result()
+        watch.lap("final")
+
+    final = measure(score, s, bench.device)[0]["total"]
+    seconds, _, passes = bench.intermediate(mix, traj, 4 * B)
+    mix.close()
     micro_batch = out[f"train_checkpointing=off_beta={DEFAULT_BETA:g}"]
-    for name in ("jpeg_compressibility", "ocr") if s.reward == "ocr" else ("jpeg_compressibility",):
-        mix = RewardMix(name, workers=bench.workers if name == "ocr" else 0)
-        mix(images, *bench.batch(B))  # starts the workers and their engines, untimed
-        final = bench.reward(mix, images)[0]["total"]
-        seconds, _, passes = bench.intermediate(mix, traj, 4 * B)
-        mix.close()
-        iteration = [out["rollout"]["total"] + final
-                     + -(-B * trained_steps(a, s.num_steps) // s.train_batch) * micro_batch
-                     for a in (FLOW_GRPO, STEPWISE)]
-        iteration[1] += seconds["total"]
-        out[f"{name}_images_per_s"] = B / final
-        out[f"stepwise_{name}_passes"] = passes
-        out[f"stepwise_{name}_iteration_ratio"] = iteration[1] / iteration[0]
-        rows.append([name, f"{B / final:.2f}", f"{passes}"]
-                    + [f"{seconds.get(k, 0) / B:.4f}" for k in ("velocity", "decode", "reward")]
-                    + [f"{seconds['total'] / B:.4f}"]
-                    + [f"{t:.3f}" for t in iteration] + [f"{iteration[1] / iteration[0]:.2f}x"])
-    print_table(f"Rewards (OCR in {bench.workers} workers), Stepwise's intermediate rewards "
-                f"(T' = {STEPWISE.substeps}, passes of {4 * B} rows) per trajectory, seconds per "
-                "iteration", 
-                ["reward", "final images/s", "passes", "velocity", "decode", "reward wait", "total",
-                 "Flow-GRPO it", "Stepwise it", "ratio"], rows)
+    flow, step = (out["rollout"]["total"] + final
+                  + micro_batch * -(-B * trained_steps(a, s.num_steps) // s.train_batch)
+                  for a in (FLOW_GRPO, STEPWISE))
+    step += seconds["total"]
+    out.update({f"{s.reward}_images_per_s": B / final, "stepwise_passes": passes,
+                "stepwise_iteration_ratio": step / flow})
+    print_table(f"{s.reward} ({workers if mix.pooled else 'no'} workers): the final reward, "
+                f"Stepwise's intermediate rewards (T' = {STEPWISE.substeps}, passes of {4 * B} "
+                "rows) per "
+                "trajectory, and seconds per iteration",
+                ["final images/s", "passes", "velocity", "decode", "reward wait", "total",
+                 "Flow-GRPO it", "Stepwise it", "ratio"],
+                [[f"{B / final:.2f}", passes] + [f"{seconds.get(k, 0) / B:.4f}" for k in (
+                    "velocity", "decode", "reward", "total")] + [f"{flow:.3f}", f"{step:.3f}",
+                                                                 f"{step / flow:.2f}x"]])
+
+
+def trained_steps(algo, num_steps):
+    sigmas = minflow.sd3_sigmas(num_steps)
+    return int(minflow.trained_steps(minflow.step_std(sigmas[:-1], sigmas[1:], algo.sampler,
+                                                      algo.noise_level, algo.ddim_noise)).sum())
 
 
 def main(argv):
@@ -350,9 +331,8 @@ def main(argv):
         device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
         amp = models.autocast_dtype(s.mixed_precision, device)
         config = models.transformer_config(s.model)
-        resolution, largest = s.resolution or min(512, config["sample_size"] * 8), \
-            config["pos_embed_max_size"] * 8 * config["patch_size"]
-        if resolution > largest:
+        resolution = s.resolution or min(512, config["sample_size"] * 8)
+        if resolution > (largest := config["pos_embed_max_size"] * 8 * config["patch_size"]):
             raise ValueError(f"--resolution={resolution}: expected at most {largest} (this model)")
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
@@ -360,24 +340,20 @@ def main(argv):
     # libraries would warn each time; their verbosity is restored on the way out.
     libraries = (diffusers_logging, transformers_logging)
     verbosity = [library.get_verbosity() for library in libraries]
-    for library in libraries:
-        library.set_verbosity_error()
+    [library.set_verbosity_error() for library in libraries]
     try:
         rows = models.memory_estimate(s.model, resolution, s.train_batch, LORA_RANK, False,
                                       amp or torch.float32)
         total = torch.cuda.get_device_properties(device).total_memory if "cuda" in device else None
-        print(models.format_memory_table(rows, total) if rows else "memory estimate skipped: no config")
-        bench, out = Bench(s, amp), {}
-        print(f"\n{s.model} on {bench.device} ({str(bench.dtype)[6:]}), {resolution} px, CFG "
+        print(models.format_memory_table(rows, total) if rows else "memory estimate skipped")
+        bench, out = Bench(s, amp, device), {}
+        print(f"\n{s.model} on {device} ({str(bench.dtype)[6:]}), {resolution} px, CFG "
               f"{s.guidance_scale}; built in {bench.seconds['build']:.1f} s, prompts encoded in "
-              f"{bench.seconds['encode']:.2f} s; "
-              f"LoRA r{LORA_RANK}; median of {s.repeats} after {s.warmup} warmup")
-        traj, images = report_speed(bench, out, resolution)
-        report_stepwise(bench, out, traj, images)
+              f"{bench.seconds['encode']:.2f} s; median of {s.repeats} after {s.warmup} warmup")
+        report_stepwise(bench, out, *report_speed(bench, out, resolution))
         return out
     finally:
-        for library, level in zip(libraries, verbosity):
-            library.set_verbosity(level)
+        [library.set_verbosity(level) for library, level in zip(libraries, verbosity)]
 
 
 if __name__ == "__main__":
