@@ -7,11 +7,11 @@ As sd35/train.py does, it encodes the prompts once, frees the text encoders and 
 transformer with a fresh rank-32 LoRA in the --mixed_precision dtype under autocast. Each
 measurement runs --warmup times, then --repeats times timed: the median, and on CUDA the peak
 allocated memory. One table a question: what will the trainer hold in memory (estimated
-before loading); how fast are sampling and training, at what share of the device's matmul
-peak; what do the rewards and Stepwise-Flow-GRPO's intermediate rewards cost, in an iteration
-against Flow-GRPO's. For scaling, run it with other --resolution, --group_size, --train_batch.
+before loading), and how fast are sampling and training, at what share of the device's matmul
+peak and in how much memory. For scaling, run it with another --resolution, --group_size or
+--train_batch; for the rewards and each algorithm's seconds per iteration, the trainer's own
+log (sd35/train.py --model=sd35m-random) times them in the real loop.
 """
-import os
 import statistics
 import sys
 import time
@@ -28,7 +28,6 @@ import minflow  # noqa: E402
 from cli import flag  # noqa: E402
 from sd35 import models, policy  # noqa: E402
 from sd35.data import load_prompts  # noqa: E402
-from sd35.rewards import RewardMix  # noqa: E402
 
 RESOLUTION = cli.text_range("0 (the model's default) or a positive multiple of 16",
                             lambda v: isinstance(v, int) and v >= 0 and v % 16 == 0)
@@ -36,23 +35,21 @@ RESOLUTION = cli.text_range("0 (the model's default) or a positive multiple of 1
 
 @dataclass
 class Settings:
-    model: str = flag("tiny", models.MODEL)  # tiny (CPU), sd35m-random (GPU), a folder, a hub id
+    model: str = flag("tiny", models.MODEL)  # tiny for a CPU; sd35m-random (no download) for a GPU
     num_steps: int = flag(10, "[2, inf)")  # SDE steps per rollout, as the trainer samples
     group_size: int = flag(8, "[1, inf)")  # trajectories per rollout batch (2x rows with CFG)
     resolution: int = flag(0, RESOLUTION)  # image side in pixels; 0: 512 for SD3.5, 64 for tiny
     guidance_scale: float = flag(4.5, "[1, 100]")  # CFG scale in rollouts and training; 1: no CFG
     mixed_precision: str = flag("auto", models.MIXED_PRECISION)  # auto: fp16 on CUDA, none on CPU
     train_batch: int = flag(8, "[1, inf)")  # transitions per forward-backward when training
-    reward: str = flag("jpeg_compressibility", ("jpeg_compressibility", "ocr"))  # timed reward
     repeats: int = flag(3, "[1, inf)")  # timed runs per measurement (the median is reported)
     warmup: int = flag(1, "[0, inf)")  # untimed runs before each (allocator, kernel choice)
     device: str = flag("", cli.DEVICE)  # "" = cuda if available, else cpu
     seed: int = flag(0, "[0, 1e18]")  # seeds the noise, the LoRA and the advantages
-    reward_workers: int = flag(0, "[0, 1024]")  # OCR worker processes; 0 = the CPU cores
 
 
 LORA_RANK, LORA_ALPHA, DEFAULT_BETA = 32, 64, 0.004  # the trainer's defaults
-FLOW_GRPO, STEPWISE = minflow.PRESETS["flow_grpo"], minflow.PRESETS["stepwise"]
+FLOW_GRPO = minflow.PRESETS["flow_grpo"]
 TIMESTEP_CHANNELS = 256  # diffusers' sinusoidal timestep features, input of the time MLP
 
 
@@ -114,7 +111,8 @@ class Stopwatch:
         self.last = self.now()
 
     def now(self):
-        torch.cuda.synchronize(self.device) if self.device.type == "cuda" else None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
     def lap(self, name):
@@ -129,7 +127,8 @@ def measure(run, s, device):
     last result)."""
     for _ in range(s.warmup):
         run(Stopwatch(device))
-    torch.cuda.reset_peak_memory_stats(device) if device.type == "cuda" else None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     laps = []
     for _ in range(s.repeats):
         result = run(watch := Stopwatch(device))
@@ -143,24 +142,25 @@ def print_table(title, header, rows):
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     print(f"\n{title}")
     for i, row in enumerate(cells):
-        print("  ".join(c.rjust(w) if j else c.ljust(w) for j, c, w in zip(range(99), row, widths)))
+        print("  ".join(c.rjust(w) if j else c.ljust(w)
+                        for j, (c, w) in enumerate(zip(row, widths))))
         if i == 0:
             print("  ".join("-" * w for w in widths))
 
 
 class Bench:
-    """The run's fixed parts (device, dtype, LoRA'd model, optimiser, prompts and their
+    """The run's fixed parts (device, dtype, LoRA'd model, optimiser, a group's prompt
     embeddings) and one method per kind of measurement, each -> measure()'s triple."""
 
     def __init__(self, s, amp, device):
         self.s, self.dtype, self.device = s, amp or torch.float32, torch.device(device)
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=amp)) if amp else None
-        self.prompts = load_prompts("ocr")[0]  # OCR prompts: their texts feed the OCR reward
         torch.manual_seed(s.seed)  # the LoRA's A matrices
         watch = Stopwatch(self.device)
         pipe = models.load_pipeline(s.model, self.dtype, self.device)
         watch.lap("build")
-        texts = self.batch(s.group_size)[0]
+        prompts = load_prompts("general")[0]
+        texts = [prompts[i % len(prompts)][0] for i in range(s.group_size)]
         self.cond = policy.encode_prompts(pipe, texts, s.guidance_scale, device)
         watch.lap("encode")
         self.seconds, self.transformer, self.vae = watch.seconds, pipe.transformer, pipe.vae
@@ -169,13 +169,8 @@ class Bench:
         self.velocity = policy.guided_velocity(self.transformer, self.cond, s.guidance_scale,
                                                self.dtype, None, self.autocast)
 
-    def batch(self, size):
-        """`size` prompts' texts and metadata, cycling through the prompt set."""
-        chosen = [self.prompts[i % len(self.prompts)] for i in range(size)]
-        return [p for p, _ in chosen], [m for _, m in chosen]
-
     def rollout(self, resolution):
-        """Sample and decode a group -> result (trajectory, images)."""
+        """Sample and decode a group -> result: the trajectory."""
         side, sigmas = resolution // 8, minflow.sd3_sigmas(self.s.num_steps)
         noise = torch.randn((self.s.group_size, self.transformer.config.in_channels, side, side),
                             generator=torch.Generator().manual_seed(self.s.seed)).to(self.device)
@@ -185,37 +180,9 @@ class Bench:
             traj = minflow.rollout(self.velocity, noise, sigmas, "flow_grpo", FLOW_GRPO.noise_level,
                                    generator)
             watch.lap("sample")
-            images = policy.decode(self.vae, traj.xs[:, -1])
+            policy.decode(self.vae, traj.xs[:, -1])
             watch.lap("decode")
-            return traj, images
-
-        return measure(once, self.s, self.device)
-
-    def intermediate(self, mix, traj, batch_size):
-        """Stepwise's intermediate rewards as the trainer computes them: the needed states'
-        clean estimates in passes of `batch_size` rows, each decoded and submitted to `mix`
-        while the next pass runs, then collected (the reward lap is the wait left) -> result:
-        the number of passes."""
-        texts, metadata = self.batch(traj.xs.shape[0])
-        stds = minflow.step_std(traj.sigmas[:-1], traj.sigmas[1:], STEPWISE.sampler,
-                                STEPWISE.noise_level, STEPWISE.ddim_noise)
-
-        def once(watch):
-            scored = []
-            with mix.leave_cores_to_workers():
-                needed = minflow.needed_states(stds)
-                passes = minflow.clean_estimate_passes(self.velocity, traj, STEPWISE.substeps,
-                                                       needed, None, batch_size)
-                for b, k, x0 in passes:
-                    watch.lap("velocity")
-                    images, rows = policy.decode(self.vae, x0), b.tolist()
-                    watch.lap("decode")
-                    scored.append((b, k, mix.submit(images, [texts[i] for i in rows],
-                                                    [metadata[i] for i in rows], total_only=True)))
-                scored = [(b, k, pending.result()) for b, k, pending in scored]
-                minflow.reward_table(traj.xs.shape[1], scored, torch.zeros(traj.xs.shape[0]))
-                watch.lap("reward")
-            return len(scored)
+            return traj
 
         return measure(once, self.s, self.device)
 
@@ -241,7 +208,8 @@ class Bench:
             minflow.policy_loss(velocity, batch, FLOW_GRPO, 1e-4, beta, ref_velocity)[0].backward()
             watch.lap("train")
 
-        self.transformer.enable_gradient_checkpointing() if checkpointing else None
+        if checkpointing:
+            self.transformer.enable_gradient_checkpointing()
         seconds, peak, _ = measure(once, self.s, self.device)
         self.opt.step()  # its state joins the peak, read again while the window is open
         peak = torch.cuda.max_memory_allocated(self.device) if peak is not None else None
@@ -257,7 +225,7 @@ def gib(peak):
 def report_speed(bench, out, resolution):
     """Rollout and training: seconds, rate, MFU against this device's matmul peak, memory."""
     s, B = bench.s, bench.s.group_size
-    seconds, peak, (traj, images) = bench.rollout(resolution)
+    seconds, peak, traj = bench.rollout(resolution)
     parts = transformer_flops(bench.transformer.config, resolution // 8, bench.cond.embeds.shape[1])
     flops = sum(parts.values()) * (2 if s.guidance_scale > 1 else 1)  # CFG: two rows an image
     matmul, how = peak_matmul_flops(bench.device, bench.dtype)
@@ -281,53 +249,17 @@ def report_speed(bench, out, resolution):
                 [[name, f"{sec:.3f}", f"{n / sec:.2f} {unit}/s", f"{work / sec / 1e12:.4f}",
                   f"{100 * work / sec / matmul:.2f} %", gib(mem)]
                  for name, sec, n, unit, work, mem in measured])
-    return traj, images
 
 
-def report_stepwise(bench, out, traj, images):
-    """The final reward of the group, Stepwise's intermediate rewards per trajectory, and
-    Stepwise's iteration against Flow-GRPO's, composed from this run's rollout, rewards and
-    training micro-batches."""
-    s, B = bench.s, bench.s.group_size
-    workers = s.reward_workers or os.cpu_count()
-    mix = RewardMix(s.reward, workers=workers)
-    texts, metadata = bench.batch(B)
-    mix(images, texts, metadata)  # starts the workers and their engines, untimed
-    def score(watch):
-        mix.submit(images, texts, metadata).result()
-        watch.lap("final")
-
-    final = measure(score, s, bench.device)[0]["total"]
-    seconds, _, passes = bench.intermediate(mix, traj, 4 * B)
-    mix.close()
-    micro_batch = out[f"train_checkpointing=off_beta={DEFAULT_BETA:g}"]
-    flow, step = (out["rollout"]["total"] + final
-                  + micro_batch * -(-B * trained_steps(a, s.num_steps) // s.train_batch)
-                  for a in (FLOW_GRPO, STEPWISE))
-    step += seconds["total"]
-    out.update({f"{s.reward}_images_per_s": B / final, "stepwise_passes": passes,
-                "stepwise_iteration_ratio": step / flow})
-    print_table(f"{s.reward} ({workers if mix.pooled else 'no'} workers): the final reward, "
-                f"Stepwise's intermediate rewards (T' = {STEPWISE.substeps}, passes of {4 * B} "
-                "rows) per "
-                "trajectory, and seconds per iteration",
-                ["final images/s", "passes", "velocity", "decode", "reward wait", "total",
-                 "Flow-GRPO it", "Stepwise it", "ratio"],
-                [[f"{B / final:.2f}", passes] + [f"{seconds.get(k, 0) / B:.4f}" for k in (
-                    "velocity", "decode", "reward", "total")] + [f"{flow:.3f}", f"{step:.3f}",
-                                                                 f"{step / flow:.2f}x"]])
-
-
-def trained_steps(algo, num_steps):
-    sigmas = minflow.sd3_sigmas(num_steps)
-    return int(minflow.trained_steps(minflow.step_std(sigmas[:-1], sigmas[1:], algo.sampler,
-                                                      algo.noise_level, algo.ddim_noise)).sum())
+def parse_settings(argv):
+    """Flags -> Settings, each checked against its declared range, or a one-line FlagError."""
+    return cli.read_flags(Settings, argv)
 
 
 def main(argv):
     """Run every measurement and print its table -> the numbers, for tests."""
     try:
-        s = cli.read_flags(Settings, argv)
+        s = parse_settings(argv)
         device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
         amp = models.autocast_dtype(s.mixed_precision, device)
         config = models.transformer_config(s.model)
@@ -340,7 +272,8 @@ def main(argv):
     # libraries would warn each time; their verbosity is restored on the way out.
     libraries = (diffusers_logging, transformers_logging)
     verbosity = [library.get_verbosity() for library in libraries]
-    [library.set_verbosity_error() for library in libraries]
+    for library in libraries:
+        library.set_verbosity_error()
     try:
         rows = models.memory_estimate(s.model, resolution, s.train_batch, LORA_RANK, False,
                                       amp or torch.float32)
@@ -350,10 +283,11 @@ def main(argv):
         print(f"\n{s.model} on {device} ({str(bench.dtype)[6:]}), {resolution} px, CFG "
               f"{s.guidance_scale}; built in {bench.seconds['build']:.1f} s, prompts encoded in "
               f"{bench.seconds['encode']:.2f} s; median of {s.repeats} after {s.warmup} warmup")
-        report_stepwise(bench, out, *report_speed(bench, out, resolution))
+        report_speed(bench, out, resolution)
         return out
     finally:
-        [library.set_verbosity(level) for library, level in zip(libraries, verbosity)]
+        for library, level in zip(libraries, verbosity):
+            library.set_verbosity(level)
 
 
 if __name__ == "__main__":
