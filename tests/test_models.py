@@ -10,13 +10,12 @@ M = 1e6
 
 
 def test_sd35m_random_parts_have_the_published_sizes():
-    # Published sizes: OpenCLIP's docs/model_profile.csv (text towers: ViT-L-14 123.65 M,
-    # ViT-bigG-14 694.66 M); the T5 v1.1 XXL encoder is the "4.7B parameter T5" of the SD3 paper
-    # (Esser et al., arXiv:2403.03206); Stability AI's SD3.5-Medium model card gives its MMDiT-X
-    # as 2.5 B parameters, while diffusers' SD3Transformer2DModel of the repository's
-    # transformer/config.json counts 2.24 B (the card's figure counts more than the
-    # transformer module); the SD3 VAE is the 84 M of vae/diffusion_pytorch_model.safetensors
-    # (168 MB in float16).
+    # Published sizes: OpenCLIP's docs/model_profile.csv gives the text towers of ViT-L-14
+    # (123.65 M) and ViT-bigG-14 (694.66 M); the SD3 paper (Esser et al., arXiv:2403.03206)
+    # calls T5 v1.1 XXL's encoder the 4.7B-parameter T5; Stability AI's SD3.5-Medium card gives
+    # its MMDiT-X as 2.5 B parameters, while diffusers' SD3Transformer2DModel of the
+    # repository's transformer/config.json counts 2.24 B (hence the range); the 16-channel VAE
+    # of vae/config.json counts 83.8 M in diffusers' AutoencoderKL.
     parts = models.build_parts(models.sd35m_configs(), "meta", torch.bfloat16)
     count = {name: sum(p.numel() for p in part.parameters()) for name, part in parts.items()}
     assert 2.24e9 <= count["transformer"] <= 2.5e9
