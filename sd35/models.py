@@ -1,17 +1,11 @@
-"""The one place that builds or loads a model, and what a model will cost in accelerator memory,
-computed from its configs before any weight loads.
-
-    load_pipeline(model, dtype, device)   "tiny", "sd35m-random", a local folder or a hub id
-    memory_estimate(...)                  [(part, bytes)], from configs on the meta device
-    autocast_dtype(mixed_precision, device)  the one decision of --mixed_precision
-
-"sd35m-random" is SD3.5-Medium's real architecture with random weights (speed and memory do
-not depend on weight values): the transformer and VAE of its configs, CLIP-L, OpenCLIP bigG
-and the T5-XXL encoder at their real sizes, with sd35/tiny.py's per-character tokenizers.
-"""
+"""The one place that builds or loads a model (load_pipeline), what it will cost in accelerator
+memory from its configs before any weight loads (memory_estimate), and the one decision of
+--mixed_precision (autocast_dtype). "sd35m-random" is SD3.5-Medium's architecture with random
+weights (speed and memory do not depend on weight values): its transformer and VAE, CLIP-L,
+OpenCLIP bigG and the T5-XXL encoder at their real sizes, with tiny.py's tokenizers."""
 import re
-from contextlib import contextmanager
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -28,27 +22,27 @@ MIXED_PRECISION = ("auto", "fp16", "bf16", "no")  # the --mixed_precision flag's
 
 # stabilityai/stable-diffusion-3.5-medium, transformer/config.json and vae/config.json.
 SD35_MEDIUM_TRANSFORMER_CONFIG = dict(
-    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, num_attention_heads=24,
-    attention_head_dim=64, joint_attention_dim=4096, pooled_projection_dim=2048, caption_projection_dim=1536,
-    pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+    num_attention_heads=24, attention_head_dim=64, joint_attention_dim=4096,
+    pooled_projection_dim=2048, caption_projection_dim=1536, pos_embed_max_size=384,
+    dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
 SD35_VAE_CONFIG = dict(
     in_channels=3, out_channels=3, latent_channels=16, down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-    norm_num_groups=32, sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609,
-    use_quant_conv=False, use_post_quant_conv=False)
-# The three text encoders: OpenAI CLIP ViT-L/14's and OpenCLIP ViT-bigG/14's text towers, and
-# the encoder of T5 v1.1 XXL; the vocabularies keep their real sizes.
-CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, projection_dim=768, num_hidden_layers=12,
-              num_attention_heads=12, hidden_act="quick_gelu")
+    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2, norm_num_groups=32, sample_size=1024, scaling_factor=1.5305,
+    shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
+# OpenAI CLIP ViT-L/14's and OpenCLIP ViT-bigG/14's text towers, T5 v1.1 XXL's encoder.
+CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, projection_dim=768,
+              num_hidden_layers=12, num_attention_heads=12, hidden_act="quick_gelu")
 CLIP_G = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, projection_dim=1280,
               num_hidden_layers=32, num_attention_heads=20, hidden_act="gelu")
 T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
               feed_forward_proj="gated-gelu")
-
-PARTS = {"transformer": SD3Transformer2DModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModelWithProjection,
-         "text_encoder_2": CLIPTextModelWithProjection, "text_encoder_3": T5EncoderModel}
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
-TEXT_TOKENS = tiny.CLIP_MAX_LENGTH + 256  # CLIP's 77 joined with T5's 256 (policy.encode_prompts' default)
+PARTS = {"transformer": SD3Transformer2DModel, "vae": AutoencoderKL,
+         "text_encoder": CLIPTextModelWithProjection, "text_encoder_2": CLIPTextModelWithProjection,
+         "text_encoder_3": T5EncoderModel}
+TEXT_ENCODERS = {"text_encoder": "CLIP-L", "text_encoder_2": "CLIP-G", "text_encoder_3": "T5"}
+TEXT_TOKENS = tiny.CLIP_MAX_LENGTH + 256  # CLIP's 77 and T5's 256 (policy.encode_prompts)
 
 
 def autocast_dtype(mixed_precision, device):
@@ -56,38 +50,38 @@ def autocast_dtype(mixed_precision, device):
     (its finer mantissa keeps the log-probs of sampling and training closer than bf16's) and
     float32 elsewhere."""
     if mixed_precision not in MIXED_PRECISION:
-        raise ValueError(f"--mixed_precision={mixed_precision}: expected one of {', '.join(MIXED_PRECISION)}")
+        raise ValueError(f"--mixed_precision={mixed_precision}: expected one of auto, fp16, bf16, "
+                         "no")
     if mixed_precision == "auto":
         mixed_precision = "fp16" if torch.device(device).type == "cuda" else "no"
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "no": None}[mixed_precision]
 
 
 def sd35m_configs():
+    clip = dict(max_position_embeddings=tiny.CLIP_MAX_LENGTH, **tiny.CLIP_TOKENS)
     return {"transformer": SD35_MEDIUM_TRANSFORMER_CONFIG, "vae": SD35_VAE_CONFIG,
-            "text_encoder": CLIPTextConfig(**CLIP_L, max_position_embeddings=77, **tiny.CLIP_TOKENS),
-            "text_encoder_2": CLIPTextConfig(**CLIP_G, max_position_embeddings=77, **tiny.CLIP_TOKENS),
+            "text_encoder": CLIPTextConfig(**CLIP_L, **clip),
+            "text_encoder_2": CLIPTextConfig(**CLIP_G, **clip),
             "text_encoder_3": T5Config(**T5_XXL, **tiny.T5_TOKENS)}
 
 
 def keep_fp32(module, dtype):
-    """What transformers' from_pretrained does in float16: the modules a class names in
+    """As transformers' from_pretrained does in float16: the modules a class names in
     _keep_in_fp32_modules (T5's feed-forward outputs, which overflow float16) stay float32."""
-    names = getattr(module, "_keep_in_fp32_modules", None) or ()
-    if dtype == torch.float16:
-        for name, sub in module.named_modules():
-            if name.rsplit(".", 1)[-1] in names:
-                sub.float()
+    names = getattr(module, "_keep_in_fp32_modules", None) or () if dtype == torch.float16 else ()
+    for sub in (sub for name, sub in module.named_modules() if name.rsplit(".", 1)[-1] in names):
+        sub.float()
 
 
 def build_parts(configs, device, dtype):
-    """{part: config} -> {part: module} of random weights made directly on `device` in `dtype`
-    (the default dtype is switched, so no float32 copy is cast); on "meta" nothing is allocated."""
+    """{part: config} -> {part: frozen module} of random weights made directly on `device` in
+    `dtype` (no float32 copy is cast); on "meta" nothing is allocated."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            parts = {name: PARTS[name].from_config(c) if name in ("transformer", "vae") else PARTS[name](c)
-                     for name, c in configs.items()}
+            parts = {name: PARTS[name].from_config(c) if name in ("transformer", "vae")
+                     else PARTS[name](c) for name, c in configs.items()}
     finally:
         torch.set_default_dtype(previous)
     for module in parts.values():
@@ -97,8 +91,8 @@ def build_parts(configs, device, dtype):
 
 
 def load_pipeline(model, dtype, device) -> StableDiffusion3Pipeline:
-    """"tiny" (sd35/tiny.py), "sd35m-random" (built on `device`), else a local diffusers folder
-    or a hub id through from_pretrained; every part frozen, in eval mode, in `dtype` on `device`."""
+    """"tiny" (sd35/tiny.py), "sd35m-random" (built on `device`), else a local diffusers
+    folder or a hub id through from_pretrained; every part frozen, eval, in `dtype`."""
     if model == "tiny":
         pipe = tiny.tiny_pipeline()
         # Cast only when needed: diffusers warns on casts.
@@ -123,33 +117,27 @@ def transformer_config(model):
 
 
 def part_configs(model):
-    """{part: config} of `model` without its weights, or None when a hub id's config files are
-    not in the local cache (nothing is downloaded)."""
-    if model == "tiny":
-        pipe = tiny.tiny_pipeline()
-        return {name: getattr(pipe, name).config for name in PARTS}
-    if model == "sd35m-random":
-        return sd35m_configs()
+    """{part: config} of `model` without its weights; None when a hub id's config files are not
+    in the local cache (nothing is downloaded)."""
+    if model in ("tiny", "sd35m-random"):
+        pipe = tiny.tiny_pipeline() if model == "tiny" else None
+        return {name: getattr(pipe, name).config for name in PARTS} if pipe else sd35m_configs()
     folder = Path(model)
     if not folder.is_dir():
         from huggingface_hub import try_to_load_from_cache
-        try:
-            index = try_to_load_from_cache(model, "model_index.json")
-        except ValueError:  # not a valid hub id
-            return None
-        if not isinstance(index, str):
-            return None
-        folder = Path(index).parent
+        index = try_to_load_from_cache(model, "model_index.json") if MODEL(model) is None else None
+        folder = Path(index).parent if isinstance(index, str) else folder
     if not all((folder / name / "config.json").is_file() for name in PARTS):
         return None
     return {name: cls.load_config(folder / name) if name in ("transformer", "vae")
-            else cls.config_class.from_json_file(folder / name / "config.json") for name, cls in PARTS.items()}
+            else cls.config_class.from_json_file(folder / name / "config.json")
+            for name, cls in PARTS.items()}
 
 
 class FusedAttentionSaves(torch.autograd.Function):
-    """Stands in for scaled_dot_product_attention on the meta device and saves what the fused
-    CUDA kernels (flash, memory-efficient) keep for backward: q, k, v, the output and a float32
-    log-sum-exp per query, not the [Lq, Lk] weights the math kernel saves."""
+    """Stands in for scaled_dot_product_attention on the meta device and saves what the
+    fused CUDA kernels (flash, memory-efficient) keep for backward: q, k, v, the output and a
+    float32 log-sum-exp per query, not the [Lq, Lk] weights the math kernel saves."""
 
     @staticmethod
     def forward(ctx, q, k, v):
@@ -158,85 +146,70 @@ class FusedAttentionSaves(torch.autograd.Function):
         return out
 
 
-@contextmanager
-def fused_attention_on_meta():
-    sdpa = F.scaled_dot_product_attention
-    F.scaled_dot_product_attention = lambda q, k, v, *args, **kwargs: FusedAttentionSaves.apply(q, k, v)
-    try:
-        yield
-    finally:
-        F.scaled_dot_product_attention = sdpa
-
-
 def activation_bytes(transformer, resolution, rows, dtype):
-    """Bytes autograd saves for backward in one forward of `transformer` (on the meta device,
-    LoRA attached) over `rows` rows at `resolution` px: each saved storage once, weights not."""
-    weights = {p.untyped_storage()._cdata for p in transformer.parameters()}
-    saved = {}
+    """Bytes autograd saves for backward in one forward of `transformer` (on the meta
+    device, LoRA attached) of `rows` rows at `resolution` px: each storage once, no weights."""
+    weights, saved = {p.untyped_storage()._cdata for p in transformer.parameters()}, {}
 
     def pack(tensor):
         storage = tensor.untyped_storage()
         if storage._cdata not in weights:
             saved[storage._cdata] = storage.nbytes()
-        return tensor
+        return tensor  # kept alive until counted, so no storage address is reused
 
     c, side = transformer.config, resolution // 8
-    with torch.device("meta"), fused_attention_on_meta(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = transformer(hidden_states=torch.empty(rows, c.in_channels, side, side, dtype=dtype),
-                          timestep=torch.empty(rows), return_dict=False,
-                          pooled_projections=torch.empty(rows, c.pooled_projection_dim, dtype=dtype),
-                          encoder_hidden_states=torch.empty(rows, TEXT_TOKENS, c.joint_attention_dim, dtype=dtype))
-    del out
-    return sum(saved.values())
+    fused = mock.patch.object(F, "scaled_dot_product_attention",
+                              lambda q, k, v, *args, **kwargs: FusedAttentionSaves.apply(q, k, v))
+    with torch.device("meta"), fused, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        transformer(hidden_states=torch.empty(rows, c.in_channels, side, side, dtype=dtype),
+                    timestep=torch.empty(rows), return_dict=False,
+                    pooled_projections=torch.empty(rows, c.pooled_projection_dim, dtype=dtype),
+                    encoder_hidden_states=torch.empty(rows, TEXT_TOKENS, c.joint_attention_dim,
+                                                      dtype=dtype))
+        return sum(saved.values())
 
 
-def weight_bytes(module):
-    return weight_bytes_of(module.parameters())
-
-
-def weight_bytes_of(params):
+def weight_bytes(params):
     return sum(p.numel() * p.element_size() for p in params)
 
 
 def memory_estimate(model, resolution, train_batch, lora_rank, keep_text_encoders, dtype):
     """[(part, bytes)] the trainer holds on the accelerator, from the configs alone (None when
     they cannot be read without a download): the weights in `dtype` (the text encoders only if
-    kept), the LoRA with its gradients and AdamW's two moments (all float32, 16 bytes a
-    parameter), and what one training micro-batch saves for backward. A micro-batch of
-    `train_batch` transitions is 2 x train_batch transformer rows, CFG's two branches in one
-    batch. Not counted: the transient buffers of sampling and decoding (no autograd), the
-    backward pass's own temporaries, gradient checkpointing (which saves far less), the
-    allocator's fragmentation and the CUDA context."""
+    kept), the LoRA with its gradients and AdamW's two moments (float32, 16 bytes a parameter),
+    and what one training micro-batch saves for backward: 2 x train_batch transformer rows,
+    CFG's two branches in one batch. Not counted: the transient buffers of sampling and
+    decoding (no autograd), the backward pass's temporaries, gradient checkpointing (which
+    saves far less), the allocator's fragmentation and the CUDA context."""
     configs = part_configs(model)
     if configs is None:
         return None
     parts = build_parts(configs, "meta", dtype)
-    names = {"text_encoder": "CLIP-L", "text_encoder_2": "CLIP-G", "text_encoder_3": "T5"}
-    rows = [(f"transformer weights ({str(dtype).removeprefix('torch.')})", weight_bytes(parts["transformer"]))]
-    rows += [(f"{names[n]} text encoder weights", weight_bytes(parts[n])) for n in TEXT_ENCODERS if keep_text_encoders]
-    rows.append(("VAE weights", weight_bytes(parts["vae"])))
+    rows = [(f"transformer weights ({str(dtype)[6:]})",
+             weight_bytes(parts["transformer"].parameters()))]
+    rows += [(f"{label} text encoder weights", weight_bytes(parts[name].parameters()))
+             for name, label in TEXT_ENCODERS.items() if keep_text_encoders]
+    rows.append(("VAE weights", weight_bytes(parts["vae"].parameters())))
     lora = policy.add_lora(parts["transformer"], lora_rank, lora_rank)
-    rows.append((f"LoRA r{lora_rank}: fp32 weights, gradients, AdamW moments", 4 * sum(4 * p.numel() for p in lora)))
+    rows.append((f"LoRA r{lora_rank}: fp32 weights, gradients, AdamW moments",
+                 4 * weight_bytes(lora)))
     for p in lora:  # on the accelerator autocast runs them in `dtype`
         p.data = p.data.to(dtype)
     activations = activation_bytes(parts["transformer"], resolution, 2 * train_batch, dtype)
-    rows.append((f"activations: micro-batch {train_batch} x 2 (CFG), {resolution} px", activations))
-    return rows
+    return rows + [(f"activations: micro-batch {train_batch} x 2 (CFG), {resolution} px",
+                    activations)]
 
 
 def size(n):
-    """Bytes in words: 4.18 GiB, 12.0 KiB."""
-    unit = max((u for u in range(4) if n >= 1024**u), default=0)
+    unit = max(u for u in range(4) if n >= 1024**u or u == 0)
     return f"{n / 1024**unit:.{2 if unit == 3 else 1}f} {('B', 'KiB', 'MiB', 'GiB')[unit]}"
 
 
 def format_memory_table(rows, device_bytes=None) -> str:
     """A short table of the estimate, the total against the device's memory when known."""
-    total = sum(b for _, b in rows)
-    width = max(len(name) for name, _ in rows)
+    total, width = sum(b for _, b in rows), max(len(name) for name, _ in rows)
     lines = ["Estimated accelerator memory, before loading (sd35/models.py: memory_estimate)"]
-    lines += [f"  {name:<{width}}  {size(b):>10}" for name, b in rows]
-    line = f"  {'total':<{width}}  {size(total):>10}"
+    lines += [f"  {name:<{width}}  {size(b):>10}" for name, b in rows + [("total", total)]]
     if device_bytes:
-        line += f"  of {size(device_bytes)} on this device ({100 * total / device_bytes:.0f} %)"
-    return "\n".join(lines + [line])
+        lines[-1] += f"  of {size(device_bytes)} here ({100 * total / device_bytes:.0f} %)"
+    return "\n".join(lines)

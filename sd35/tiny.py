@@ -1,21 +1,18 @@
-"""A tiny, randomly initialised Stable Diffusion 3.5 pipeline built entirely in code.
-
-Tests and CPU smoke runs need a pipeline with the same *structure* as SD3.5-Medium (three text
-encoders, an MMDiT with dual-attention blocks and RMS q/k-norm, a 16-channel VAE, a shifted
-flow-matching scheduler) but none of its weights. Everything below is built from configs, so
-nothing is read from disk or downloaded, and the same seed always gives the same weights.
-The per-character tokenizers here also serve sd35m-random (sd35/models.py), whose text
-encoders have the real sizes but no trained vocabulary to match.
-
-The shapes have to agree across components; the comments at each constructor say which
-number must match which.
+"""A tiny, randomly initialised Stable Diffusion 3.5 pipeline built entirely in code: the
+structure of SD3.5-Medium (three text encoders, an MMDiT with dual-attention blocks and RMS
+q/k-norm, a 16-channel VAE, a shifted flow-matching scheduler) without its weights, for tests
+and CPU runs. Nothing is read or downloaded; one seed gives the same weights. Its
+per-character tokenizers also serve sd35m-random (sd35/models.py), whose text encoders have
+no trained vocabulary to match. The comments say which sizes must agree.
 """
 import string
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                       StableDiffusion3Pipeline)
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection, PreTrainedTokenizerFast, T5Config, T5EncoderModel
+from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, PreTrainedTokenizerFast,
+                          T5Config, T5EncoderModel)
 
 # Token ids shared by all three tokenizers. CLIP pools the hidden state at the first EOS token;
 # transformers treats eos_token_id == 2 as a legacy config and pools at the largest token id
@@ -33,13 +30,9 @@ T5_MAX_LENGTH = 512  # the pipeline refuses max_sequence_length above 512 anyway
 
 
 def char_tokenizer(max_length: int, add_bos: bool) -> PreTrainedTokenizerFast:
-    """A lowercase, one-token-per-character tokenizer built in memory.
-
-    Each sequence ends with <eos>; CLIP-style tokenizers (``add_bos=True``) also start with
-    <bos>, T5-style ones do not. Characters outside ``CHARACTERS`` become <unk>. Padding is on
-    the right with <pad>, up to ``max_length`` when the caller asks for
-    ``padding="max_length"`` (the SD3 pipeline does).
-    """
+    """A lowercase, one-token-per-character tokenizer built in memory: <eos> ends each
+    sequence, CLIP-style ones (add_bos) start with <bos>, unknown characters become <unk>,
+    <pad> pads on the right (to max_length when asked, as the SD3 pipeline asks)."""
     tok = Tokenizer(models.WordLevel(vocab=VOCAB, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     # Every single character is its own "word" for the WordLevel model.
@@ -48,11 +41,12 @@ def char_tokenizer(max_length: int, add_bos: bool) -> PreTrainedTokenizerFast:
     template = "<bos> $A <eos>" if add_bos else "$A <eos>"
     tok.post_processor = processors.TemplateProcessing(
         single=template, special_tokens=[("<bos>", BOS_ID), ("<eos>", EOS_ID)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                                   unk_token="<unk>", model_max_length=max_length, padding_side="right")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<pad>", unk_token="<unk>", padding_side="right",
+                                   model_max_length=max_length)
 
 
-def assemble(transformer, vae, text_encoder, text_encoder_2, text_encoder_3) -> StableDiffusion3Pipeline:
+def assemble(transformer, vae, text_encoder, text_encoder_2, text_encoder_3):
     """An SD3 pipeline of the given parts, the per-character tokenizers and SD3.5's scheduler."""
     for module in (transformer, vae, text_encoder, text_encoder_2, text_encoder_3):
         module.eval()  # T5 and CLIP default to train mode; dropout would make sampling random
@@ -67,23 +61,15 @@ def assemble(transformer, vae, text_encoder, text_encoder_2, text_encoder_3) -> 
 def tiny_clip(hidden_size: int, projection_dim: int) -> CLIPTextModelWithProjection:
     return CLIPTextModelWithProjection(CLIPTextConfig(
         vocab_size=len(VOCAB), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        projection_dim=projection_dim, num_attention_heads=2, max_position_embeddings=CLIP_MAX_LENGTH,
-        num_hidden_layers=2,  # SD3 reads the penultimate hidden state, so at least 2
-        **CLIP_TOKENS))
+        projection_dim=projection_dim, num_attention_heads=2,
+        max_position_embeddings=CLIP_MAX_LENGTH, num_hidden_layers=2, **CLIP_TOKENS))  # SD3 reads the penultimate hidden state
 
 
 def tiny_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
-    """Build a randomly initialised SD3.5-shaped pipeline (under 100k parameters in all).
-
-    All components are in eval mode and float32 on the CPU. The global torch RNG is left
-    untouched: weights come from a forked RNG seeded with ``seed``.
-
-    Sizes: two CLIP text encoders of width 8 and 16 (projections 8 + 8 = 16 =
-    pooled_projection_dim), a T5 encoder of width 32 (= joint_attention_dim), an MMDiT with
-    2 heads x 8 = 16 channels and 3 layers of which the first 2 use dual attention, and a
-    4-level VAE (8x downsampling) with 16 latent channels. A 64-pixel image is therefore 8x8
-    latents and 4x4 = 16 image tokens.
-    """
+    """A randomly initialised SD3.5-shaped pipeline (under 100k parameters), eval mode,
+    float32 on the CPU, from a forked RNG seeded with `seed` (the global one is untouched).
+    An MMDiT of 2 heads x 8 and 3 layers (2 dual), a 4-level VAE (8x) with 16 latent channels:
+    a 64-pixel image is 8x8 latents, 4x4 = 16 image tokens."""
     clip_widths = (8, 16)  # stand-ins for CLIP-L (768) and CLIP-G (1280)
     clip_projection_dims = (8, 8)  # stand-ins for 768 and 1280
     t5_width = 32  # stand-in for T5-XXL's 4096; must be >= sum(clip_widths)
@@ -95,7 +81,7 @@ def tiny_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
             patch_size=2, in_channels=latent_channels, out_channels=latent_channels, num_layers=3,
             num_attention_heads=heads, attention_head_dim=head_dim,
             joint_attention_dim=t5_width,  # text tokens arrive at T5 width
-            caption_projection_dim=heads * head_dim,  # text and image tokens share the attention width
+            caption_projection_dim=heads * head_dim,  # text and image tokens share the width
             pooled_projection_dim=sum(clip_projection_dims),
             pos_embed_max_size=32,  # supports latents up to 64 (512 px): 32 patches a side
             dual_attention_layers=(0, 1), qk_norm="rms_norm")
@@ -103,11 +89,11 @@ def tiny_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
             in_channels=3, out_channels=3,
             # Four levels give the real VAE's 8x downsampling (2 ** (levels - 1)).
             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, latent_channels=latent_channels,
-            scaling_factor=1.5305, shift_factor=0.0609,  # the real SD3.5 VAE's latent normalisation
-            use_quant_conv=False, use_post_quant_conv=False)  # the SD3 VAE has no 1x1 convs around the latent
+            block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
+            latent_channels=latent_channels, use_quant_conv=False, use_post_quant_conv=False,
+            scaling_factor=1.5305, shift_factor=0.0609)  # the real SD3.5 VAE's normalisation
         text_encoder = tiny_clip(clip_widths[0], clip_projection_dims[0])
         text_encoder_2 = tiny_clip(clip_widths[1], clip_projection_dims[1])
-        text_encoder_3 = T5EncoderModel(T5Config(vocab_size=len(VOCAB), d_model=t5_width, d_kv=8, d_ff=64,
-                                                 num_layers=2, num_heads=4, **T5_TOKENS))
+        text_encoder_3 = T5EncoderModel(T5Config(vocab_size=len(VOCAB), d_model=t5_width, d_kv=8,
+                                                 d_ff=64, num_layers=2, num_heads=4, **T5_TOKENS))
     return assemble(transformer, vae, text_encoder, text_encoder_2, text_encoder_3)

@@ -10,13 +10,12 @@ M = 1e6
 
 
 def test_sd35m_random_parts_have_the_published_sizes():
-    # Published sizes: OpenCLIP's docs/model_profile.csv (text towers: ViT-L-14 123.65 M,
-    # ViT-bigG-14 694.66 M); the T5 v1.1 XXL encoder is the "4.7B parameter T5" of the SD3 paper
-    # (Esser et al., arXiv:2403.03206); Stability AI's SD3.5-Medium model card gives its MMDiT-X
-    # as 2.5 B parameters, while diffusers' SD3Transformer2DModel of the repository's
-    # transformer/config.json counts 2.24 B (the card's figure counts more than the
-    # transformer module); the SD3 VAE is the 84 M of vae/diffusion_pytorch_model.safetensors
-    # (168 MB in float16).
+    # Published sizes: OpenCLIP's docs/model_profile.csv gives the text towers of ViT-L-14
+    # (123.65 M) and ViT-bigG-14 (694.66 M); the SD3 paper (Esser et al., arXiv:2403.03206)
+    # calls T5 v1.1 XXL's encoder the 4.7B-parameter T5; Stability AI's SD3.5-Medium card gives
+    # its MMDiT-X as 2.5 B parameters, while diffusers' SD3Transformer2DModel of the
+    # repository's transformer/config.json counts 2.24 B (hence the range); the 16-channel VAE
+    # of vae/config.json counts 83.8 M in diffusers' AutoencoderKL.
     parts = models.build_parts(models.sd35m_configs(), "meta", torch.bfloat16)
     count = {name: sum(p.numel() for p in part.parameters()) for name, part in parts.items()}
     assert 2.24e9 <= count["transformer"] <= 2.5e9
@@ -54,7 +53,7 @@ def test_memory_estimate_equals_the_bytes_of_the_real_tiny_model(dtype):
     opt.step()
     state = sum(t.numel() * t.element_size() for s in opt.state.values() for k, t in s.items() if k != "step")
     grads = sum(p.grad.numel() * p.grad.element_size() for p in lora)
-    assert rows["LoRA r4: fp32 weights, gradients, AdamW moments"] == models.weight_bytes_of(lora) + grads + state
+    assert rows["LoRA r4: fp32 weights, gradients, AdamW moments"] == models.weight_bytes(lora) + grads + state
 
 
 def test_text_encoders_are_left_out_when_freed_and_activations_grow_linearly():
@@ -91,8 +90,8 @@ def test_memory_estimate_of_an_uncached_hub_id_is_none_and_a_folder_is_read(tmp_
 def test_memory_table_totals_the_rows_against_the_device():
     rows = [("weights", 3 * 2**30), ("activations", 2**29)]
     table = models.format_memory_table(rows, device_bytes=7 * 2**30)
-    assert "3.50 GiB" in table and "of 7.00 GiB on this device (50 %)" in table
-    assert "on this device" not in models.format_memory_table(rows)
+    assert "3.50 GiB" in table and "of 7.00 GiB here (50 %)" in table
+    assert "here" not in models.format_memory_table(rows)
 
 
 def test_autocast_dtype_is_the_one_mixed_precision_decision():
