@@ -3,20 +3,13 @@ joint-attention projections is the trainable policy, the same transformer with t
 the reference for the KL term. Model plumbing only; the RL math stays in minflow.py.
 """
 import gc
-import logging
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
+from peft import LoraConfig
 
-# diffusers' SD3 pipeline imports transformers' image processors for IP-adapters, which we never
-# use; without torchvision transformers warns that it falls back to the PIL ones, which nobody
-# can act on (torchvision does not install beside this torch). Import this before diffusers.
-logging.getLogger("transformers.utils.import_utils").addFilter(
-    lambda record: "requires torchvision (not installed)" not in record.getMessage())
-from peft import LoraConfig  # noqa: E402
-
-import minflow  # noqa: E402
+import minflow
 
 # The joint-attention projections of every MMDiT block: image-stream q/k/v/out and the text
 # stream's add_*_proj / to_add_out (the dual-attention blocks' attn2 is left frozen).

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cli  # noqa: E402
 import minflow  # noqa: E402
 from cli import flag, parses, text_range  # noqa: E402
-from sd35 import policy  # noqa: E402  (first: it quiets a transformers warning before diffusers loads)
+from sd35 import policy  # noqa: E402
 from sd35 import checkpoint, models, tracking  # noqa: E402
 from sd35.data import SHIPPED_SETS, load_prompts  # noqa: E402
 from sd35.rewards import REWARDS, RewardError, RewardMix, RewardOptions, parse_reward_spec, reward_range  # noqa: E402
