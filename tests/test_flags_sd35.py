@@ -52,7 +52,7 @@ def fail_if_called(what):
 
 @pytest.fixture
 def nothing_heavy_runs(monkeypatch):
-    for module, name in [(models, "load_pipeline"), (models, "transformer_config"), (bench, "load_model"),
+    for module, name in [(models, "load_pipeline"), (models, "transformer_config"), (bench, "Bench"),
                          (kill_soak, "soak"), (curves, "draw"), (sd35_train, "RewardMix")]:
         monkeypatch.setattr(module, name, fail_if_called(f"{module.__name__}.{name}"))
 
