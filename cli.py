@@ -12,16 +12,20 @@ one line that names the flag, the value and what is expected:
 
     --eval_every=0: expected an integer >= 1
 """
-import math
+import inspect
 import os
 import re
-from dataclasses import field, fields, replace
+import sys
+from dataclasses import fields, replace
 from pathlib import Path
+
+import minflow
+from minflow import FlagError, check_flags, describe, field_type, show  # noqa: F401  (one mechanism, re-exported)
 
 
 def flag(default, accepts):
-    """A settings field with its declared range, read by `check_flags`."""
-    return field(default=default, metadata={"accepts": accepts})
+    """A settings field with its declared range (minflow.flag), "text" meaning any string."""
+    return minflow.flag(default, TEXT if accepts == "text" else accepts)
 
 
 def text_range(description, check=bool):
@@ -40,6 +44,8 @@ def parses(parse):
         return True
     return check
 
+
+TEXT = text_range("text", lambda v: isinstance(v, str))
 
 # The --device flag of sd35's scripts: "" picks CUDA when there is one.
 DEVICE = text_range("empty, cpu, cuda or cuda:N", lambda v: re.fullmatch(r"|cpu|cuda(:\d+)?", v) is not None)
@@ -68,73 +74,12 @@ def fsync_dir(folder):
 
 
 
-class FlagError(ValueError):
-    """A flag outside its declared range; the message is one line: --name=value: expected ..."""
-
-
-def describe(accepts, kind):
-    """A declared range in words: "an integer >= 1", "a number in [0, 1)", "one of a, b"."""
-    if callable(accepts):
-        return accepts(None)
-    if isinstance(accepts, tuple):
-        return "one of " + ", ".join(str(a).lower() if isinstance(a, bool) else str(a) for a in accepts)
-    if accepts == "text":
-        return "text"
-    noun = "an integer" if kind is int else "a number"
-    lo, hi = (s.strip() for s in accepts[1:-1].split(","))
-    if hi == "inf":
-        return f"{noun} {'>=' if accepts[0] == '[' else '>'} {lo}"
-    return f"{noun} in {accepts}"
-
-
-def _accepted(value, accepts, kind):
-    if callable(accepts):
-        return accepts(value) is None
-    if isinstance(accepts, tuple):
-        return type(value) is type(accepts[0]) and value in accepts
-    if accepts == "text":
-        return isinstance(value, str)
-    lo, hi = (float(s) for s in accepts[1:-1].split(","))
-    if isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)) or not math.isfinite(value):
-        return False
-    return (lo < value or (accepts[0] == "[" and value == lo)) and (value < hi or (accepts[-1] == "]" and value == hi))
-
-
-def check_flags(settings):
-    """Check every field of a settings dataclass against the range it declares with `flag`,
-    then the class's RELATIONS between fields; raise FlagError naming the first bad flag.
-
-    A range is an interval "[lo, hi)" over numbers (inf allowed; an int field needs a whole
-    number, a float field a finite one), a tuple of the allowed values, "text" (any string),
-    or a function value -> None if accepted, else what is expected (called with None for the
-    description). A field with no declared range is a bug in the settings class: TypeError.
-    """
-    for f in fields(settings):
-        if "accepts" not in f.metadata:
-            raise TypeError(f"{type(settings).__name__}.{f.name} declares no range; declare it with flag()")
-        value, kind = getattr(settings, f.name), _field_type(f)
-        if not _accepted(value, f.metadata["accepts"], kind):
-            raise FlagError(f"--{f.name}={_show(value)}: expected {describe(f.metadata['accepts'], kind)}")
-    for name, holds, expected in getattr(settings, "RELATIONS", ()):
-        if not holds(settings):
-            raise FlagError(f"--{name}={_show(getattr(settings, name))}: expected "
-                            f"{expected.format(**{f.name: _show(getattr(settings, f.name)) for f in fields(settings)})}")
-
-
-def _field_type(f):
-    return f.type if isinstance(f.type, type) else type(f.default)
-
-
-def _show(value):
-    return str(value).lower() if isinstance(value, bool) else str(value)
-
-
 def parse_flags(settings, argv):
     """Read `--key=value` flags (a bare `--key` for a bool means true) as the types of the
     dataclass `settings`' fields -> dict. A value that does not even convert is refused with
     its flag's declared range (`--iters=x: expected an integer >= 0`)."""
-    kinds = {f.name: _field_type(f) for f in fields(settings)}
-    accepts = {f.name: f.metadata.get("accepts", "text") for f in fields(settings)}
+    kinds = {f.name: field_type(f) for f in fields(settings)}
+    accepts = {f.name: f.metadata.get("accepts", TEXT) for f in fields(settings)}
     out = {}
     for arg in argv:
         key, sep, value = arg.removeprefix("--").partition("=")
@@ -157,9 +102,43 @@ def parse_flags(settings, argv):
     return out
 
 
+def field_comments(settings):
+    """{field: the comment after it on its line} from the class's source, for --help."""
+    lines, _ = inspect.getsourcelines(settings)
+    comments = {}
+    for line in lines:
+        target = line.split("#", 1)[0].strip()
+        if "#" in line and ":" in target and target.split(":")[0].isidentifier():
+            comments[target.split(":")[0]] = line.split("#", 1)[1].strip()
+    return comments
+
+
+def help_text(settings, base=None):
+    """Every flag of a settings class with its default, its accepted range and its comment."""
+    comments, rows = field_comments(settings), []
+    for f in fields(settings):
+        default = getattr(base, f.name) if base is not None else f.default
+        rows.append(f"  --{f.name}={show(default)}\n      {describe(f.metadata['accepts'], field_type(f))}"
+                    f"{'; ' + comments[f.name] if f.name in comments else ''}")
+    doc = (sys.modules[settings.__module__].__doc__ or "").strip().split("\n\n")[0]
+    return f"{doc}\n\nFlags (--key=value; a bare --key sets a bool to true):\n" + "\n".join(rows)
+
+
 def read_flags(settings, argv, base=None):
-    """Flags -> a checked settings object (the class's defaults, or `base`, overridden)."""
+    """Flags -> a checked settings object (the class's defaults, or `base`, overridden).
+    `--help` or `-h` prints every flag and exits."""
+    if "--help" in argv or "-h" in argv:
+        print(help_text(settings, base))
+        raise SystemExit(0)
     values = parse_flags(settings, argv)
     chosen = replace(base, **values) if base is not None else settings(**values)
     check_flags(chosen)
     return chosen
+
+
+def make_algorithm(spec):
+    """'superflow' or a preset with axis overrides, 'stepwise:group_sizing=bins' -> Algorithm."""
+    name, *overrides = spec.split(":")
+    if name not in minflow.PRESETS:
+        raise FlagError(f"unknown algorithm {name!r}; expected one of {', '.join(minflow.PRESETS)}")
+    return read_flags(minflow.Algorithm, ["--" + o for o in overrides], base=minflow.PRESETS[name])

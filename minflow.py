@@ -1,18 +1,13 @@
-"""minflow: reinforcement learning for flow-matching generators, in one file.
+"""minflow: reinforcement learning for flow-matching generators, in one file (torch only).
 
-Three algorithms on one core of pure functions over tensors:
+  Flow-GRPO (Liu et al. 2025): the ODE becomes an SDE, so each step is a Gaussian policy;
+    GRPO with group-normalised rewards and the same advantage at every step.
+  Stepwise-Flow-GRPO (Savani et al. 2026): intermediate rewards from short-ODE clean
+    estimates; each step is credited with its reward gain.
+  SuperFlow (Chen et al. 2025): variance-aware prompt draws and group sizes, and step-level
+    advantages weighted by the noise each step injected.
 
-  Flow-GRPO           (Liu et al. 2025)    the ODE becomes an SDE, so each step is a
-                                           Gaussian policy; GRPO with group-normalised
-                                           rewards and the same advantage at every step.
-  Stepwise-Flow-GRPO  (Savani et al. 2026) intermediate rewards from short-ODE clean
-                                           estimates; each step is credited with its gain.
-  SuperFlow           (Chen et al. 2025)   variance-aware group sizes per prompt and
-                                           step-level advantages weighted by injected noise.
-
-A model enters only as a velocity function `velocity(x, t) -> v`, with t a 0-d tensor
-(or a [B] tensor where the caller batches several times together).
-
+A model enters only as `velocity(x, t) -> v`, t a 0-d tensor (or [B], one time per row).
 Conventions (SD3 / diffusers; the toy uses them too)
   t in [0, 1] is the scheduler's sigma: t = 1 is pure noise, t = 0 is data.
   forward process     x_t = (1 - t) x0 + t eps,          eps ~ N(0, I)
@@ -21,37 +16,29 @@ Conventions (SD3 / diffusers; the toy uses them too)
   noise estimate      x1_hat = x_t + (1 - t) v
   score               grad log p_t(x) = -(x + (1 - t) v) / t
 
-The policy. One step from t to t' < t (dt = t - t') is pi(x' | x_t) = N(mean, std^2 I).
-Its log-density is averaged over all non-batch dimensions (as the reference code does;
-PPO's clip range is calibrated to that). The loss per trained step k is PPO's clip
-
+The policy: one step from t to t' < t (dt = t - t') is pi(x' | x_t) = N(mean, std^2 I),
+its log-density averaged over all non-batch dimensions (as the reference code does; PPO's
+clip range is calibrated to that). The loss per trained step k is PPO's clip
   L = max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps)) + beta KL,  ratio = pi_theta / pi_old,
-
-and the algorithms differ only in where A comes from. They are presets over five axes
-(sampler, shared initial noise, group sizes, baseline, step credit): see `Algorithm`.
-
-Reading order: time grid (1) -> one step as a policy (2) -> rollouts and intermediate
-rewards (3) -> advantages (4) -> group sizes (5) -> loss (6) -> the axes as presets (7).
-Choices that the sources leave open are marked [recon] and are options, not constants.
+and the algorithms differ only in where A comes from: presets over five axes (sampler,
+shared initial noise, prompt draw and group sizes, baseline, step credit).
+Reading order: the time grid (1), one step as a policy (2), rollouts and intermediate
+rewards (3), advantages (4), SuperFlow's sampling (5), the loss (6), the axes as presets (7).
+Choices the sources leave open are marked [recon] and are options, not constants.
 """
 import math
-from dataclasses import dataclass, replace
-import torch
+from dataclasses import dataclass, field, fields, replace
 
-from cli import FlagError, check_flags, flag, read_flags
-from prompt_allocation import PromptTracker, bin_group_sizes, neyman_group_sizes, prioritised_prompts
+import torch
 
 # ----------------------------------------------------------------------------------
 # 1. The time grid
 
 
 def sd3_sigmas(num_steps, shift=3.0, num_train_timesteps=1000):
-    """Eq. (shifted grid): sigma = shift s / (1 + (shift - 1) s), s linear from 1 down to
-    the training grid's smallest sigma, then a final 0: num_steps + 1 values from 1 to 0.
-
-    Equals diffusers' FlowMatchEulerDiscreteScheduler(shift=shift).set_timesteps(n).sigmas,
-    which shifts its sigma_min too (so the last nonzero value is 0.009, not 0, for n = 10).
-    """
+    """Eq. (shifted grid): sigma = shift s / (1 + (shift - 1) s), s linear from 1 down to the
+    training grid's smallest sigma, then 0: num_steps + 1 values, as diffusers'
+    FlowMatchEulerDiscreteScheduler(shift=shift).set_timesteps(n).sigmas (which shifts s_min)."""
     def shifted(s):
         return shift * s / (1 + (shift - 1) * s)
 
@@ -64,6 +51,7 @@ def sd3_sigmas(num_steps, shift=3.0, num_train_timesteps=1000):
 # 2. One denoising step as a Gaussian policy
 
 SAMPLERS = ("ode", "flow_grpo", "ddim", "cps")
+DDIM_NOISE = ("literal", "posterior")
 
 
 def _like_batch(t, x):
@@ -78,28 +66,28 @@ def tweedie_x0(x, v, t):
 
 
 def flow_grpo_sigma(t, t_next, noise_level):
-    """Eq. (Flow-GRPO sigma_t): sigma_t = a sqrt(t / (1 - t)).
-
-    It diverges at t = 1, so there the reference code puts 1 - t' in place of 1 - t; the
-    first step's std sigma_t sqrt(dt) is then exactly a.
-    """
+    """Eq. (Flow-GRPO sigma_t): sigma_t = a sqrt(t / (1 - t)). At t = 1 it diverges, so there
+    the reference code puts 1 - t' for 1 - t: the first step's std sigma_t sqrt(dt) is a."""
     one_minus_t = torch.where(t >= 1, 1 - t_next, 1 - t)
     return noise_level * torch.sqrt(t / one_minus_t)
 
 
-def ddim_std(t, t_next, noise_level):
-    """Stepwise-Flow-GRPO's DDIM-inspired noise, s = a t' sqrt(1 - t). [recon]: the form is
-    from notes on the paper, its a was not found. s = 0 at t = 1 and at t' = 0, so those
-    steps are deterministic and untrained. Kept apart so it can follow the paper's text."""
-    return noise_level * t_next * torch.sqrt(1 - t)
+def ddim_std(t, t_next, noise_level, schedule="literal"):
+    """Stepwise-Flow-GRPO's DDIM-inspired noise s [recon: the form is from notes on the paper].
+    literal    s = a t' sqrt(1 - t), as the notes write it. They also say it injects the most
+               randomness at t = 1, yet the formula is 0 there (and at t' = 0): those steps
+               are deterministic and untrained.
+    posterior  s = a t' sqrt(1 - ((1 - t) t' / ((1 - t') t))^2), the std of x_t' given x_t
+               for a Markov process with the marginals N((1 - t) x0, t^2): a t' at t = 1,
+               0 at t' = 0, so the first step is stochastic as the paper's figure draws it.
+    """
+    if schedule == "literal":
+        return noise_level * t_next * torch.sqrt(1 - t)
+    ratio = (1 - t) * t_next / ((1 - t_next) * t)
+    return noise_level * t_next * torch.sqrt((1 - ratio**2).clamp_min(0))
 
 
-def cps_std(t, t_next, noise_level):
-    """Coefficients-Preserving Sampling (arXiv 2509.05952): s = t' sin(a pi / 2)."""
-    return t_next * math.sin(noise_level * math.pi / 2)
-
-
-def step_std(t, t_next, sampler="flow_grpo", noise_level=0.7):
+def step_std(t, t_next, sampler="flow_grpo", noise_level=0.7, ddim_noise="literal"):
     """The policy std of one step; 0 means the step is deterministic (no log-prob)."""
     t, t_next = torch.as_tensor(t, dtype=torch.float32), torch.as_tensor(t_next, dtype=torch.float32)
     if sampler == "ode":
@@ -107,43 +95,39 @@ def step_std(t, t_next, sampler="flow_grpo", noise_level=0.7):
     if sampler == "flow_grpo":
         return flow_grpo_sigma(t, t_next, noise_level) * torch.sqrt(t - t_next)
     if sampler == "ddim":
-        return ddim_std(t, t_next, noise_level)
-    if sampler == "cps":
-        return cps_std(t, t_next, noise_level)
+        return ddim_std(t, t_next, noise_level, ddim_noise)
+    if sampler == "cps":  # Coefficients-Preserving Sampling (arXiv 2509.05952)
+        return t_next * math.sin(noise_level * math.pi / 2)
     raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
 
 
-def sde_step(x, v, t, t_next, sampler="flow_grpo", noise_level=0.7, noise=None, prev_sample=None):
-    """One step t -> t_next of the chosen sampler; returns (x_next, mean, std).
+def step_mean_std(x, v, t, t_next, sampler="flow_grpo", noise_level=0.7, ddim_noise="literal"):
+    """The Gaussian policy of one step t -> t_next: (mean, std). In float32 whatever the
+    network's dtype (bf16 overflows in sigma_t^2 / t); at noise_level 0 all are Euler's step.
 
     ode        mean = x - dt v, std = 0 (Euler; used for evaluation).
     flow_grpo  Eq. (Flow-GRPO SDE), Euler-Maruyama of the SDE with the ODE's marginals:
                mean = x - dt (v + sigma_t^2 / (2t) (x + (1 - t) v)),  std = sigma_t sqrt(dt).
     ddim, cps  Eq. (DDIM-inspired SDE): mean = (1 - t') x0_hat + sqrt(t'^2 - s^2) x1_hat,
-               std = s. They keep the noise coefficient, not the marginal: the mean is exact
-               but each step returns at most the marginal variance (Cauchy-Schwarz), a
-               deficit that more steps do not remove. The papers trade it for cleaner images.
-    With noise_level 0 every sampler is the Euler step. The math runs in float32 whatever
-    the network's dtype (bf16 overflows in sigma_t^2 / t). With prev_sample given, x_next is
-    that sample (to score a stored transition); with noise given, x_next = mean + std noise.
+               std = s. The mean is exact but a step returns at most the marginal variance
+               (Cauchy-Schwarz), a deficit more steps do not remove: traded for cleaner images.
     """
     x, v = x.float(), v.float()
     t, t_next = _like_batch(t, x), _like_batch(t_next, x)
-    dt = t - t_next
-    std = step_std(t, t_next, sampler, noise_level)
+    std = step_std(t, t_next, sampler, noise_level, ddim_noise)
     if sampler == "ode":
-        mean = x - dt * v
-    elif sampler == "flow_grpo":
+        return x - (t - t_next) * v, std
+    if sampler == "flow_grpo":
         sigma = flow_grpo_sigma(t, t_next, noise_level)
-        mean = x - dt * (v + sigma**2 / (2 * t) * (x + (1 - t) * v))
-    else:
-        x1_hat = x + (1 - t) * v
-        mean = (1 - t_next) * tweedie_x0(x, v, t) + torch.sqrt((t_next**2 - std**2).clamp_min(0)) * x1_hat
-    if prev_sample is not None:
-        x_next = prev_sample.float()
-    else:
-        x_next = mean + std * (torch.randn_like(mean) if noise is None else noise.float())
-    return x_next, mean, std
+        return x - (t - t_next) * (v + sigma**2 / (2 * t) * (x + (1 - t) * v)), std
+    x1_hat = x + (1 - t) * v
+    return (1 - t_next) * tweedie_x0(x, v, t) + torch.sqrt((t_next**2 - std**2).clamp_min(0)) * x1_hat, std
+
+
+def sde_step(x, v, t, t_next, sampler="flow_grpo", noise_level=0.7, noise=None, ddim_noise="literal"):
+    """One sampled step: x_next = mean + std z -> (x_next, mean, std); z is `noise` if given."""
+    mean, std = step_mean_std(x, v, t, t_next, sampler, noise_level, ddim_noise)
+    return mean + std * (torch.randn_like(mean) if noise is None else noise.float()), mean, std
 
 
 def gaussian_log_prob(x, mean, std):
@@ -155,8 +139,7 @@ def gaussian_log_prob(x, mean, std):
 
 def kl_divergence(mean, ref_mean, std):
     """Eq. (KL): KL(N(mean, std^2) || N(ref_mean, std^2)) = (mean - ref_mean)^2 / (2 std^2),
-    averaged over non-batch dims -> [B]. The exact per-step KL of the two policies; the
-    reference code divides by 2 sigma_t^2 (no dt), so its beta equals our beta dt."""
+    averaged over non-batch dims -> [B]. The reference code divides by 2 sigma_t^2: its beta is our beta dt."""
     std = torch.as_tensor(std, dtype=torch.float32, device=mean.device)
     return ((mean.float() - ref_mean.float()) ** 2 / (2 * std**2)).flatten(1).mean(1)
 
@@ -174,25 +157,21 @@ class Trajectory:
 
 
 @torch.no_grad()
-def rollout(velocity, x, sigmas, sampler="flow_grpo", noise_level=0.7, generator=None, noise=None):
-    """Sample trajectories from x at t = sigmas[0] down to sigmas[-1], keeping every state
-    and the log-prob of every step (the old policy of PPO). No gradients: a policy gradient
-    never differentiates through the sampling chain, only through each step's log-prob.
-    noise: [T, B, ...] the steps' noise when drawn beforehand (a rollout in chunks draws it for
-    the whole batch first), else drawn here from `generator` a step at a time (no [T, B, ...]
-    buffer for long ODE evaluations)."""
+def rollout(velocity, x, sigmas, sampler="flow_grpo", noise_level=0.7, generator=None, noise=None,
+            ddim_noise="literal"):
+    """Sample from x at t = sigmas[0] down to sigmas[-1], keeping every state and each step's
+    log-prob (PPO's old policy). No gradients: a policy gradient differentiates only each
+    step's log-prob, never the chain. `noise` [T, B, ...] is the steps' noise drawn beforehand;
+    else it is drawn from `generator` step by step (no [T, B, ...] buffer for long ODEs)."""
     xs, log_probs, stds = [x], [], []
     for k, (t, t_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-        v = velocity(x, t)
         # Noise is drawn at every step, even deterministic ones, so that the same generator
         # gives the same stream whatever the sampler and noise level.
         z = noise[k] if noise is not None else \
             torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
-        x_next, mean, std = sde_step(x, v, t, t_next, sampler, noise_level, noise=z)
-        if float(std) > 0:
-            log_probs.append(gaussian_log_prob(x_next, mean, std))
-        else:
-            log_probs.append(torch.zeros(x.shape[0], device=x.device))
+        x_next, mean, std = sde_step(x, velocity(x, t), t, t_next, sampler, noise_level, z, ddim_noise)
+        stochastic = float(std) > 0
+        log_probs.append(gaussian_log_prob(x_next, mean, std) if stochastic else torch.zeros(x.shape[0], device=x.device))
         stds.append(std.reshape(()))
         x = x_next.to(x.dtype)
         xs.append(x)
@@ -200,9 +179,8 @@ def rollout(velocity, x, sigmas, sampler="flow_grpo", noise_level=0.7, generator
 
 
 def short_ode_x0(velocity, x, t, substeps=5):
-    """Stepwise-Flow-GRPO's clean estimate: T' Euler ODE steps on a uniform grid from t to 0.
-    T' = 1 is Tweedie's x0_hat; the paper uses T' = 5 (T' <= 3 was noisy in its ablation).
-    t may be one time or one per row [B]: each row then runs its own grid."""
+    """Stepwise-Flow-GRPO's clean estimate: T' Euler ODE steps on a uniform grid from t to 0
+    (t one time, or one per row). T' = 1 is Tweedie's x0_hat; the paper uses T' = 5."""
     fractions = torch.linspace(1.0, 0.0, substeps + 1)
     t = torch.as_tensor(t, dtype=torch.float32, device=x.device)
     for f, f_next in zip(fractions[:-1], fractions[1:]):
@@ -211,12 +189,19 @@ def short_ode_x0(velocity, x, t, substeps=5):
     return x
 
 
+def trained_steps(stds):
+    """Steps that are trained -> bool [T]: the stochastic ones except the last of them. That
+    one lands on the grid's tiny final sigma, so its std is tiny and its log-prob gradient,
+    which scales as 1 / std^2, would swamp every other step."""
+    mask = stds > 0
+    if mask.any():
+        mask[int(mask.nonzero().max())] = False
+    return mask
+
+
 def needed_states(stds):
-    """The states whose intermediate rewards some trained gain uses -> bool [T+1]. Gain
-    g_k = r_{k+1} - r_k needs the states on both sides of step k, and only trained steps get
-    an advantage (`advantages` masks the rest), so r_k is needed only next to a trained step.
-    For ddim on the 10-step SD3 grid that is 8 of the 11 states: steps 0 and 9 are
-    deterministic and step 8 is not trained, so neither r_0 nor r_9 nor r_10 is used."""
+    """The states whose intermediate rewards some trained gain uses -> bool [T+1]: gain
+    g_k = r_{k+1} - r_k needs both sides of step k, and only trained steps get an advantage."""
     trained = trained_steps(stds)
     needed = torch.zeros(len(trained) + 1, dtype=torch.bool)
     needed[:-1] |= trained
@@ -224,57 +209,67 @@ def needed_states(stds):
     return needed
 
 
+def _first_of_each_group(groups):
+    """(the first trajectory of each group [K], the group of each trajectory [B])."""
+    _, group_of = torch.unique(torch.as_tensor(groups).cpu(), return_inverse=True)
+    B = len(group_of)
+    return torch.full((int(group_of.max()) + 1,), B).scatter_reduce_(0, group_of, torch.arange(B), "amin"), group_of
+
+
 @torch.no_grad()
-def step_rewards(velocity, traj, reward, substeps=5, final=None, needed=None, groups=None, batch_size=None):
-    """Eq. (intermediate rewards): r_k = R(x0_hat_k) for the states k = 0..T -> [B, T+1].
-
-    The clean estimates of all states run together, not state by state: each row of a pass
-    is one (trajectory, state) pair with its own t, `batch_size` rows a pass (default: all at
-    once). A pass mixes trajectories, so `velocity(x, t, rows)` and `reward(x0, rows)` are told
-    the trajectory of each row (to pick its prompt). `reward` may return a future (anything
-    with .result(), e.g. a concurrent.futures.Future) instead of a tensor: the next pass then
-    runs while that one is scored elsewhere, and every future is collected at the end.
-
-    needed  bool [T+1]: the states to estimate (default all; `needed_states` gives those the
-            trained gains use). The others are NaN, which no consumer may read unmasked.
-    groups  [B]: the group of each trajectory when a group shares its initial noise; r_0 is
-            then estimated once per group and copied to the group's trajectories.
-    final   r_T when it is already known (the ordinary final reward); otherwise it is scored.
-    """
+def clean_estimate_passes(velocity, traj, substeps=5, needed=None, groups=None, batch_size=None):
+    """The short-ODE clean estimates of the needed non-final states, `batch_size` (trajectory,
+    state) rows a pass (default: all) -> yields (traj_index [n], state_index [n], x0). A pass
+    mixes trajectories and times: `velocity(x, t, traj_index)` gets one t per row and each
+    row's trajectory. With `groups` [B] (a group shares x_1), state 0 is estimated once a group."""
     B, S = traj.xs.shape[:2]
-    needed = torch.ones(S, dtype=torch.bool) if needed is None else torch.as_tensor(needed, dtype=torch.bool).clone()
-    rewards = torch.full((B, S), math.nan)
-    if final is not None:
-        rewards[:, -1] = final.float().cpu()
-        needed[-1] = False
-    # One row per (state, trajectory), state-major; with shared noise, state 0 needs only one
-    # trajectory per group, and its estimate is copied to the others after scoring.
-    first = torch.arange(B)
-    if groups is not None:
-        _, group_of = torch.unique(torch.as_tensor(groups).cpu(), return_inverse=True)
-        first = torch.full((int(group_of.max()) + 1,), B).scatter_reduce_(0, group_of, torch.arange(B), "amin")
+    needed = torch.ones(S, dtype=torch.bool) if needed is None else torch.as_tensor(needed, dtype=torch.bool)
+    first = torch.arange(B) if groups is None else _first_of_each_group(groups)[0]
     states = needed[:-1].nonzero()[:, 0].tolist()
-    rows = torch.cat([first if k == 0 else torch.arange(B) for k in states] or [torch.zeros(0, dtype=torch.long)])
-    ks = torch.cat([torch.full((len(first) if k == 0 else B,), k) for k in states] or [rows])
-    step = batch_size or max(len(rows), 1)
-    pending = []
-    for i in range(0, len(rows), step):
-        r, k = rows[i:i + step], ks[i:i + step]
-        x = traj.xs[r.to(traj.xs.device), k.to(traj.xs.device)]
-        x0 = short_ode_x0(lambda x, t: velocity(x, t, r), x, traj.sigmas[k].to(x.device), substeps)
-        pending.append((r, k, reward(x0, r)))
-    if needed[-1]:  # the final state is already clean: scored as it is
-        pending.append((torch.arange(B), torch.full((B,), S - 1), reward(traj.xs[:, -1], torch.arange(B))))
-    for r, k, scores in pending:
-        scores = scores.result() if hasattr(scores, "result") else scores
-        rewards[r, k] = torch.as_tensor(scores).float().cpu()
-    if groups is not None and needed[0]:
-        rewards[:, 0] = rewards[first[group_of], 0]
-    return rewards
+    traj_index = torch.cat([first if k == 0 else torch.arange(B) for k in states] or [torch.zeros(0, dtype=torch.long)])
+    state_index = torch.cat([torch.full((len(first) if k == 0 else B,), k) for k in states] or [traj_index])
+    step = batch_size or max(len(traj_index), 1)
+    for i in range(0, len(traj_index), step):
+        b, k = traj_index[i:i + step], state_index[i:i + step]
+        x = traj.xs[b.to(traj.xs.device), k.to(traj.xs.device)]
+        yield b, k, short_ode_x0(lambda x, t: velocity(x, t, b), x, traj.sigmas[k].to(x.device), substeps)
+
+
+def reward_table(num_states, scored, final, groups=None):
+    """The [B, T+1] table of r_k from scored passes [(traj_index, state_index, rewards)] and the
+    final rewards [B]; states never scored stay NaN. With `groups`, r_0 is copied group-wide."""
+    table = torch.full((len(final), num_states), math.nan)
+    table[:, -1] = final.float().cpu()
+    for b, k, r in scored:
+        table[b, k] = torch.as_tensor(r).float().cpu()
+    if groups is not None:
+        first, group_of = _first_of_each_group(groups)
+        table[:, 0] = table[first[group_of], 0]
+    return table
+
+
+def intermediate_rewards(velocity, traj, reward, substeps=5, needed=None, final=None, groups=None,
+                         batch_size=None):
+    """Eq. (intermediate rewards): r_k = R(x0_hat_k), x0_hat_k the short-ODE clean estimate of
+    state k, for the `needed` states (default all) -> [B, T+1]. r_T is the ordinary reward of
+    the final state: `final` when already known, else scored here. `reward(x0, traj_index)`."""
+    B, S = traj.xs.shape[:2]
+    if final is None:
+        last_needed = needed is None or bool(torch.as_tensor(needed)[-1])
+        final = reward(traj.xs[:, -1], torch.arange(B)) if last_needed else torch.full((B,), math.nan)
+    passes = clean_estimate_passes(velocity, traj, substeps, needed, groups, batch_size)
+    return reward_table(S, [(b, k, reward(x0, b)) for b, k, x0 in passes], final, groups)
 
 
 # ----------------------------------------------------------------------------------
 # 4. Advantages
+
+
+def _group_span(values, gid, K):
+    """max - min of each group's values [B, T], NaN entries left out -> [K] (NaN if none)."""
+    hi = torch.full((K,), -math.inf).scatter_reduce_(0, gid, values.nan_to_num(-math.inf).amax(1), "amax")
+    lo = torch.full((K,), math.inf).scatter_reduce_(0, gid, values.nan_to_num(math.inf).amin(1), "amin")
+    return hi - lo
 
 
 def _groupwise_standardise(values, group_ids, weight, eps, clip):
@@ -291,26 +286,17 @@ def _groupwise_standardise(values, group_ids, weight, eps, clip):
     return torch.where(informative, centred / (std[gid, None] + eps), 0.0).clamp(-clip, clip) * w
 
 
-def _group_span(values, gid, K):
-    """max - min of each group's values [B, T], NaN entries left out -> [K] (NaN if none)."""
-    hi = torch.full((K,), -math.inf).scatter_reduce_(0, gid, values.nan_to_num(-math.inf).amax(1), "amax")
-    lo = torch.full((K,), math.inf).scatter_reduce_(0, gid, values.nan_to_num(math.inf).amin(1), "amin")
-    return hi - lo
-
-
 def group_advantages(rewards, group_ids, std="group", eps=1e-4, clip=5.0):
-    """Eq. (GRPO advantage): A_i = clip((r_i - mean_group) / (std + eps), -5, 5) -> [B].
-
-    std="group" divides by the group's std (the paper), std="global" by the batch's (the
-    reference code's default). Constant-reward groups give exactly 0 either way.
-    """
+    """Eq. (GRPO advantage): A_i = clip((r_i - mean_group) / (std + eps), -5, 5) -> [B], std the
+    group's (the paper) or the batch's ("global", the reference code's default). Constant-reward
+    groups give exactly 0 either way."""
     rewards, group_ids = rewards.float().cpu(), group_ids.cpu()
     a = _groupwise_standardise(rewards[:, None], group_ids, torch.ones_like(rewards[:, None]), eps, clip)[:, 0]
     if std == "group":
         return a
     if std != "global":
         raise ValueError(f"unknown advantage std {std!r}; expected 'group' or 'global'")
-    # Re-scale the group-standardised values by the batch std instead of each group's.
+    # Re-scale the group-centred values by the batch std instead of each group's.
     K, gid = int(group_ids.max()) + 1, group_ids.long()
     mean = torch.zeros(K).index_add_(0, gid, rewards) / torch.bincount(gid, minlength=K)
     centred = torch.where(a != 0, rewards - mean[gid], 0.0)
@@ -323,96 +309,171 @@ def zero_std_fraction(rewards, group_ids):
     return float((_group_span(rewards.float().cpu()[:, None], gid, int(gid.max()) + 1) == 0).float().mean())
 
 
-def stepwise_advantages(step_rewards, group_ids, eps=1e-4, clip=5.0, mask=None, per_step=False):
+def gain_advantages(rewards_along, group_ids, eps=1e-4, clip=5.0, mask=None, per_step=False):
     """Eq. (gain advantage): g_k = r_{k+1} - r_k, the reward after a step minus before it
     (gains telescope: sum_k g_k = r_T - r_0), then A_{i,k} = (g_{i,k} - mean) / (std + eps)
-    normalised jointly over all G x T gains of the group -> [B, T].
-
-    Joint, not per step: early gains are larger and should count more (`per_step=True`
-    normalises each step's G gains on their own, the variant the paper compares against). No
-    discounting, no sums of future gains (the paper's ablations found neither better). With
-    `mask` [T] or [B, T], only those steps enter the statistics (the others get 0).
-    """
-    gains = (step_rewards[:, 1:] - step_rewards[:, :-1]).float().cpu()
+    normalised jointly over all G x T gains of the group -> [B, T]. Joint, since early gains
+    are larger and should count more (`per_step=True`: each step's G gains apart, the variant
+    the paper compares against); no discounting or sums of future gains (no better in its
+    ablations). With `mask` [T] or [B, T], only those steps count (the others get 0)."""
+    gains = (rewards_along[:, 1:] - rewards_along[:, :-1]).float().cpu()
     weight = torch.ones_like(gains) if mask is None else torch.as_tensor(mask).float().expand_as(gains)
-    # Masked gains may be NaN (step_rewards skips the states no trained gain needs): zero
-    # them, or NaN * 0 would spread into the statistics.
-    gains = gains.where(weight > 0, 0.0)
+    # Masked gains may be NaN (states no trained gain needs are not estimated): zero them, or
+    # NaN * 0 would spread into the statistics.
+    gains, group_ids = gains.where(weight > 0, 0.0), group_ids.cpu()
     if per_step:
-        return torch.cat([_groupwise_standardise(gains[:, [k]], group_ids.cpu(), weight[:, [k]], eps, clip)
+        return torch.cat([_groupwise_standardise(gains[:, [k]], group_ids, weight[:, [k]], eps, clip)
                           for k in range(gains.shape[1])], 1)
-    return _groupwise_standardise(gains, group_ids.cpu(), weight, eps, clip)
+    return _groupwise_standardise(gains, group_ids, weight, eps, clip)
 
 
 def baseline_advantages(rewards, baseline, eps=1e-4, clip=5.0):
-    """SuperFlow's baseline [recon, after SPO]: A = r - b with b the tracker's per-prompt value
-    from before this iteration's update (so b does not depend on r: unbiased), standardised
-    over the whole batch, clipped -> [B]. The batch
-    mean is removed too, so a policy that improved since the tracker's update still yields
-    signed advantages."""
+    """SuperFlow's baseline [recon, after SPO]: A = r - b, b the tracker's per-prompt value
+    from before this iteration's update (independent of r: unbiased), standardised over the
+    whole batch (so a group may be 1), clipped -> [B]."""
     d = rewards.float().cpu() - baseline.float().cpu()
     return ((d - d.mean()) / (d.std(unbiased=False) + eps)).clamp(-clip, clip)
 
 
-def noise_weighted_advantages(advantages, stds, trained=None):
+def noise_weighted_advantages(advantage, stds, trained=None):
     """SuperFlow's step credit [recon]: A_{i,k} = A_i w_k with w_k = std_k / mean_k(std_k) over
-    the trained steps (mean 1) -> [B, T]. Reason: to first order
-    R(x_0) - E[R] = sum_k <grad R, std_k eps_k>, so a step's share of the reward deviation
-    scales with the noise it injected. `trained` [T] defaults to the steps with std > 0."""
+    the trained steps (default: std > 0) -> [B, T]. To first order R(x_0) - E[R] =
+    sum_k <grad R, std_k eps_k>: a step's share scales with the noise it injected, std_k =
+    sigma_t sqrt(dt) for the Flow-GRPO SDE."""
     stds = stds.float().cpu()
     trained = (stds > 0) if trained is None else torch.as_tensor(trained).bool()
     w = torch.where(trained, stds, 0.0)
     w = w / w.sum(-1, keepdim=True).clamp_min(1e-12) * trained.sum(-1, keepdim=True)  # no trained step: all 0
-    return advantages.float().cpu()[:, None] * w.expand(advantages.shape[0], -1)
+    return advantage.float().cpu()[:, None] * w.expand(advantage.shape[0], -1)
 
 
 # ----------------------------------------------------------------------------------
-# 5. Variance-aware sampling (SuperFlow): per-prompt trackers, prompt choice, group sizes [recon]
-#    live in prompt_allocation.py (PromptTracker, prioritised_prompts, bin_group_sizes,
-#    neyman_group_sizes); section 7 picks among them by the algorithm's axes.
+# 5. SuperFlow's sampling: a tracker per prompt, the prompt draw, the group sizes [recon]
+
+
+class PromptTracker:
+    """SPO's per-prompt Beta tracker with forgetting, on rewards mapped into [0, 1] [recon]:
+    Eq. (tracker update)  a <- rho a + sum_i r_i,  b <- rho b + sum_i (1 - r_i)  per visit,
+    prior a = b = 1, value v = a / (a + b), uncertainty v (1 - v). The prior keeps a prompt
+    whose samples all scored 0 uncertain for a while instead of starving it. Rewards enter by
+    `reward_range` (lo, hi) -> (r - lo) / (hi - lo), clipped to [0, 1] and the clipped ones
+    counted; None tracks the running min and max seen."""
+
+    def __init__(self, num_prompts, rho=0.9, reward_range=(0.0, 1.0)):
+        self.rho, self.fixed_range = rho, reward_range is not None
+        self.state = torch.ones(num_prompts, 2, dtype=torch.float64)
+        self.visits = torch.zeros(num_prompts, dtype=torch.long)
+        self.range = torch.tensor(reward_range or (math.inf, -math.inf), dtype=torch.float64)
+        self.clipped = 0  # rewards outside the stated range so far
+
+    def update(self, prompt_ids, rewards):
+        prompt_ids, rewards = prompt_ids.long().cpu(), rewards.double().cpu()
+        if not self.fixed_range:
+            self.range = torch.stack([self.range[0].clamp(max=rewards.min()), self.range[1].clamp(min=rewards.max())])
+        self.clipped += int(((rewards < self.range[0]) | (rewards > self.range[1])).sum())
+        lo, hi = self.range.tolist()
+        r = ((rewards - lo) / (hi - lo) if hi > lo else torch.full_like(rewards, 0.5)).clamp(0, 1)
+        for p in prompt_ids.unique():
+            rp = r[prompt_ids == p]
+            self.state[p] = self.rho * self.state[p] + torch.stack([rp.sum(), (1 - rp).sum()])
+            self.visits[p] += 1
+
+    def value(self, prompt_ids):
+        s = self.state[prompt_ids.long().cpu()]
+        return (s[:, 0] / s.sum(1)).float()
+
+    def uncertainty(self, prompt_ids):
+        v = self.value(prompt_ids).double()
+        return (v * (1 - v)).float()
+
+    def baseline(self, prompt_ids):
+        """The value from before this iteration's update, back on the reward's own scale."""
+        lo, hi = self.range.tolist()
+        v = self.value(prompt_ids)
+        return lo + v * (hi - lo) if hi > lo else torch.zeros_like(v)
+
+    def state_dict(self):
+        return {"rho": self.rho, "fixed_range": self.fixed_range, "clipped": self.clipped,
+                "state": self.state.clone(), "visits": self.visits.clone(), "range": self.range.clone()}
+
+    def load_state_dict(self, saved):
+        self.__dict__.update({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in saved.items()})
+
+
+def prioritised_prompts(weights, k, generator=None):
+    """Eq. (prioritised sampling) [recon, SPO]: k prompt ids drawn with probability proportional
+    to `weights` (SuperFlow: sqrt(v (1 - v)) + eps), without replacement while the pool allows."""
+    return torch.multinomial(weights.double().cpu(), k, replacement=k > len(weights), generator=generator)
+
+
+def apportion(weights, budget, n_min=2, ties=None):
+    """Integer sizes proportional to `weights`, at least n_min, summing exactly to `budget`,
+    monotone in the weights -> LongTensor. max(lam w, n_min) grows with lam: bisection finds
+    lam, largest remainders round, ties go to the larger `ties` (default: the weight)."""
+    w, K = weights.double().cpu(), weights.numel()
+    ties = w if ties is None else ties.double().cpu()
+    if n_min * K > budget:
+        raise ValueError(f"budget {budget} cannot be split over {K} prompts with at least {n_min} each")
+    lo, hi = 0.0, budget / float(w.min())
+    for _ in range(200):
+        lam = (lo + hi) / 2
+        lo, hi = (lam, hi) if (lam * w).clamp_min(n_min).sum() < budget else (lo, lam)
+    ideal = (hi * w).clamp_min(n_min)
+    sizes = ideal.floor().long()
+    order = sorted(range(K), key=lambda c: (-(ideal[c] - sizes[c]), -w[c], -ties[c]))
+    for c in order[: budget - int(sizes.sum())]:
+        sizes[c] += 1
+    return sizes
+
+
+def bin_group_sizes(uncertainty, budget, bins=4, largest=24, smallest=21, n_min=2):
+    """Eq. (binned group sizes) [recon, a secondary source]: rank the prompts by uncertainty into
+    `bins` equal bins, the most uncertain first, sized evenly from `largest` down to `smallest`
+    (the source's m = M_max - bin + 1: 24 to 21 in 4 bins), scaled to sum to `budget`, each at
+    least n_min -> LongTensor. The source's narrow range never starves a prompt."""
+    u, K = uncertainty.double().cpu(), uncertainty.numel()
+    rank = torch.empty(K, dtype=torch.long)
+    rank[torch.argsort(-u, stable=True)] = torch.arange(K)
+    spacing = (largest - smallest) / max(bins - 1, 1)
+    return apportion(largest - (rank * bins // K).double() * spacing, budget, n_min, ties=u)
 
 
 # ----------------------------------------------------------------------------------
 # 6. The loss
 
 
-def grpo_loss(log_prob, old_log_prob, advantages, clip_range, weight=None):
-    """Eq. (PPO-clip): mean of max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps)).
+def grpo_loss(log_prob, old_log_prob, advantage, clip_range, weight=None):
+    """Eq. (PPO-clip): mean of max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps)) -> (loss, stats).
 
-    With `weight` [N] the loss is the weighted sum instead of the mean: a data-parallel
-    trainer weights each row by 1 / (rows in the global batch) so that gradients summed over
-    ranks equal one big batch's, and gives padding rows weight 0. Returns (loss, stats) with
-    the ratio's mean, clipfrac (share outside the clip range) and approx_kl =
-    mean(log_ratio^2) / 2, the usual estimate of KL(old || new), over rows of nonzero weight.
-    """
+    With `weight` [N], the weighted sum instead: a data-parallel trainer weights each row by
+    1 / (rows in the global batch), so gradients summed over ranks equal one big batch's, and
+    padding rows by 0. stats over the real rows: the ratio's mean, clipfrac (share outside the
+    clip range), approx_kl = mean(log_ratio^2) / 2, the usual estimate of KL(old || new)."""
     log_ratio = log_prob - old_log_prob
     ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
-    per_row = torch.maximum(unclipped, clipped)
+    per_row = torch.maximum(-advantage * ratio, -advantage * ratio.clamp(1 - clip_range, 1 + clip_range))
     loss = per_row.mean() if weight is None else (per_row * weight).sum()
     with torch.no_grad():
         real = slice(None) if weight is None else weight != 0
-        stats = {
-            "ratio": ratio[real].mean().item(),
-            "clipfrac": ((ratio[real] - 1).abs() > clip_range).float().mean().item(),
-            "approx_kl": 0.5 * (log_ratio[real] ** 2).mean().item(),
-        }
+        stats = {"ratio": ratio[real].mean().item(), "approx_kl": 0.5 * (log_ratio[real] ** 2).mean().item(),
+                 "clipfrac": ((ratio[real] - 1).abs() > clip_range).float().mean().item()}
     return loss, stats
 
 
-def policy_loss(velocity, x, x_next, t, t_next, old_log_prob, advantages, sampler, noise_level,
-                clip_range, beta=0.0, ref_velocity=None, weight=None):
-    """The training loss of a batch of stored transitions (x -> x_next from t to t_next, each
-    [N] or shared): the policy's log-prob of x_next, PPO-clip, plus beta times the exact KL
-    to the reference policy (`ref_velocity`, e.g. the model with its LoRA switched off).
-    `weight` as in grpo_loss."""
-    v = velocity(x, t)
-    _, mean, std = sde_step(x, v, t, t_next, sampler, noise_level, prev_sample=x_next)
-    loss, stats = grpo_loss(gaussian_log_prob(x_next, mean, std), old_log_prob, advantages, clip_range, weight)
+def policy_loss(velocity, rows, policy, clip_range, beta=0.0, ref_velocity=None, weight=None):
+    """The training loss of stored transitions `rows` (a dict of x, x_next, t, t_next,
+    old_log_prob and advantage, as `transitions` makes them): the policy's log-prob of x_next
+    under `policy` (anything with sampler, noise_level and ddim_noise, e.g. an Algorithm),
+    PPO-clip, plus beta times the exact KL to the reference policy (`ref_velocity`, e.g. the
+    model with its LoRA switched off). `weight` as in grpo_loss."""
+    x, t, t_next, x_next = rows["x"], rows["t"], rows["t_next"], rows["x_next"]
+    step = (policy.sampler, policy.noise_level, policy.ddim_noise)
+    mean, std = step_mean_std(x, velocity(x, t), t, t_next, *step)
+    loss, stats = grpo_loss(gaussian_log_prob(x_next, mean, std), rows["old_log_prob"], rows["advantage"],
+                            clip_range, weight)
     if beta > 0:
         with torch.no_grad():
-            _, ref_mean, _ = sde_step(x, ref_velocity(x, t), t, t_next, sampler, noise_level, prev_sample=x_next)
+            ref_mean, _ = step_mean_std(x, ref_velocity(x, t), t, t_next, *step)
         kl = kl_divergence(mean, ref_mean, std)
         loss = loss + beta * (kl.mean() if weight is None else (kl * weight).sum())
         stats["kl"] = (kl.mean() if weight is None else kl[weight != 0].mean()).item()
@@ -421,33 +482,88 @@ def policy_loss(velocity, x, x_next, t, t_next, old_log_prob, advantages, sample
 
 # ----------------------------------------------------------------------------------
 # 7. The algorithms as presets over the axes
+#
+# Each settings field declares what it accepts next to its default: an interval "[lo, hi)"
+# (inf allowed), a tuple of values, or a function value -> None if accepted, else what is
+# expected. Construction checks it: "--rho=1.0: expected a number in [0, 1)".
+
+
+class FlagError(ValueError):
+    """A setting outside its declared range; the message is one line: --name=value: expected ..."""
+
+
+def flag(default, accepts):
+    """A settings field with its declared range, read by `check_flags`."""
+    return field(default=default, metadata={"accepts": accepts})
+
+
+def show(value):
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def describe(accepts, kind):
+    """A declared range in words: "an integer >= 1", "a number in [0, 1)", "one of a, b"."""
+    if callable(accepts):
+        return accepts(None)
+    if isinstance(accepts, tuple):
+        return "one of " + ", ".join(map(show, accepts))
+    noun, (lo, hi) = "an integer" if kind is int else "a number", (s.strip() for s in accepts[1:-1].split(","))
+    return f"{noun} {'>=' if accepts[0] == '[' else '>'} {lo}" if hi == "inf" else f"{noun} in {accepts}"
+
+
+def accepted(value, accepts, kind):
+    if callable(accepts):
+        return accepts(value) is None
+    if isinstance(accepts, tuple):
+        return type(value) is type(accepts[0]) and value in accepts
+    lo, hi = (float(s) for s in accepts[1:-1].split(","))
+    if isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)) or not math.isfinite(value):
+        return False
+    return (lo < value or (accepts[0] == "[" and value == lo)) and (value < hi or (accepts[-1] == "]" and value == hi))
+
+
+def field_type(f):  # the declared type, or the default's where annotations are strings
+    return f.type if isinstance(f.type, type) else type(f.default)
+
+
+def check_flags(settings):
+    """Check every field against its declared range, then the class's RELATIONS (name,
+    holds(settings), expected); raise FlagError on the first bad one, TypeError if undeclared."""
+    for f in fields(settings):
+        if "accepts" not in f.metadata:
+            raise TypeError(f"{type(settings).__name__}.{f.name} declares no range; declare it with flag()")
+        value, kind = getattr(settings, f.name), field_type(f)
+        if not accepted(value, f.metadata["accepts"], kind):
+            raise FlagError(f"--{f.name}={show(value)}: expected {describe(f.metadata['accepts'], kind)}")
+    for name, holds, expected in getattr(settings, "RELATIONS", ()):
+        if not holds(settings):
+            values = {f.name: show(getattr(settings, f.name)) for f in fields(settings)}
+            raise FlagError(f"--{name}={values[name]}: expected {expected.format(**values)}")
 
 
 @dataclass(frozen=True)
 class Algorithm:
     sampler: str = flag("flow_grpo", SAMPLERS[1:])  # the SDE that makes each step a Gaussian policy (section 2)
     noise_level: float = flag(0.7, "[0, 2]")  # a in the samplers' noise schedules (CPS's authors use 0.8)
+    ddim_noise: str = flag("literal", DDIM_NOISE)  # the DDIM-inspired SDE's schedule: as the notes write it, or stochastic at t = 1
     shared_noise: bool = flag(False, (False, True))  # all trajectories of a group start from one x_1 (Stepwise)
     prompt_sampling: str = flag("uniform", ("uniform", "variance"))  # which pool prompts an iteration draws: "variance" favours uncertain ones
-    group_sizes: str = flag("fixed", ("fixed", "bins", "neyman"))  # G per prompt: fixed, SuperFlow's uncertainty bins, or Neyman
-    tracker: str = flag("beta", ("beta", "moments"))  # per-prompt statistics: SPO's Beta counts, or EMA moments (prompt_allocation.py)
+    group_sizing: str = flag("fixed", ("fixed", "bins"))  # how the budget splits over the prompts: evenly, or SuperFlow's uncertainty bins
     baseline: str = flag("group", ("group", "tracker"))  # "group" mean (GRPO) or the tracker's value (SuperFlow, SPO)
     advantage_std: str = flag("group", ("group", "global"))  # GRPO's scale: "group" std (paper) or "global" (ref. code)
     step_credit: str = flag("uniform", ("uniform", "gains", "noise"))  # per-step credit: same A, reward gains, injected noise
     gain_norm: str = flag("joint", ("joint", "per_step"))  # gains normalised over the group's G x T, or per step
     substeps: int = flag(5, "[1, 100]")  # T': Euler substeps per intermediate clean estimate (gains only)
-    bins: int = flag(4, "[1, 64]")  # K uncertainty bins for group_sizes=bins
-    m_max: int = flag(24, "[1, 10000]")  # M_max: bin k gets M_max - k + 1, then all are scaled to the budget
-    n_min: int = flag(2, "[2, 10000]")  # smallest group under Neyman sizes (2 keeps a group normalisable)
-    n_max: int = flag(0, "[0, 100000]")  # largest group under Neyman sizes; 0 means no bound but the budget
+    bins: int = flag(4, "[1, 64]")  # K uncertainty bins for group_sizing=bins
+    group_max: int = flag(24, "[1, 10000]")  # the most uncertain bin's size before scaling to the budget (M_max)
+    group_min: int = flag(21, "[1, 10000]")  # the least uncertain bin's size before scaling (M_max - K + 1 in the source)
     rho: float = flag(0.9, "[0, 1)")  # forgetting factor of the per-prompt tracker, per visit
     sampling_eps: float = flag(0.05, "(0, 10]")  # eps in sqrt(v (1 - v)) + eps: every prompt keeps a chance
 
     RELATIONS = (
         ("baseline", lambda a: a.step_credit != "gains" or a.baseline == "group", "group with --step_credit=gains "
          "(gains are normalised within each group)"),
-        ("m_max", lambda a: a.m_max >= a.bins, "at least --bins={bins}, so every bin's size is positive"),
-        ("n_max", lambda a: a.n_max == 0 or a.n_max >= a.n_min, "0 or at least --n_min={n_min}"),
+        ("group_min", lambda a: a.group_min <= a.group_max, "at most --group_max={group_max}"),
     )
 
     def __post_init__(self):
@@ -455,65 +571,53 @@ class Algorithm:
 
     @property
     def uses_tracker(self):
-        return self.group_sizes != "fixed" or self.baseline == "tracker" or self.prompt_sampling == "variance"
+        return self.group_sizing != "fixed" or self.baseline == "tracker" or self.prompt_sampling == "variance"
 
 
-SUPERFLOW = Algorithm(prompt_sampling="variance", group_sizes="bins", baseline="tracker", step_credit="noise")
+STEPWISE = Algorithm(shared_noise=True, step_credit="gains")
+SUPERFLOW = Algorithm(prompt_sampling="variance", group_sizing="bins", baseline="tracker", step_credit="noise")
 PRESETS = {
     "flow_grpo": Algorithm(),
-    "stepwise": Algorithm(sampler="ddim", shared_noise=True, step_credit="gains"),
+    "stepwise": STEPWISE,  # on Flow-GRPO's SDE: the paper's main results
+    "stepwise_ddim": replace(STEPWISE, sampler="ddim"),  # on its DDIM-inspired SDE (its Fig. 6)
     "superflow": SUPERFLOW,
     # The rows of SuperFlow's ablation table:
-    "superflow_no_dynamic_sampling": replace(SUPERFLOW, prompt_sampling="uniform", group_sizes="fixed"),
+    "superflow_no_dynamic_sampling": replace(SUPERFLOW, prompt_sampling="uniform", group_sizing="fixed"),
     "superflow_no_step_credit": replace(SUPERFLOW, step_credit="uniform"),
     "flow_spo": Algorithm(prompt_sampling="variance", baseline="tracker"),
 }
 
 
-def make_algorithm(spec):
-    """'superflow' or a preset with axis overrides, 'stepwise:group_sizes=bins'."""
-    name, *overrides = spec.split(":")
-    if name not in PRESETS:
-        raise FlagError(f"unknown algorithm {name!r}; expected one of {', '.join(PRESETS)}")
-    return read_flags(Algorithm, ["--" + o for o in overrides], base=PRESETS[name])
-
-
-def trained_steps(stds):
-    """Steps that are trained -> bool [T]: the stochastic ones except the last of them. That
-    one lands on the grid's tiny final sigma (0.009 on the SD3 grid), so its std is tiny
-    (0.006 for flow_grpo, 0.005 for ddim, whose very last step is already deterministic)
-    and its log-prob gradient, which scales as 1 / std^2, would swamp every other step."""
-    mask = stds > 0
-    if mask.any():
-        mask[int(mask.nonzero().max())] = False
-    return mask
+def check_trains_something(algo, sigmas):
+    """Refuse, in one line and before any work, a sampler and grid on which no step is trained."""
+    if not trained_steps(step_std(sigmas[:-1], sigmas[1:], algo.sampler, algo.noise_level, algo.ddim_noise)).any():
+        raise FlagError(f"--sampler={algo.sampler}: expected a sampler with a trained step on this "
+                        f"{len(sigmas) - 1}-step grid (a stochastic step before the last stochastic one)")
 
 
 def new_tracker(algo, num_prompts, reward_range=(0.0, 1.0)):
     """The per-prompt tracker the algorithm needs, or None."""
-    return PromptTracker(num_prompts, algo.tracker, algo.rho, reward_range) if algo.uses_tracker else None
+    return PromptTracker(num_prompts, algo.rho, reward_range) if algo.uses_tracker else None
 
 
 def choose_prompts(algo, pool_size, k, tracker=None, generator=None):
-    """The iteration's k prompt ids from a pool: uniformly (distinct while the pool allows),
-    or prioritised by the tracker's uncertainty (SuperFlow, SPO)."""
+    """The iteration's k prompt ids: uniform (distinct while the pool allows) or prioritised."""
     if algo.prompt_sampling == "variance":
         weights = tracker.uncertainty(torch.arange(pool_size)).double().sqrt() + algo.sampling_eps
         return prioritised_prompts(weights, k, generator)
     if k <= pool_size:
         return torch.randperm(pool_size, generator=generator)[:k]
-    return torch.randint(pool_size, (k,), generator=generator)
+    return torch.randint(pool_size, (k,), generator=generator)  # a pool smaller than k repeats
 
 
-def group_sizes(algo, num_groups, budget, tracker=None, prompt_ids=None):
-    """The size of each of the iteration's groups: budget / groups, or SuperFlow's allocation."""
-    if algo.group_sizes == "fixed":
+def allocate_groups(algo, num_groups, budget, tracker=None, prompt_ids=None):
+    """The size of each of the iteration's groups: budget / groups, or SuperFlow's bins."""
+    if algo.group_sizing == "fixed":
         if budget % num_groups:
             raise ValueError(f"budget {budget} does not split evenly over {num_groups} groups")
         return torch.full((num_groups,), budget // num_groups, dtype=torch.long)
-    if algo.group_sizes == "bins":
-        return bin_group_sizes(tracker.uncertainty(prompt_ids), budget, algo.bins, algo.m_max)
-    return neyman_group_sizes(tracker.uncertainty(prompt_ids), budget, algo.n_min, algo.n_max or None)
+    smallest = 1 if algo.baseline == "tracker" else 2  # a group mean needs two samples to compare
+    return bin_group_sizes(tracker.uncertainty(prompt_ids), budget, algo.bins, algo.group_max, algo.group_min, smallest)
 
 
 def initial_noise(sizes, shape, shared, generator=None, device=None):
@@ -523,13 +627,12 @@ def initial_noise(sizes, shape, shared, generator=None, device=None):
     return x.repeat_interleave(sizes.to(x.device), 0) if shared else x
 
 
-def advantages(algo, rewards, group_ids, stds, step_rewards=None, baseline=None, eps=1e-4, clip=5.0):
-    """The advantage of every (trajectory, step) under the algorithm's baseline and step
-    credit -> [B, T], 0 on untrained steps. `step_rewards` [B, T+1] is needed for gains,
-    `baseline` [B] (the tracker's, before this iteration's update) for the tracker baseline."""
+def step_advantages(algo, rewards, group_ids, stds, rewards_along=None, baseline=None, eps=1e-4, clip=5.0):
+    """The advantage of every (trajectory, step) -> [B, T], 0 on untrained steps. Gains need
+    `rewards_along` [B, T+1], the tracker baseline `baseline` [B] (the value before the update)."""
     trained = trained_steps(stds.cpu())
     if algo.step_credit == "gains":
-        return stepwise_advantages(step_rewards, group_ids, eps, clip, trained, algo.gain_norm == "per_step")
+        return gain_advantages(rewards_along, group_ids, eps, clip, trained, algo.gain_norm == "per_step")
     if algo.baseline == "tracker":
         a = baseline_advantages(rewards, baseline, eps, clip)
     else:
@@ -540,11 +643,8 @@ def advantages(algo, rewards, group_ids, stds, step_rewards=None, baseline=None,
 
 
 def transitions(traj, adv, mask=None):
-    """Flatten (trajectory, step) pairs into training rows: a dict of x, x_next, t, t_next,
-    old_log_prob, advantage and the trajectory index. `mask` [B, T] picks the pairs; by default
-    those with nonzero advantage (constant-reward groups and untrained steps carry no signal)."""
+    """Flatten (trajectory, step) pairs into training rows (x, x_next, t, t_next, old_log_prob,
+    advantage, sample): those of `mask` [B, T], by default those with nonzero advantage."""
     b, k = torch.nonzero(adv != 0 if mask is None else mask, as_tuple=True)
-    return {
-        "x": traj.xs[b, k], "x_next": traj.xs[b, k + 1], "t": traj.sigmas[k], "t_next": traj.sigmas[k + 1],
-        "old_log_prob": traj.log_probs[b, k], "advantage": adv[b, k], "sample": b,
-    }
+    return {"x": traj.xs[b, k], "x_next": traj.xs[b, k + 1], "t": traj.sigmas[k], "t_next": traj.sigmas[k + 1],
+            "old_log_prob": traj.log_probs[b, k], "advantage": adv[b, k], "sample": b}

@@ -1,13 +1,13 @@
 """The core's math, one property per test (design, sections 1-6)."""
 
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
+import cli
 import minflow
-import prompt_allocation
 
 
 @pytest.mark.parametrize("n,shift", [(1, 3.0), (10, 3.0), (40, 3.0), (10, 1.0), (25, 5.0)])
@@ -111,8 +111,9 @@ def test_on_policy_ratio_is_exactly_one(sampler):
     traj = minflow.rollout(velocity, torch.randn(16, 2), sigmas, sampler, 0.7, torch.Generator().manual_seed(0))
     adv = torch.randn(16)
     for k in torch.nonzero(minflow.trained_steps(traj.stds))[:, 0]:
-        loss, stats = minflow.policy_loss(velocity, traj.xs[:, k], traj.xs[:, k + 1], sigmas[k], sigmas[k + 1],
-                                          traj.log_probs[:, k], adv, sampler, 0.7, clip_range=1e-4)
+        rows = {"x": traj.xs[:, k], "x_next": traj.xs[:, k + 1], "t": sigmas[k], "t_next": sigmas[k + 1],
+                "old_log_prob": traj.log_probs[:, k], "advantage": adv}
+        loss, stats = minflow.policy_loss(velocity, rows, replace(minflow.Algorithm(), sampler=sampler), 1e-4)
         assert stats["ratio"] == 1.0 and stats["clipfrac"] == 0.0 and stats["approx_kl"] == 0.0
         torch.testing.assert_close(loss, -adv.mean())
 
@@ -132,16 +133,16 @@ def test_one_step_on_a_positive_advantage_raises_its_log_prob():
     sigmas = minflow.sd3_sigmas(10)
     traj = minflow.rollout(velocity, torch.randn(8, 2), sigmas, "flow_grpo", 0.7, torch.Generator().manual_seed(0))
     k = 3
-    args = (traj.xs[:, k], traj.xs[:, k + 1], sigmas[k], sigmas[k + 1], traj.log_probs[:, k])
+    rows = {"x": traj.xs[:, k], "x_next": traj.xs[:, k + 1], "t": sigmas[k], "t_next": sigmas[k + 1],
+            "old_log_prob": traj.log_probs[:, k], "advantage": torch.ones(8)}
     before = traj.log_probs[:, k].clone()
     opt = torch.optim.SGD(net.parameters(), lr=1e-2)
-    loss, _ = minflow.policy_loss(velocity, *args, torch.ones(8), "flow_grpo", 0.7, clip_range=10.0)
+    loss, _ = minflow.policy_loss(velocity, rows, minflow.Algorithm(), clip_range=10.0)
     loss.backward()
     opt.step()
     with torch.no_grad():
-        _, mean, std = minflow.sde_step(args[0], velocity(args[0], args[2]), args[2], args[3], "flow_grpo", 0.7,
-                                        prev_sample=args[1])
-        after = minflow.gaussian_log_prob(args[1], mean, std)
+        mean, std = minflow.step_mean_std(rows["x"], velocity(rows["x"], rows["t"]), rows["t"], rows["t_next"])
+        after = minflow.gaussian_log_prob(rows["x_next"], mean, std)
     assert after.mean() > before.mean() + 1e-4
 
 
@@ -163,7 +164,7 @@ def test_constant_float_rewards_give_exact_zeros():
     # 0.1 * 3 / 3 != 0.1 in floating point: the zero must not come from subtraction.
     rewards, groups = torch.full((6,), 0.1), torch.tensor([0, 0, 0, 1, 1, 1])
     assert (minflow.group_advantages(rewards, groups) == 0).all()
-    assert (minflow.stepwise_advantages(torch.full((6, 5), 0.1), groups) == 0).all()
+    assert (minflow.gain_advantages(torch.full((6, 5), 0.1), groups) == 0).all()
 
 
 def test_gains_telescope_and_joint_normalisation():
@@ -172,20 +173,20 @@ def test_gains_telescope_and_joint_normalisation():
     groups = torch.arange(3).repeat_interleave(4)
     gains = step_r[:, 1:] - step_r[:, :-1]
     torch.testing.assert_close(gains.sum(1), step_r[:, -1] - step_r[:, 0])
-    a = minflow.stepwise_advantages(step_r, groups, eps=0.0, clip=100.0)
+    a = minflow.gain_advantages(step_r, groups, eps=0.0, clip=100.0)
     assert a.shape == (12, 5)
     for grp in range(3):
         block = a[groups == grp]
         assert abs(block.mean()) < 1e-5 and abs(block.std(unbiased=False) - 1) < 1e-5
     # Joint, not per step: a step whose gains are all large keeps a large mean advantage.
     step_r[:, 1] += 5.0
-    a = minflow.stepwise_advantages(step_r, groups, eps=0.0, clip=100.0)
+    a = minflow.gain_advantages(step_r, groups, eps=0.0, clip=100.0)
     assert (a[:, 0] > 0).all() and (a[:, 1] < 0).all()
-    masked = minflow.stepwise_advantages(step_r, groups, mask=torch.tensor([True, True, False, True, False]))
+    masked = minflow.gain_advantages(step_r, groups, mask=torch.tensor([True, True, False, True, False]))
     assert (masked[:, [2, 4]] == 0).all()
     # Per step (the comparison the paper makes): every step's gains are standardised on their own,
     # so the large step no longer stands out.
-    per_step = minflow.stepwise_advantages(step_r, groups, eps=0.0, clip=100.0, per_step=True)
+    per_step = minflow.gain_advantages(step_r, groups, eps=0.0, clip=100.0, per_step=True)
     for grp in range(3):
         block = per_step[groups == grp]
         torch.testing.assert_close(block.mean(0), torch.zeros(5), atol=1e-5, rtol=0)
@@ -208,49 +209,47 @@ def test_noise_weighted_advantages_have_mean_one_weights_on_trained_steps():
     torch.testing.assert_close(a[1], -weights)
 
 
-def test_neyman_sizes_sum_respect_bounds_and_are_monotone():
-    g = torch.Generator().manual_seed(4)
-    for trial in range(200):
-        K = int(torch.randint(2, 12, (1,), generator=g))
-        n_min = int(torch.randint(2, 4, (1,), generator=g))
-        n_max = n_min + int(torch.randint(0, 20, (1,), generator=g))
-        budget = int(torch.randint(n_min * K, n_max * K + 1, (1,), generator=g))
-        var = torch.rand(K, generator=g) ** 3 * (torch.rand(K, generator=g) > 0.2)
-        sizes = prompt_allocation.neyman_group_sizes(var, budget, n_min, n_max)
-        assert sizes.dtype == torch.long and int(sizes.sum()) == budget
-        assert (sizes >= n_min).all() and (sizes <= n_max).all()
-        larger_var = var[:, None] > var[None, :]
-        assert (sizes[:, None] >= sizes[None, :])[larger_var].all(), (var, sizes)
-    sizes = prompt_allocation.neyman_group_sizes(torch.tensor([0.0, 0.01, 0.25, 0.25]), 64)
-    assert sizes[0] == 2 < sizes[1] < min(sizes[2], sizes[3]) and abs(sizes[2] - sizes[3]) <= 1
-    assert prompt_allocation.neyman_group_sizes(torch.zeros(4), 64).tolist() == [16] * 4
-    with pytest.raises(ValueError, match="cannot be split"):
-        prompt_allocation.neyman_group_sizes(torch.ones(4), 7)
-
-
 def test_bin_sizes_follow_the_sources_example_sum_to_the_budget_and_are_monotone():
     # The source's example: M_max 24, K 4 bins, one prompt a bin -> 24 (most uncertain) .. 21.
     u = torch.tensor([0.1, 0.25, 0.0, 0.2])
-    assert prompt_allocation.bin_group_sizes(u, 90, num_bins=4, m_max=24).tolist() == [22, 24, 21, 23]
+    assert minflow.bin_group_sizes(u, 90, bins=4, largest=24, smallest=21).tolist() == [22, 24, 21, 23]
     g = torch.Generator().manual_seed(5)
     for trial in range(200):
         K = int(torch.randint(1, 40, (1,), generator=g))
         bins = int(torch.randint(1, 9, (1,), generator=g))
-        m_max = bins + int(torch.randint(0, 30, (1,), generator=g))
+        largest = 1 + int(torch.randint(0, 30, (1,), generator=g))
+        smallest = 1 + int(torch.randint(0, largest, (1,), generator=g))
+        n_min = int(torch.randint(1, 3, (1,), generator=g))
         budget = int(torch.randint(2 * K, 40 * K + 1, (1,), generator=g))
         u = torch.rand(K, generator=g) * (torch.rand(K, generator=g) > 0.3)
-        sizes = prompt_allocation.bin_group_sizes(u, budget, bins, m_max)
-        assert sizes.dtype == torch.long and int(sizes.sum()) == budget and (sizes >= 2).all()
+        sizes = minflow.bin_group_sizes(u, budget, bins, largest, smallest, n_min)
+        assert sizes.dtype == torch.long and int(sizes.sum()) == budget and (sizes >= n_min).all()
         assert (sizes[:, None] >= sizes[None, :])[u[:, None] > u[None, :]].all(), (u, sizes)
-        # Never starves: the smallest group is within the bins' ratio of the largest (+1 for rounding).
-        assert sizes.min() >= min(budget // K, (m_max - bins + 1) * sizes.max() // m_max - 1) or sizes.min() == 2
+        # Never starves: the smallest group keeps the bins' ratio of the largest (-1 for rounding).
+        assert sizes.min() >= min(budget // K, smallest * sizes.max() // largest - 1) or sizes.min() == n_min
     # Equal uncertainty everywhere (the first iteration) gives near-equal groups.
-    sizes = prompt_allocation.bin_group_sizes(torch.full((8,), 0.25), 128)
+    sizes = minflow.bin_group_sizes(torch.full((8,), 0.25), 128)
     assert sizes.sum() == 128 and sizes.max() - sizes.min() <= 3
+    with pytest.raises(ValueError, match="cannot be split"):
+        minflow.bin_group_sizes(torch.rand(4), 7, n_min=2)
+
+
+def test_a_wider_size_range_reaches_groups_of_one_only_under_the_tracker_baseline():
+    u = torch.linspace(0.25, 0.0, 8)
+    tracker = minflow.PromptTracker(8)
+    tracker.state[:, 0] = torch.linspace(1, 40, 8, dtype=torch.float64)  # values 0.5 .. 0.98
+    wide = dict(group_sizing="bins", bins=8, group_max=24, group_min=1)
+    for baseline, smallest in [("tracker", 1), ("group", 2)]:
+        algo = replace(minflow.Algorithm(), baseline=baseline, **wide)
+        sizes = minflow.allocate_groups(algo, 8, 64, tracker, torch.arange(8))
+        assert sizes.sum() == 64 and sizes.min() == smallest and sizes[0] == sizes.max()
+    assert minflow.bin_group_sizes(u, 64, 8, 24, 1, 1).tolist()[-1] == 1
+    with pytest.raises(cli.FlagError, match="--group_min=30: expected at most --group_max=24"):
+        cli.make_algorithm("superflow:group_min=30")
 
 
 def test_beta_tracker_matches_a_hand_computation():
-    tracker = prompt_allocation.PromptTracker(3, "beta", rho=0.5)
+    tracker = minflow.PromptTracker(3, rho=0.5)
     assert tracker.value(torch.arange(3)).tolist() == [0.5] * 3  # the prior Beta(1, 1)
     assert tracker.uncertainty(torch.arange(3)).tolist() == [0.25] * 3
     tracker.update(torch.tensor([0, 0, 1]), torch.tensor([1.0, 0.5, 0.0]))
@@ -261,37 +260,29 @@ def test_beta_tracker_matches_a_hand_computation():
     tracker.update(torch.tensor([1, 1]), torch.tensor([0.0, 0.0]))  # a second visit forgets half the first
     torch.testing.assert_close(tracker.state[1], torch.tensor([0.25, 2.75], dtype=torch.float64))
     assert tracker.visits.tolist() == [1, 2, 0]
-    # An all-zero prompt keeps some uncertainty (the prior), unlike the moments tracker.
-    moments = prompt_allocation.PromptTracker(3, "moments", rho=0.5)
-    moments.update(torch.tensor([1, 1]), torch.tensor([0.0, 0.0]))
-    assert tracker.uncertainty(torch.tensor([1]))[0] > 0.05 and moments.uncertainty(torch.tensor([1]))[0] == 0
+    # An all-zero prompt keeps some uncertainty: the prior, so it is not starved.
+    assert tracker.uncertainty(torch.tensor([1]))[0] > 0.05
 
 
-def test_moments_tracker_forgets_and_both_round_trip():
-    tracker = prompt_allocation.PromptTracker(3, "moments", rho=0.8)
+def test_tracker_round_trips_through_its_state_dict():
     ids = torch.tensor([0, 0, 1, 1])
-    tracker.update(ids, torch.tensor([0.0, 0.0, 0.0, 1.0]))  # a first visit sets the moments
-    assert tracker.value(torch.tensor([0, 1])).tolist() == [0.0, 0.5]
-    assert tracker.uncertainty(torch.tensor([1, 2])).tolist() == [0.25, 0.25]  # unseen: Bernoulli(0.5)
-    tracker.update(ids, torch.tensor([1.0, 1.0, 1.0, 1.0]))
-    torch.testing.assert_close(tracker.value(torch.tensor([0])), torch.tensor([0.2]))  # 0.8 * 0 + 0.2 * 1
-    for kind in ("beta", "moments"):
-        t = prompt_allocation.PromptTracker(3, kind, rho=0.8, reward_range=None)
-        t.update(ids, torch.tensor([3.0, -1.0, 2.0, 5.0]))
-        clone = prompt_allocation.PromptTracker(3)
-        clone.load_state_dict(t.state_dict())
-        assert torch.equal(clone.state, t.state) and torch.equal(clone.range, t.range) and clone.kind == kind
-        assert torch.equal(clone.baseline(torch.arange(3)), t.baseline(torch.arange(3)))
+    t = minflow.PromptTracker(3, rho=0.8, reward_range=None)
+    t.update(ids, torch.tensor([3.0, -1.0, 2.0, 5.0]))
+    clone = minflow.PromptTracker(3)
+    clone.load_state_dict(t.state_dict())
+    assert torch.equal(clone.state, t.state) and torch.equal(clone.range, t.range) and clone.rho == 0.8
+    assert torch.equal(clone.baseline(torch.arange(3)), t.baseline(torch.arange(3)))
+    assert torch.equal(clone.visits, t.visits) and clone.fixed_range is False
 
 
 def test_tracker_maps_rewards_by_a_stated_or_running_range_and_counts_clipping():
-    tracker = prompt_allocation.PromptTracker(2, "beta", rho=1.0, reward_range=(0.0, 26.0))
+    tracker = minflow.PromptTracker(2, rho=1.0, reward_range=(0.0, 26.0))
     tracker.update(torch.tensor([0, 0, 0]), torch.tensor([13.0, 30.0, -2.0]))  # 0.5, clipped 1, clipped 0
     assert tracker.clipped == 2
     torch.testing.assert_close(tracker.state[0], torch.tensor([2.5, 2.5], dtype=torch.float64))
     # The baseline is the value on the reward's own scale: v = 0.5 -> 13.
     torch.testing.assert_close(tracker.baseline(torch.tensor([0, 1])), torch.tensor([13.0, 13.0]))
-    running = prompt_allocation.PromptTracker(2, "beta", rho=1.0, reward_range=None)
+    running = minflow.PromptTracker(2, rho=1.0, reward_range=None)
     running.update(torch.tensor([0, 1]), torch.tensor([-4.0, 6.0]))  # range becomes [-4, 6]
     assert running.range.tolist() == [-4.0, 6.0] and running.clipped == 0
     torch.testing.assert_close(running.value(torch.tensor([0, 1])), torch.tensor([1 / 3, 2 / 3]))
@@ -305,7 +296,7 @@ def test_tracker_baseline_is_the_value_before_the_update():
     tracker.update(ids, rewards)
     assert before.tolist() == [0.5] * 4 and not torch.equal(tracker.baseline(ids), before)
     stds = torch.tensor([0.3, 0.2, 0.1])
-    a = minflow.advantages(algo, rewards, torch.tensor([0, 0, 1, 1]), stds, baseline=before)
+    a = minflow.step_advantages(algo, rewards, torch.tensor([0, 0, 1, 1]), stds, baseline=before)
     d = rewards - 0.5  # r - v with v from before: standardised over the batch
     torch.testing.assert_close(a[:, 0], ((d - d.mean()) / (d.std(unbiased=False) + 1e-4)) * 0.3 / 0.25)
 
@@ -317,7 +308,7 @@ def chi_square(counts, expected):
 def test_prioritised_sampling_follows_the_weights():
     weights = torch.tensor([0.05, 0.55, 0.3, 0.05, 0.5])
     g = torch.Generator().manual_seed(0)
-    draws = torch.stack([prompt_allocation.prioritised_prompts(weights, 1, g) for _ in range(20000)])[:, 0]
+    draws = torch.stack([minflow.prioritised_prompts(weights, 1, g) for _ in range(20000)])[:, 0]
     counts = torch.bincount(draws, minlength=5).double()
     # 4 degrees of freedom: 18.5 is the 0.999 quantile of chi-square(4).
     assert chi_square(counts, 20000 * weights.double() / weights.sum()) < 18.5
@@ -325,7 +316,7 @@ def test_prioritised_sampling_follows_the_weights():
     w = torch.tensor([1.0, 2.0, 5.0], dtype=torch.float64)
     W = w.sum()
     inclusion = torch.stack([w[i] / W + sum(w[j] / W * w[i] / (W - w[j]) for j in range(3) if j != i) for i in range(3)])
-    picks = torch.stack([prompt_allocation.prioritised_prompts(w, 2, g) for _ in range(20000)])
+    picks = torch.stack([minflow.prioritised_prompts(w, 2, g) for _ in range(20000)])
     assert all(len(set(p.tolist())) == 2 for p in picks[:100])
     counts = torch.bincount(picks.flatten(), minlength=3).double()
     assert chi_square(counts, 20000 * inclusion) < 13.8  # 0.999 quantile, 2 dof
@@ -341,24 +332,25 @@ def test_prioritised_sampling_follows_the_weights():
 
 
 def test_presets_are_axis_choices_and_mix():
-    assert minflow.make_algorithm("flow_grpo") == minflow.Algorithm()
-    mix = minflow.make_algorithm("stepwise:group_sizes=bins:bins=2")
-    assert (mix.sampler, mix.shared_noise, mix.step_credit, mix.group_sizes, mix.bins) == ("ddim", True, "gains", "bins", 2)
+    assert cli.make_algorithm("flow_grpo") == minflow.Algorithm()
+    mix = cli.make_algorithm("stepwise:group_sizing=bins:bins=2")
+    assert (mix.sampler, mix.shared_noise, mix.step_credit, mix.group_sizing, mix.bins) == ("flow_grpo", True, "gains", "bins", 2)
+    assert minflow.PRESETS["stepwise_ddim"] == replace(minflow.PRESETS["stepwise"], sampler="ddim")
     sf = minflow.PRESETS["superflow"]
-    assert (sf.prompt_sampling, sf.group_sizes, sf.tracker, sf.baseline, sf.step_credit) == ("variance", "bins", "beta", "tracker", "noise")
-    assert minflow.PRESETS["superflow_no_dynamic_sampling"] == replace(sf, prompt_sampling="uniform", group_sizes="fixed")
+    assert (sf.prompt_sampling, sf.group_sizing, sf.baseline, sf.step_credit) == ("variance", "bins", "tracker", "noise")
+    assert minflow.PRESETS["superflow_no_dynamic_sampling"] == replace(sf, prompt_sampling="uniform", group_sizing="fixed")
     assert minflow.PRESETS["superflow_no_step_credit"] == replace(sf, step_credit="uniform")
     spo = minflow.PRESETS["flow_spo"]
-    assert (spo.prompt_sampling, spo.group_sizes, spo.baseline, spo.step_credit) == ("variance", "fixed", "tracker", "uniform")
+    assert (spo.prompt_sampling, spo.group_sizing, spo.baseline, spo.step_credit) == ("variance", "fixed", "tracker", "uniform")
     for bad, message in [("grpo", "unknown algorithm 'grpo'"),
                          ("flow_grpo:sampler=euler", "--sampler=euler: expected one of flow_grpo, ddim, cps"),
                          ("stepwise:baseline=tracker", "--baseline=tracker: expected group with --step_credit=gains"),
-                         ("superflow:n_min=x", "--n_min=x: expected an integer in \\[2, 10000\\]"),
+                         ("superflow:group_min=x", "--group_min=x: expected an integer in \\[1, 10000\\]"),
                          ("superflow:rho=1", "--rho=1.0: expected a number in \\[0, 1\\)"),
-                         ("superflow:bins=8:m_max=5", "--m_max=5: expected at least --bins=8"),
+                         ("stepwise:ddim_noise=exact", "--ddim_noise=exact: expected one of literal, posterior"),
                          ("superflow:size=3", "unknown flag --size")]:
         with pytest.raises(ValueError, match=message):
-            minflow.make_algorithm(bad)
+            cli.make_algorithm(bad)
 
 
 def test_flags_are_refused_with_their_declared_range_and_undeclared_ones_fail():
@@ -398,9 +390,9 @@ def test_shared_initial_noise_and_group_sizes():
     assert torch.equal(x[0], x[2]) and torch.equal(x[3], x[4]) and not torch.equal(x[0], x[3])
     x = minflow.initial_noise(sizes, (2,), shared=False, generator=torch.Generator().manual_seed(0))
     assert not torch.equal(x[0], x[1])
-    assert minflow.group_sizes(minflow.Algorithm(), 4, 32).tolist() == [8] * 4
+    assert minflow.allocate_groups(minflow.Algorithm(), 4, 32).tolist() == [8] * 4
     with pytest.raises(ValueError, match="does not split evenly"):
-        minflow.group_sizes(minflow.Algorithm(), 3, 32)
+        minflow.allocate_groups(minflow.Algorithm(), 3, 32)
 
 
 def test_short_ode_estimate_is_tweedie_at_one_substep_and_exact_for_straight_flows():
@@ -417,7 +409,80 @@ def test_step_rewards_score_every_state_and_reuse_the_final_reward():
     traj = minflow.rollout(velocity, torch.randn(4, 2), minflow.sd3_sigmas(6), "ddim", 0.7)
     calls = []
     reward = lambda x, rows: calls.append(1) or -x.pow(2).sum(1)  # noqa: E731
-    r = minflow.step_rewards(lambda x, t, rows: velocity(x, t), traj, reward, substeps=2, batch_size=4,
+    r = minflow.intermediate_rewards(lambda x, t, rows: velocity(x, t), traj, reward, substeps=2, batch_size=4,
                              final=reward(traj.xs[:, -1], None))
     assert r.shape == (4, 7) and len(calls) == 7  # 6 estimates + the one final reward
     torch.testing.assert_close(r[:, -1], -traj.xs[:, -1].pow(2).sum(1))
+
+
+def gaussian_markov_posterior_std(t, t_next):
+    """Std of x_t' given x_t and x0 for x_t = (1 - t) x0 + t eps made Markov: from the joint
+    covariance of (x_t', x_t), the forward step scaling x_t' by (1 - t) / (1 - t')."""
+    scale = (1 - t) / (1 - t_next)
+    cov = scale * t_next**2  # Cov(x_t', x_t | x0)
+    return torch.sqrt(t_next**2 - cov**2 / t**2)
+
+
+def test_ddim_posterior_schedule_is_the_markov_posterior_std_and_stochastic_at_one():
+    g = torch.Generator().manual_seed(7)
+    t = torch.rand(50, generator=g, dtype=torch.float64) * 0.98 + 0.01
+    t_next = t * torch.rand(50, generator=g, dtype=torch.float64)
+    a = 0.6
+    torch.testing.assert_close(minflow.ddim_std(t, t_next, a, "posterior"), a * gaussian_markov_posterior_std(t, t_next))
+    sigmas = minflow.sd3_sigmas(10)
+    literal = minflow.step_std(sigmas[:-1], sigmas[1:], "ddim", a, "literal")
+    posterior = minflow.step_std(sigmas[:-1], sigmas[1:], "ddim", a, "posterior")
+    # The notes' words ("the most randomness at t = 1") against their formula (0 at t = 1).
+    assert literal[0] == 0 and posterior[0] == pytest.approx(a * float(sigmas[1]))
+    assert posterior[-1] == 0 and (posterior[:-1] > 0).all()
+    assert minflow.trained_steps(posterior)[0] and not minflow.trained_steps(literal)[0]
+
+
+def test_noise_weight_is_the_sdes_step_std_normalised_to_mean_one_on_trained_steps():
+    # SuperFlow's weight w_k: sigma_t sqrt(dt) of the Flow-GRPO SDE, written out independently.
+    for steps in (10, 28):
+        sigmas = minflow.sd3_sigmas(steps).double()
+        t, t_next = sigmas[:-1], sigmas[1:]
+        one_minus_t = torch.where(t >= 1, 1 - t_next, 1 - t)
+        expected_std = 0.7 * torch.sqrt(t / one_minus_t) * torch.sqrt(t - t_next)
+        traj = minflow.rollout(lambda x, t: torch.zeros_like(x), torch.randn(3, 2), sigmas.float(), "flow_grpo", 0.7)
+        torch.testing.assert_close(traj.stds.double(), expected_std, rtol=1e-5, atol=1e-7)
+        trained = minflow.trained_steps(traj.stds)
+        assert trained.sum() == steps - 1 and not trained[-1]
+        w = minflow.noise_weighted_advantages(torch.ones(1), traj.stds, trained)[0]
+        expected = torch.where(trained, expected_std, 0.0) / expected_std[trained].mean()
+        torch.testing.assert_close(w.double(), expected, rtol=1e-5, atol=1e-6)
+        assert w[trained].mean() == pytest.approx(1.0) and (w[1:steps - 1].diff() < 0).all()  # early steps weigh more
+
+
+@pytest.mark.parametrize("spec,steps,trains", [
+    ("flow_grpo", 1, False), ("flow_grpo", 2, True), ("stepwise_ddim", 3, False), ("stepwise_ddim", 4, True),
+    ("stepwise_ddim:ddim_noise=posterior", 2, False), ("stepwise_ddim:ddim_noise=posterior", 3, True)])
+def test_a_grid_that_trains_no_step_is_refused_in_one_line(spec, steps, trains):
+    algo = cli.make_algorithm(spec)
+    if trains:
+        minflow.check_trains_something(algo, minflow.sd3_sigmas(steps))
+        return
+    with pytest.raises(cli.FlagError) as error:
+        minflow.check_trains_something(algo, minflow.sd3_sigmas(steps))
+    assert str(error.value).startswith(f"--sampler={algo.sampler}: expected") and "\n" not in str(error.value)
+
+
+def test_help_lists_every_field_with_its_default_range_and_comment():
+    text = cli.help_text(minflow.Algorithm)
+    for f in fields(minflow.Algorithm):
+        assert f"--{f.name}={cli.show(f.default)}\n" in text, f.name
+    assert "one of literal, posterior; the DDIM-inspired SDE's schedule" in text
+    assert "an integer in [1, 64]; K uncertainty bins" in text
+    with pytest.raises(SystemExit) as done:
+        cli.read_flags(minflow.Algorithm, ["--help"])
+    assert done.value.code == 0
+
+
+def test_the_core_needs_only_torch_and_the_standard_library():
+    import ast
+    import sys
+    tree = ast.parse(open(minflow.__file__).read())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert imported - set(sys.stdlib_module_names) == {"torch"}

@@ -1,4 +1,4 @@
-"""Batched intermediate rewards (minflow.step_rewards) against the state-by-state definition."""
+"""Batched intermediate rewards (minflow.intermediate_rewards) against the state-by-state definition."""
 import math
 
 import pytest
@@ -31,7 +31,7 @@ def test_batched_rewards_equal_the_state_by_state_definition(sampler, batch_size
                            0.7, torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = state_by_state(lambda x, t: model(x, t, prompts), traj, lambda x: flow.reward(x, prompts), 3)
-    got = minflow.step_rewards(lambda x, t, rows: model(x, t, prompts[rows]), traj,
+    got = minflow.intermediate_rewards(lambda x, t, rows: model(x, t, prompts[rows]), traj,
                                lambda x, rows: flow.reward(x, prompts[rows]), 3, batch_size=batch_size)
     if batch_size == 12:  # one state per pass, as the definition batches it: the same arithmetic
         assert torch.equal(got, expected)
@@ -40,7 +40,7 @@ def test_batched_rewards_equal_the_state_by_state_definition(sampler, batch_size
 
 
 def test_only_needed_states_are_estimated_and_the_rest_cannot_leak_into_advantages():
-    algo = minflow.PRESETS["stepwise"]
+    algo = minflow.PRESETS["stepwise_ddim"]
     model = conditioned_toy(1)
     sizes = torch.tensor([4, 4, 4])
     group_ids = torch.repeat_interleave(torch.arange(3), sizes)
@@ -53,17 +53,17 @@ def test_only_needed_states_are_estimated_and_the_rest_cannot_leak_into_advantag
         scored.append(len(rows))
         return flow.reward(x, prompts[rows])
 
-    full = minflow.step_rewards(lambda x, t, rows: model(x, t, prompts[rows]), traj, reward, algo.substeps)
+    full = minflow.intermediate_rewards(lambda x, t, rows: model(x, t, prompts[rows]), traj, reward, algo.substeps)
     scored.clear()
     needed = minflow.needed_states(traj.stds)
     assert needed.tolist() == [False] + [True] * 8 + [False, False]  # ddim: steps 1..7 trained
-    part = minflow.step_rewards(lambda x, t, rows: model(x, t, prompts[rows]), traj, reward, algo.substeps,
+    part = minflow.intermediate_rewards(lambda x, t, rows: model(x, t, prompts[rows]), traj, reward, algo.substeps,
                                 needed=needed, groups=group_ids)
     assert sum(scored) == 8 * 12
     assert part[:, ~needed].isnan().all()
     torch.testing.assert_close(part[:, needed], full[:, needed], rtol=1e-6, atol=1e-6)
-    a_full = minflow.advantages(algo, full[:, -1], group_ids, traj.stds, full)
-    a_part = minflow.advantages(algo, full[:, -1], group_ids, traj.stds, part)
+    a_full = minflow.step_advantages(algo, full[:, -1], group_ids, traj.stds, full)
+    a_part = minflow.step_advantages(algo, full[:, -1], group_ids, traj.stds, part)
     assert a_part.isfinite().all() and a_part.abs().sum() > 0
     torch.testing.assert_close(a_part, a_full, rtol=1e-5, atol=1e-5)
 
@@ -81,7 +81,7 @@ def test_shared_initial_state_is_scored_once_per_group():
         return flow.reward(x, group_ids[rows])
 
     needed = torch.tensor([True, False, False, False, False])
-    r = minflow.step_rewards(lambda x, t, rows: model(x, t, group_ids[rows]), traj, reward, 2, needed=needed,
+    r = minflow.intermediate_rewards(lambda x, t, rows: model(x, t, group_ids[rows]), traj, reward, 2, needed=needed,
                              groups=group_ids)
     assert torch.cat(rows_scored).tolist() == [0, 3]  # the first trajectory of each group
     expected = state_by_state(lambda x, t: model(x, t, group_ids), traj, lambda x: flow.reward(x, group_ids), 2)
@@ -89,14 +89,23 @@ def test_shared_initial_state_is_scored_once_per_group():
     assert r[:, 1:].isnan().all()
 
 
-def test_rewards_may_arrive_as_futures():
+def test_passes_scored_elsewhere_and_gathered_later_give_the_same_table():
+    """A trainer that overlaps scoring iterates the passes itself, submits each to a pool, and
+    builds the table from the results at the end: the same numbers as scoring in turn."""
     from concurrent.futures import ThreadPoolExecutor
     model = conditioned_toy(3)
-    prompts = torch.arange(2).repeat_interleave(3)
-    traj = minflow.rollout(lambda x, t: model(x, t, prompts), torch.randn(6, 2), minflow.sd3_sigmas(5), "ddim")
+    sizes = torch.tensor([3, 3])
+    prompts = torch.repeat_interleave(torch.arange(2), sizes)
+    traj = minflow.rollout(lambda x, t: model(x, t, prompts), minflow.initial_noise(sizes, (2,), True),
+                           minflow.sd3_sigmas(5), "ddim", 0.7, ddim_noise="posterior")
     velocity = lambda x, t, rows: model(x, t, prompts[rows])  # noqa: E731
-    direct = minflow.step_rewards(velocity, traj, lambda x, rows: flow.reward(x, prompts[rows]), 2, batch_size=4)
+    direct = minflow.intermediate_rewards(velocity, traj, lambda x, rows: flow.reward(x, prompts[rows]), 2,
+                                          groups=prompts, batch_size=4)
     with ThreadPoolExecutor(1) as pool:
-        later = minflow.step_rewards(velocity, traj, lambda x, rows: pool.submit(flow.reward, x, prompts[rows]), 2,
-                                     batch_size=4)
+        final = pool.submit(flow.reward, traj.xs[:, -1], prompts)
+        pending = [(b, k, pool.submit(flow.reward, x0, prompts[b]))
+                   for b, k, x0 in minflow.clean_estimate_passes(velocity, traj, 2, groups=prompts, batch_size=4)]
+        later = minflow.reward_table(traj.xs.shape[1], [(b, k, f.result()) for b, k, f in pending], final.result(),
+                                     prompts)
     assert torch.equal(direct, later) and not math.isnan(float(direct.sum()))
+    assert torch.equal(direct[:3, 0], direct[:1, 0].expand(3))  # r_0 shared by the group
