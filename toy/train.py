@@ -4,12 +4,11 @@
     python toy/train.py --reward=hit                     # the 0/1 success reward instead of the bump
     python toy/train.py --algos=stepwise:group_sizing=bins --tuned=false --seeds=3 --iters=30
 
-Every algorithm samples the same number of trajectories per iteration (8 prompts drawn from
-the pool of 32, 128 trajectories in all) and gets its own learning rate and noise level from
-toy/tuned.json, chosen per reward by `python toy/tune.py` on seeds 0-2 with one grid for all.
-An `--algos` entry is a preset name, optionally with `:axis=value` overrides. Prints the
-results table and writes OUT/results.json and PNG figures (toy/plots.py). Every preset and
-ablation on both rewards, with the papers' claims, is `python toy/study.py`.
+Every algorithm samples the same trajectories per iteration (8 prompts from the pool of 32, 128
+trajectories) at its own lr and noise level from toy/tuned.json (python toy/tune.py, per reward,
+tuning seeds 0-2). An --algos entry is a preset, optionally with :axis=value overrides. Prints
+the table, writes OUT/results.json and PNG figures. Every preset and ablation on both rewards,
+with the papers' claims: python toy/study.py.
 """
 import copy
 import json
@@ -32,7 +31,6 @@ from toy import flow, plots  # noqa: E402
 
 DEFAULT_ALGOS = "flow_grpo,stepwise,stepwise_ddim,superflow"
 TUNED = Path(__file__).resolve().parent / "tuned.json"
-MAX_SEED = 2**31 - 1
 
 
 def parse_algos(value):
@@ -57,23 +55,15 @@ def algos_range(value):
     return None
 
 
-def seeds_range(value):
-    """Declared range of --seeds: distinct non-negative integers, comma-separated."""
-    if value is None:
-        return f"comma-separated distinct integers in [0, {MAX_SEED}], like 3,4,5"
-    parts = [p.strip() for p in value.split(",")] if isinstance(value, str) else [""]
-    if not all(re.fullmatch(r"[0-9]{1,10}", p) for p in parts):
-        return seeds_range(None)
-    seeds = [int(p) for p in parts]
-    return None if max(seeds) <= MAX_SEED and len(set(seeds)) == len(seeds) else seeds_range(None)
+def _distinct_seeds(value):
+    parts = [p.strip() for p in value.split(",")]
+    return all(re.fullmatch(r"[0-9]{1,9}", p) for p in parts) and len(set(map(int, parts))) == len(parts)
 
 
-def folder_range(value):
-    """Declared range of --out: a folder path (created when the job starts, not by the check)."""
-    if value is None:
-        return "a folder path, not empty and not an existing file"
-    ok = isinstance(value, str) and value.strip() and "\0" not in value and not Path(value).is_file()
-    return None if ok else folder_range(None)
+seeds_range = cli.text_range("comma-separated distinct integers in [0, 999999999], like 3,4,5",
+                             lambda v: isinstance(v, str) and _distinct_seeds(v))
+folder_range = cli.text_range("a folder path, not empty and not an existing file", lambda v: isinstance(v, str) and
+                              bool(v.strip()) and "\0" not in v and not Path(v).is_file())
 
 
 @dataclass(frozen=True)
@@ -92,15 +82,14 @@ class Config:
     eval_samples: int = flag(32, "[1, 1024]")  # evaluation samples per pool prompt, from fixed noise
     lr: float = flag(1e-3, "(0, 1]")  # AdamW learning rate of algorithms that toy/tuned.json does not cover
     minibatches: int = flag(4, "[1, 1024]")  # optimiser steps per iteration, each over a share of the transitions
-    clip_range: float = flag(0.05, "(0, 10]")  # PPO clip; larger than SD3's: log-probs average 2 dims, not 65k
+    clip_range: float = flag(0.05, "(0, 10]")  # PPO clip; larger than for images: log-probs average the toy's two dims, not a latent's
     beta: float = flag(0.0, "[0, 100]")  # KL weight to the base model (0: no reference forward)
     grad_clip: float = flag(1.0, "(0, 1000000]")  # gradient-norm clip
     out: str = flag("runs/toy", folder_range)  # folder for results.json and the figures
 
-    RELATIONS = (
-        ("trajectories", lambda c: c.trajectories % c.prompts_per_iter == 0 and c.trajectories >= 2 * c.prompts_per_iter,
-         "a multiple of --prompts_per_iter={prompts_per_iter} and at least twice it (every group needs 2 samples)"),
-    )
+    RELATIONS = (("trajectories", lambda c: c.trajectories % c.prompts_per_iter == 0 and c.trajectories >= 2 *
+                  c.prompts_per_iter, "a multiple of --prompts_per_iter={prompts_per_iter} and at least twice it "
+                  "(every group needs 2 samples)"),)
 
     def __post_init__(self):
         check_config(self)
@@ -109,8 +98,7 @@ class Config:
 def check_config(cfg):
     """Every check that can fail, before any work: each field's declared range, the relations
     between fields, and that each --algos entry trains some step on the grid. FlagError, one line."""
-    # --algos first, for a message that names the entry and the axis at fault; a non-string
-    # value is left to check_flags, which checks every field's range and the RELATIONS.
+    # --algos first, for a message that names the entry and the axis at fault.
     algos = parse_algos(cfg.algos) if isinstance(cfg.algos, str) else None
     cli.check_flags(cfg)
     sigmas = minflow.sd3_sigmas(cfg.num_steps, cfg.shift)
@@ -144,20 +132,15 @@ def tuned_settings(cfg, algos, path=TUNED):
     settings = {}
     for entry, algo in algos.items():
         source = tuned_source(entry, chosen)
-        if source is None:
-            settings[entry] = {"lr": cfg.lr, "noise_level": algo.noise_level, "source": "--lr" if cfg.tuned else "untuned"}
-            continue
+        settings[entry] = {"lr": cfg.lr, "noise_level": algo.noise_level, "source": "--lr" if cfg.tuned else "untuned"}
         try:
-            level = algo.noise_level if "noise_level=" in entry else chosen[source]["noise_level"]
-            settings[entry] = {"lr": replace(cfg, lr=chosen[source]["lr"]).lr, "source": f"tuned as {source}",
-                               "noise_level": replace(algo, noise_level=level).noise_level}
+            if source is not None:
+                level = algo.noise_level if "noise_level=" in entry else chosen[source]["noise_level"]
+                settings[entry] = {"lr": replace(cfg, lr=chosen[source]["lr"]).lr, "source": f"tuned as {source}",
+                                   "noise_level": replace(algo, noise_level=level).noise_level}
         except (FlagError, KeyError, TypeError) as e:
             raise FlagError(f"--tuned=true: {path} has a bad setting for {source} ({e})") from None
     return settings
-
-
-# ----------------------------------------------------------------------------------
-# One RL run
 
 
 class Evaluation:
@@ -203,14 +186,14 @@ def sample_and_score(model, algo, cfg, sizes, labels, gen):
     return traj, rewards, along, group_ids
 
 
-def train(base, algo, cfg, seed, progress=None, evaluation=None):
+def train(base, algo, cfg, seed, progress=None):
     """One RL run from the base model -> its evaluation curves, per-iteration logs and model."""
     minflow.check_trains_something(algo, minflow.sd3_sigmas(cfg.num_steps, cfg.shift))
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = copy.deepcopy(base).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
-    evaluate = evaluation or Evaluation(cfg)
+    evaluate = Evaluation(cfg)
     tracker = minflow.new_tracker(algo, flow.NUM_PROMPTS, (0.0, 1.0))  # both toy rewards lie in [0, 1]
     score, per_prompt, samples = evaluate(model)
     log = {"curve": [[0, score]], "clock": [[0.0, score]], "prompts": [], "group_sizes": [], "zero_std_ratio": []}
@@ -239,23 +222,8 @@ def train(base, algo, cfg, seed, progress=None, evaluation=None):
             log["clock"].append([elapsed, score])
         if progress is not None:
             progress.update(1)
-    log.update(seconds=elapsed, model=model, per_prompt=per_prompt, samples=samples.tolist())  # of the last evaluation
-    return log
+    return {**log, "seconds": elapsed, "per_prompt": per_prompt, "samples": samples.tolist()}
 
-
-def gain_profile(model, algo, cfg, generator):
-    """Mean |gain| per step of the algorithm's sampler over the pool, from short-ODE rewards."""
-    prompts = torch.arange(flow.NUM_PROMPTS).repeat_interleave(16)
-    x1 = minflow.initial_noise(torch.bincount(prompts), (2,), algo.shared_noise, generator)
-    traj = minflow.rollout(lambda x, t: model(x, t, prompts), x1, minflow.sd3_sigmas(cfg.num_steps, cfg.shift),
-                           algo.sampler, algo.noise_level, generator, ddim_noise=algo.ddim_noise)
-    r = minflow.intermediate_rewards(lambda x, t, b: model(x, t, prompts[b]), traj,
-                                     lambda x0, b: flow.reward(x0, prompts[b], cfg.reward), algo.substeps)
-    return (r[:, 1:] - r[:, :-1]).abs().mean(0).tolist()
-
-
-# ----------------------------------------------------------------------------------
-# Many runs, in worker processes when asked
 
 _WORKER_BASE = None
 
@@ -267,24 +235,17 @@ def _start_worker():
 
 
 def _run_in_worker(job):
-    log = train(_WORKER_BASE, *job)
-    del log["model"]
-    return log
+    return train(_WORKER_BASE, *job)
 
 
 def run_jobs(base, jobs, workers=1, desc="RL iterations"):
     """Each (algorithm, config, seed) job's run log, in order. Each run seeds itself, so the
-    logs do not depend on the number of worker processes; in-process runs keep their model."""
+    logs do not depend on the number of worker processes."""
     with tqdm(total=sum(cfg.iters for _, cfg, _ in jobs), desc=desc, mininterval=2) as progress:
         if workers == 1:
             return [train(base, *job, progress=progress) for job in jobs]
-        pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _start_worker)
-        with pool:
-            logs = []
-            for log, (_, cfg, _) in zip(pool.map(_run_in_worker, jobs), jobs):
-                logs.append(log)
-                progress.update(cfg.iters)
-            return logs
+        with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _start_worker) as pool:
+            return [progress.update(cfg.iters) or log for log, (_, cfg, _) in zip(pool.map(_run_in_worker, jobs), jobs)]
 
 
 SERIES = {"curves": "curve", "clock": "clock", "seconds": "seconds", "prompts": "prompts", "group_sizes": "group_sizes",
@@ -312,44 +273,32 @@ def collect(cfg, settings, base, logs):
     return results
 
 
-def run_all(cfg, algos, settings, base, seeds):
-    """Every algorithm x seed, in this process -> (results, the logs with their models)."""
-    jobs = jobs_for(cfg, algos, settings, seeds)
-    logs = dict(zip(jobs, run_jobs(base, list(jobs.values()))))
-    return collect(cfg, settings, base, logs), logs
-
-
 def summarise(results, baseline):
-    """Per algorithm: final reward mean and spread over seeds; trajectories to reach halfway from
-    the base model to the baseline's final mean (also as a ratio to the baseline's own count);
-    share of zero-variance groups; seconds a run."""
+    """Per algorithm: final reward (mean, sample std over seeds), trajectories until the seed-mean
+    curve reaches halfway from the base model to the baseline's final mean (and as a ratio to the
+    baseline's count), share of zero-variance groups, seconds a run, and its setting."""
     finals = {name: torch.tensor([c[-1][1] for c in curves.values()]) for name, curves in results["curves"].items()}
     start = next(iter(results["curves"][baseline].values()))[0][1]
     half = (start + finals[baseline].mean().item()) / 2
-    base_count = trajectories_to_reach(results["curves"][baseline], half)
-    table = {}
+
+    def reach(curves):
+        mean = torch.tensor([[r for _, r in c] for c in curves.values()]).mean(0).tolist()
+        return next((x for (x, _), r in zip(next(iter(curves.values())), mean) if r >= half), None)
+    table, base_count = {}, reach(results["curves"][baseline])
     for name, curves in results["curves"].items():
-        count = trajectories_to_reach(curves, half)
-        zero_std = [sum(z) / len(z) for z in results["zero_std_ratio"][name].values()]
+        zero_std, count = [sum(z) / len(z) for z in results["zero_std_ratio"][name].values()], reach(curves)
         table[name] = {"base_reward": start, "final_mean": finals[name].mean().item(),
-                       "final_std": finals[name].std().item() if len(finals[name]) > 1 else 0.0,  # sample std
+                       "final_std": finals[name].std().item() if len(finals[name]) > 1 else 0.0,
                        "trajectories_to_half": count, "zero_std_ratio": sum(zero_std) / len(zero_std),
                        # No ratio when the baseline reached halfway at once (count 0) or never.
                        "ratio_to_half": count / base_count if count is not None and base_count else None,
                        "seconds_per_run": sum(results["seconds"][name].values()) / len(results["seconds"][name]),
-                       **{k: results["settings"][name][k] for k in ("lr", "noise_level", "source")}}
+                       **results["settings"][name]}
     return table
 
 
-def trajectories_to_reach(curves, target):
-    """First trajectory count at which the seed-mean curve reaches `target` (None if never)."""
-    counts = [x for x, _ in next(iter(curves.values()))]
-    mean = torch.tensor([[r for _, r in c] for c in curves.values()]).mean(0).tolist()
-    return next((x for x, r in zip(counts, mean) if r >= target), None)
-
-
 def table_lines(table, baseline):
-    """The results table as text lines (also the study's, in its results file)."""
+    """The results table as text lines (the study's too, in its results file)."""
     width = max(len(n) for n in table) + 1
     lines = [f"{'algorithm':<{width}} {'lr':>6} {'a':>4} {'final reward':>15} {'traj. to halfway':>17} "
              f"{'zero-std':>8} {'s/run':>6}"]
@@ -359,10 +308,9 @@ def table_lines(table, baseline):
         lines.append(f"{name:<{width}} {row['lr']:>6.0e} {row['noise_level']:>4.2g} {row['final_mean']:>7.3f} ± "
                      f"{row['final_std']:.3f} {reach:>17} {100 * row['zero_std_ratio']:>7.1f}% "
                      f"{row['seconds_per_run']:>6.2f}")
-    lines.append(f"(base model: {next(iter(table.values()))['base_reward']:.3f}; ± = std over seeds; halfway = "
-                 f"midpoint between the base reward and {baseline}'s final mean; zero-std = share of groups whose "
-                 f"rewards were all equal; lr and a from: {', '.join(sorted({r['source'] for r in table.values()}))})")
-    return lines
+    return lines + [f"(base model: {next(iter(table.values()))['base_reward']:.3f}; ± = std over seeds; halfway = "
+                    f"midpoint between the base reward and {baseline}'s final mean; zero-std = share of groups whose "
+                    f"rewards were all equal; lr and a: {', '.join(sorted({r['source'] for r in table.values()}))})"]
 
 
 def setup(argv):
@@ -377,7 +325,7 @@ def setup(argv):
 
 def main(argv):
     cfg, algos, settings = setup(argv)
-    out = Path(cfg.out)
+    out, baseline = Path(cfg.out), next(iter(algos))
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -385,18 +333,11 @@ def main(argv):
     torch.set_num_threads(1)  # the toy's tensors are small: threads cost more than they save
     started = time.perf_counter()
     base = flow.pretrain()
-    results, logs = run_all(cfg, algos, settings, base, [int(s) for s in cfg.seeds.split(",")])
-    first_seed = int(cfg.seeds.split(",")[0])
-    results["gains"] = {"trained": {}, "base": {}}
-    for name, algo in algos.items():
-        algo = replace(algo, noise_level=settings[name]["noise_level"])
-        results["gains"]["trained"][name] = gain_profile(logs[name, first_seed]["model"], algo, cfg,
-                                                         torch.Generator().manual_seed(0))
-        key = f"{algo.sampler} a={algo.noise_level:g}{' ' + algo.ddim_noise if algo.sampler == 'ddim' else ''}"
-        results["gains"]["base"][key] = gain_profile(base, algo, cfg, torch.Generator().manual_seed(0))
-    results["table"] = summarise(results, next(iter(algos)))
-    results["wall_seconds"] = time.perf_counter() - started
-    print("\n" + "\n".join(table_lines(results["table"], next(iter(algos)))))
+    jobs = jobs_for(cfg, algos, settings, [int(s) for s in cfg.seeds.split(",")])
+    logs = dict(zip(jobs, run_jobs(base, list(jobs.values()))))
+    results = collect(cfg, settings, base, logs)
+    results["table"], results["wall_seconds"] = summarise(results, baseline), time.perf_counter() - started
+    print("\n" + "\n".join(table_lines(results["table"], baseline)))
     cli.atomic_write(out / "results.json", json.dumps(results).encode())
     for path in plots.all_figures(results, out):
         print(f"wrote {path}")

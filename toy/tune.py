@@ -1,17 +1,15 @@
 """Tune every algorithm alike, per reward: learning rate x noise level on the tuning seeds.
 
-    python toy/tune.py                                   # the study's algorithms, both rewards, seeds 0-2
+    python toy/tune.py                                   # the presets, both rewards, seeds 0-2
     python toy/tune.py --algos=flow_grpo,superflow --rewards=hit --lrs=1e-3,3e-3 --write=/tmp/tuned.json
 
-Every algorithm starts from the same grid (--lrs x --noise_levels; every sampler's noise level
-a is tuned, none is held fixed), the main job's budget and the same seeds (0-2, never the
-reported ones). Where an algorithm's best setting sits on the lowest or highest noise level,
-its grid is widened by the next level of --wider on that side, at every learning rate, until
-the best is inside or --wider is used up. It keeps, per reward and algorithm, the setting with
-the highest mean final eval reward over the tuning seeds, prints the grids and writes them
-with the choices to toy/tuned.json, which toy/train.py and toy/study.py read. An entry that
-fixes its own noise level (`stepwise:noise_level=0.5`) is tuned over lr only; ablations the
-file lacks take their method's setting (toy/train.py's tuned_source).
+Every algorithm starts from one grid (--lrs x --noise_levels: every sampler's noise level is
+tuned), the same budget and the tuning seeds (never the reported ones). Where the best setting
+sits on the lowest or highest noise level tried, the next level of --wider on that side is tried
+at the best lr, until the best is inside or --wider is used up. Keeps, per reward and algorithm,
+the highest mean final eval reward over the seeds and writes the grids and choices to
+toy/tuned.json. An entry that fixes its noise level is tuned over lr only; an entry the file
+lacks takes its method's setting (toy/train.py's tuned_source).
 """
 import json
 import os
@@ -29,7 +27,7 @@ from cli import FlagError, flag  # noqa: E402
 from toy import flow, train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-TUNED_ALGOS = "flow_grpo,stepwise,stepwise_ddim,stepwise_ddim:ddim_noise=posterior,superflow,flow_spo"
+TUNED_ALGOS = "flow_grpo,stepwise,stepwise_ddim,superflow,flow_spo"
 
 
 def values_of(settings, name, kind=float):
@@ -50,16 +48,14 @@ def values_of(settings, name, kind=float):
     return check
 
 
-def file_range(value):
-    """Declared range of --write: a file path (relative to the repository root) in a folder
-    that exists or can be made under a writable one; nothing is written by the check."""
-    if value is None:
-        return "a file path in a writable folder, not empty and not a folder"
-    if not (isinstance(value, str) and value.strip() and "\0" not in value):
-        return file_range(None)
-    path = ROOT / value
+def _writable_file(value):
+    path = ROOT / value  # an absolute path stays as it is
     existing = next(p for p in path.parents if p.exists())
-    return None if not path.is_dir() and existing.is_dir() and os.access(existing, os.W_OK) else file_range(None)
+    return not path.is_dir() and existing.is_dir() and os.access(existing, os.W_OK)
+
+
+file_range = cli.text_range("a file path in a writable folder, not empty and not a folder", lambda v: isinstance(
+    v, str) and v.strip() != "" and "\0" not in v and _writable_file(v))
 
 
 @dataclass(frozen=True)
@@ -130,7 +126,8 @@ def tune(tcfg, base):
         for reward, entry, row in run_grid(base, tcfg, points):
             table[reward][entry].append(row)
         edges = [(reward, e, widen(e, table[reward][e], tcfg)) for reward in rewards for e in algos]
-        points = [(reward, e, algos[e], lr, a) for reward, e, a in edges if a is not None for lr in lrs]
+        points = [(reward, e, algos[e], max(table[reward][e], key=lambda r: r["mean"])["lr"], a)
+                  for reward, e, a in edges if a is not None]
     chosen = {reward: {} for reward in rewards}
     for reward, entries in table.items():
         for entry, rows in entries.items():
