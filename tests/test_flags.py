@@ -161,14 +161,14 @@ def bound_values(accepts, kind):
 @pytest.mark.parametrize("kind,name", FIELDS)
 def test_declared_bounds_and_just_past_them(kind, name):
     f = {f.name: f for f in fields(CHECKS[kind][0])}[name]
-    for value in bound_values(f.metadata["accepts"], cli._field_type(f)):
+    for value in bound_values(f.metadata["accepts"], cli.field_type(f)):
         CHECKS[kind][1](name, value)
 
 
 @pytest.mark.parametrize("flag", ["--trajectories=4096", "--eval_samples=1024", "--num_steps=100", "--eval_steps=200",
                                   "--iters=100000", "--minibatches=1024", "--prompts_per_iter=32", "--eval_every=100000",
                                   "--shift=10", "--shift=0.1", "--lr=1", "--clip_range=10", "--beta=100",
-                                  "--grad_clip=1000000", "--num_steps=2", "--eval_steps=1", "--reward=hit"])
+                                  "--grad_clip=1000000", "--num_steps=4", "--eval_steps=1", "--reward=hit"])
 def test_the_largest_and_smallest_accepted_values_run_one_iteration(flag):
     verdict, result = outcome(train.setup, [flag, f"--out={NEVER}"])
     assert verdict == "accepted", result

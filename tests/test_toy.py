@@ -70,15 +70,17 @@ def test_base_model_learned_the_prompt_conditional_data(base):
     assert hit_rate[:8].mean() > 3 * hit_rate[-8:].mean()  # graded under the hit reward too
 
 
-@pytest.mark.parametrize("algo,reward", [("flow_grpo", "bump"), ("stepwise", "bump"), ("stepwise_ddim", "bump"),
-                                         ("superflow", "bump"), ("stepwise:group_sizing=bins:prompt_sampling=variance",
-                                                                 "bump"), ("flow_grpo", "hit"), ("superflow", "hit")])
-def test_each_algorithm_raises_the_eval_reward(base, algo, reward):
+@pytest.mark.parametrize("algo,reward,gain", [
+    ("flow_grpo", "bump", 0.1), ("stepwise", "bump", 0.1), ("stepwise_ddim", "bump", 0.1), ("superflow", "bump", 0.1),
+    ("stepwise:group_sizing=bins:prompt_sampling=variance", "bump", 0.1),
+    ("flow_grpo:noise_level=0.5", "hit", 0.05), ("superflow:noise_level=0.5", "hit", 0.1),  # the 0/1 reward learns slower
+])
+def test_each_algorithm_raises_the_eval_reward(base, algo, reward, gain):
     cfg = Config(iters=50, eval_every=50, tuned=False, lr=1e-3, reward=reward)
     run = train.train(base, cli.make_algorithm(algo), cfg, seed=0)
     before, after = run["curve"][0][1], run["curve"][-1][1]
     assert run["curve"][-1][0] == 50 * cfg.trajectories
-    assert after > before + 0.1, (algo, reward, before, after)
+    assert after > before + gain, (algo, reward, before, after)
     assert all(sum(s) == cfg.trajectories and len(s) == cfg.prompts_per_iter for s in run["group_sizes"])
     drawn = torch.tensor(run["prompts"])
     assert drawn.max() < flow.NUM_PROMPTS and len(drawn.unique()) > cfg.prompts_per_iter  # the pool is used

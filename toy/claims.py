@@ -14,7 +14,8 @@ import torch
 import minflow
 from toy import flow
 
-PER_STEP, NO_SAMPLING, NO_CREDIT = "stepwise:gain_norm=per_step", "superflow_no_dynamic_sampling", "superflow_no_step_credit"
+PER_STEP, NO_SAMPLING = "stepwise:gain_norm=per_step", "superflow_no_dynamic_sampling"
+NO_CREDIT = "superflow_no_step_credit"
 SAMPLERS = {"ode": ("ode", "literal"), "flow_grpo": ("flow_grpo", "literal"), "ddim": ("ddim", "literal"),
             "ddim posterior": ("ddim", "posterior")}
 
@@ -27,8 +28,8 @@ def sampler_rewards(base, cfg, levels, seeds=range(5)):
     out = {"rewards": {}, "injected_std": {}}
     for a in levels:
         for name, (sampler, schedule) in SAMPLERS.items():
-            finals = [minflow.rollout(lambda x, t: base(x, t, prompts), torch.randn(len(prompts), 2, generator=g), sigmas,
-                                      sampler, a, g, ddim_noise=schedule).xs[:, -1]
+            finals = [minflow.rollout(lambda x, t: base(x, t, prompts), torch.randn(len(prompts), 2, generator=g),
+                                      sigmas, sampler, a, g, ddim_noise=schedule).xs[:, -1]
                       for g in (torch.Generator().manual_seed(s) for s in seeds)]
             out["rewards"].setdefault(f"{a:g}", {})[name] = [flow.reward(x, prompts, cfg.reward).mean().item()
                                                              for x in finals]
@@ -67,7 +68,8 @@ class Runs:
     def __init__(self, results, seeds, long=None, samplers=None):
         def pick(series):
             return {n: {s: v for s, v in runs.items() if int(s) in seeds} for n, runs in series.items()}
-        self.curves, self.clock, self.seconds = pick(results["curves"]), pick(results["clock"]), pick(results["seconds"])
+        self.curves, self.clock = pick(results["curves"]), pick(results["clock"])
+        self.seconds = pick(results["seconds"])
         self.zero_std, self.long = pick(results["zero_std_ratio"]), pick(long["curves"]) if long else {}
         self.settings, self.samplers, cfg = results["settings"], samplers, results["config"]
         self.finals = {n: [c[-1][1] for c in runs.values()] for n, runs in self.curves.items()}
@@ -103,7 +105,8 @@ def sample_efficiency(r):
 
 
 def faster_in_trajectories(r):
-    return difference("stepwise", "flow_grpo", *per_run(r, "curves", lambda c: first_reach(c, r.half(), r.never)), -1, 0)
+    reach = per_run(r, "curves", lambda c: first_reach(c, r.half(), r.never))
+    return difference("stepwise", "flow_grpo", *reach, -1, 0)
 
 
 def faster_in_seconds(r):
@@ -116,7 +119,8 @@ def cleaner_samples(r):
     rewards, std = r.samplers["rewards"][a], r.samplers["injected_std"][a]
     return difference("ddim", "flow_grpo SDE", rewards["ddim"], rewards["flow_grpo"], note=(
         f"at a = {a}; ODE {fmt(rewards['ode'])}, posterior schedule {fmt(rewards['ddim posterior'])}; noise injected, "
-        f"sqrt(sum std^2): ddim {std['ddim']:.2f}, posterior {std['ddim posterior']:.2f}, flow_grpo {std['flow_grpo']:.2f}"))
+        f"sqrt(sum std^2): ddim {std['ddim']:.2f}, posterior {std['ddim posterior']:.2f}, "
+        f"flow_grpo {std['flow_grpo']:.2f}"))
 
 
 def learns_anyway(r):
@@ -213,5 +217,6 @@ def combine(per_set):
         verdicts = {r["verdict"] for r in judged}
         verdict = verdicts.pop() if len(verdicts) == 1 else \
             "not testable here" if "not testable here" in verdicts else "unstable"
-        rows.append({**{k: judged[0][k] for k in ("paper", "claim", "metric")}, "verdict": verdict, "sets": list(judged)})
+        rows.append({**{k: judged[0][k] for k in ("paper", "claim", "metric")}, "verdict": verdict,
+                     "sets": list(judged)})
     return rows

@@ -36,7 +36,7 @@ tuning_range = cli.text_range("the path of a file written by python toy/tune.py"
 class StudyConfig:
     algos: str = flag(STUDY_ALGOS, train.algos_range)  # every preset and ablation; each is judged by the claims
     axis_study: bool = flag(True, (False, True))  # also run the axis study (--axes), on the first seed set
-    axes: str = flag(AXIS_ALGOS, train.algos_range)  # the axis study: each moves one axis of the preset before its colon
+    axes: str = flag(AXIS_ALGOS, train.algos_range)  # the axis study: one axis moved per entry
     rewards: str = flag("bump,hit", tune.values_of(train.Config, "reward", str))  # the toy rewards, each a study
     seeds: str = flag("3,4,5,6,7", train.seeds_range)  # the first set of held-out seeds
     second_seeds: str = flag("8,9,10,11,12", train.seeds_range)  # a disjoint second set, to tell stable verdicts
@@ -54,8 +54,12 @@ class StudyConfig:
                   "entries whose preset (before the colon) is in --algos={algos}"))
 
     def __post_init__(self):
-        for entries in (self.algos, self.axes) if isinstance(self.algos, str) and isinstance(self.axes, str) else ():
-            train.Config(algos=entries, tuned=False)  # first, for a message that names the entry at fault
+        for name in ("algos", "axes"):  # first, for a message that names the entry and the axis at fault
+            try:
+                if isinstance(getattr(self, name), str):
+                    train.Config(algos=getattr(self, name), tuned=False)
+            except FlagError as e:
+                raise FlagError(f"--axes={self.axes}: {e}" if name == "axes" else str(e)) from None
         cli.check_flags(self)
 
 
@@ -91,7 +95,8 @@ def run(scfg, base):
     study = {}
     for reward, parts in plans.items():
         for part, (cfg, algos, settings, seeds) in parts.items():
-            results = train.collect(cfg, settings, base, {(n, s): logs[reward, part, n, s] for n in algos for s in seeds})
+            mine = {(n, s): logs[reward, part, n, s] for n in algos for s in seeds}
+            results = train.collect(cfg, settings, base, mine)
             for key in ("samples", "prompts", "group_sizes", "eval_prompts"):
                 del results[key]  # only the main job's figures draw them
             study.setdefault(reward, {})[part] = results
@@ -134,14 +139,16 @@ def differing(study):
         verdicts = {r: study[r]["claims"][i]["verdict"] for r in rewards}
         if len(set(verdicts.values())) > 1:
             axis = max(effects[rewards[0]], key=lambda n: abs(effects[rewards[0]][n] - effects[rewards[1]][n]))
-            lines.append(f"- {row['paper']}, \"{row['claim']}\": " + ", ".join(f"{v} on {r}" for r, v in verdicts.items())
+            lines.append(f"- {row['paper']}, \"{row['claim']}\": "
+                         + ", ".join(f"{v} on {r}" for r, v in verdicts.items())
                          + f". The single-axis effect that changes most between the rewards: `{axis}` ("
                          + ", ".join(f"{effects[r][axis]:+.3f} on {r}" for r in rewards) + ").")
     return lines or ["- none."]
 
 
 def part_table(results):
-    lines = ["| algorithm | lr | a | setting | final reward (mean ± std over seeds) | zero-std |", "|---|---|---|---|---|---|"]
+    lines = ["| algorithm | lr | a | setting | final reward (mean ± std over seeds) | zero-std |",
+             "|---|---|---|---|---|---|"]
     for name, runs in results["curves"].items():
         s, zero = results["settings"][name], [sum(z) / len(z) for z in results["zero_std_ratio"][name].values()]
         lines.append(f"| `{name}` | {s['lr']:g} | {s['noise_level']:g} | {s['source']} | "
@@ -156,13 +163,16 @@ def report(saved):
     out = ["# The toy's results", "", "Written by `python toy/study.py` from its `results.json`. Rewards: `bump` "
            "(continuous, OCR- or preference-like) and `hit` (0/1, GenEval-like); both lie in [0, 1], the range "
            "SuperFlow's tracker is given.", "", "## The papers' claims", "", stamp, "", claims.__doc__.split("\n\n")[1]
-           .replace("\n", " ").strip() + f" Seed sets {cfg['seeds']} and {cfg['second_seeds']}; each cell: the verdict, "
-           "then each set's value.", "", "| paper | claim | " + " | ".join(study) + " |", "|---|---|" + "---|" * len(study)]
+           .replace("\n", " ").strip() + f" Seed sets {cfg['seeds']} and {cfg['second_seeds']}; each cell: the "
+           "verdict, then each set's value.", "", "| paper | claim | " + " | ".join(study) + " |",
+           "|---|---|" + "---|" * len(study)]
     for i, row in enumerate(next(iter(study.values()))["claims"]):
-        out.append(f"| {row['paper']} | {row['claim']} | " + " | ".join(cell(p["claims"][i]) for p in study.values()) + " |")
+        cells = " | ".join(cell(p["claims"][i]) for p in study.values())
+        out.append(f"| {row['paper']} | {row['claim']} | {cells} |")
     out += ["", "Where the verdicts differ between the rewards:", "", *differing(study)]
     for reward, parts in study.items():
-        out += ["", f"## Reward `{reward}`", "", "### Every preset and ablation", "", stamp, "", *part_table(parts["runs"]),
+        out += ["", f"## Reward `{reward}`", "", "### Every preset and ablation", "", stamp, "",
+                *part_table(parts["runs"]),
                 "", "```text", *train.table_lines(parts["table"], next(iter(parts["table"]))), "```", "",
                 f"![reward curves, {reward}](figures/study_{reward}_runs.png)", "", "### Each claim measured", ""]
         for row in parts["claims"]:
@@ -199,7 +209,8 @@ def main(argv):
     tuning = json.loads((tune.ROOT / scfg.tuning).read_text())
     results = {"command": " ".join(["python toy/study.py", *argv]), "config": asdict(scfg), "rewards": study,
                "hardware": f"{hardware()}, one thread a run, {scfg.workers} worker processes",
-               "tuning": {k: tuning[k] for k in ("command", "chosen", "table")}, "seconds": time.perf_counter() - started}
+               "tuning": {k: tuning[k] for k in ("command", "chosen", "table")},
+               "seconds": time.perf_counter() - started}
     out, target = Path(scfg.out), tune.ROOT / scfg.write
     try:
         out.mkdir(parents=True, exist_ok=True)

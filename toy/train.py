@@ -82,7 +82,7 @@ class Config:
     eval_samples: int = flag(32, "[1, 1024]")  # evaluation samples per pool prompt, from fixed noise
     lr: float = flag(1e-3, "(0, 1]")  # AdamW learning rate of algorithms that toy/tuned.json does not cover
     minibatches: int = flag(4, "[1, 1024]")  # optimiser steps per iteration, each over a share of the transitions
-    clip_range: float = flag(0.05, "(0, 10]")  # PPO clip; larger than for images: log-probs average the toy's two dims, not a latent's
+    clip_range: float = flag(0.05, "(0, 10]")  # PPO clip; wide: the toy's log-probs average two dims, not a latent's many
     beta: float = flag(0.0, "[0, 100]")  # KL weight to the base model (0: no reference forward)
     grad_clip: float = flag(1.0, "(0, 1000000]")  # gradient-norm clip
     out: str = flag("runs/toy", folder_range)  # folder for results.json and the figures
@@ -254,8 +254,8 @@ SERIES = {"curves": "curve", "clock": "clock", "seconds": "seconds", "prompts": 
 
 def jobs_for(cfg, algos, settings, seeds):
     """{(name, seed): the run's (algorithm, config, seed)} at each entry's setting."""
-    return {(name, seed): (replace(algo, noise_level=settings[name]["noise_level"]),
-                           replace(cfg, lr=settings[name]["lr"]), seed) for name, algo in algos.items() for seed in seeds}
+    return {(name, seed): (replace(algo, noise_level=settings[name]["noise_level"]), replace(
+        cfg, lr=settings[name]["lr"]), seed) for name, algo in algos.items() for seed in seeds}
 
 
 def collect(cfg, settings, base, logs):

@@ -65,7 +65,7 @@ class TuneConfig:
     seeds: str = flag("0,1,2", train.seeds_range)  # tuning seeds; the main job and the study report others
     lrs: str = flag("3e-4,1e-3,3e-3", values_of(train.Config, "lr"))  # learning-rate grid
     noise_levels: str = flag("0.5,0.7,1.0", values_of(minflow.Algorithm, "noise_level"))  # noise-level grid
-    wider: str = flag("0.3,1.4", values_of(minflow.Algorithm, "noise_level"))  # levels added where a best one sits on an edge
+    wider: str = flag("0.3,1.4", values_of(minflow.Algorithm, "noise_level"))  # levels tried past an edge that a best sits on
     iters: int = flag(train.Config.iters, "[1, 100000]")  # RL iterations per run: the main job's budget
     workers: int = flag(2, "[1, 64]")  # worker processes, one run each at a time
     write: str = flag("toy/tuned.json", file_range)  # where the choices go (relative to the repository root)
@@ -109,8 +109,8 @@ def run_grid(base, tcfg, points):
     rows = []
     for reward, entry, _, lr, a in points:
         finals = torch.tensor([next(logs)["curve"][-1][1] for _ in seeds])
-        rows.append((reward, entry, {"lr": lr, "noise_level": a, "finals": finals.tolist(), "mean": finals.mean().item(),
-                                     "std": finals.std().item() if len(finals) > 1 else 0.0}))  # sample std
+        rows.append((reward, entry, {"lr": lr, "noise_level": a, "finals": finals.tolist(),  # std: sample std
+                                     "mean": finals.mean().item(), "std": finals.std().item() if len(finals) > 1 else 0.0}))
     return rows
 
 
@@ -147,7 +147,7 @@ def markdown(table, chosen):
         cells = {(r["lr"], r["noise_level"]): r["mean"] for r in rows}
         best = (chosen[entry]["lr"], chosen[entry]["noise_level"])
         lines.append(f"| {entry} | " + " | ".join(
-            "" if c not in cells else (f"**{cells[c]:.3f}**" if c == best else f"{cells[c]:.3f}") for c in columns) + " |")
+            "" if c not in cells else f"**{cells[c]:.3f}**" if c == best else f"{cells[c]:.3f}" for c in columns) + " |")
     return "\n".join(lines)
 
 
