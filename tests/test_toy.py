@@ -328,3 +328,11 @@ def test_bad_flags_fail_in_one_line_with_exit_code_1_before_any_work(tmp_path, s
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and proc.stderr.startswith(f"error: {message}")
     assert "Traceback" not in proc.stderr and not never.exists()
+
+
+def test_runs_in_worker_processes_give_the_same_logs_as_in_process(base):
+    jobs = [(cli.make_algorithm(a), Config(iters=2, eval_every=1, tuned=False), seed)
+            for a, seed in (("flow_grpo", 3), ("superflow", 4))]
+    here, there = train.run_jobs(base, jobs), train.run_jobs(base, jobs, workers=2)
+    assert [log["curve"] for log in here] == [log["curve"] for log in there]
+    assert [log["group_sizes"] for log in here] == [log["group_sizes"] for log in there]

@@ -245,7 +245,11 @@ def run_jobs(base, jobs, workers=1, desc="RL iterations"):
         if workers == 1:
             return [train(base, *job, progress=progress) for job in jobs]
         with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _start_worker) as pool:
-            return [progress.update(cfg.iters) or log for log, (_, cfg, _) in zip(pool.map(_run_in_worker, jobs), jobs)]
+            logs = []
+            for log, (_, cfg, _) in zip(pool.map(_run_in_worker, jobs), jobs):
+                logs.append(log)
+                progress.update(cfg.iters)
+            return logs
 
 
 SERIES = {"curves": "curve", "clock": "clock", "seconds": "seconds", "prompts": "prompts", "group_sizes": "group_sizes",
