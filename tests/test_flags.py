@@ -1,5 +1,5 @@
-"""Fuzz of every flag of the toy (toy/train.py's Config, toy/tune.py's TuneConfig) and of every axis
-of minflow.Algorithm (through the toy's `--algos=flow_grpo:AXIS=VALUE`).
+"""Fuzz of every flag of the toy (toy/train.py's Config, toy/tune.py's TuneConfig, toy/study.py's
+StudyConfig) and of every axis of minflow.Algorithm (through the toy's `--algos=flow_grpo:AXIS=VALUE`).
 
 Each hostile value (tests/flag_values.py) is either inside the flag's declared range, and then
 one short toy iteration runs with it, or refused before any work: `setup(argv)` exits with one
@@ -21,7 +21,7 @@ from hypothesis import given, settings
 import cli
 import minflow
 from flag_values import EDGE_CASES, field_names, hostile_values, refusal_problems, undeclared
-from toy import flow, train, tune
+from toy import flow, study, train, tune
 
 ROOT = Path(__file__).resolve().parents[1]
 NEVER = Path(tempfile.gettempdir()) / f"minflow-fuzz-never-{os.getpid()}"  # an --out that must never appear
@@ -67,7 +67,7 @@ def run_toy(cfg, algos, chosen, entries=1):
 
 
 def test_every_flag_declares_a_range():
-    for settings_class in (train.Config, tune.TuneConfig, minflow.Algorithm):
+    for settings_class in (train.Config, tune.TuneConfig, study.StudyConfig, minflow.Algorithm):
         assert undeclared(settings_class) == [], settings_class
 
     @dataclass(frozen=True)
@@ -83,7 +83,7 @@ def test_the_declared_ranges_read_as_expected_values():
     assert cli.describe(train.Config.__dataclass_fields__["eval_every"].metadata["accepts"], int) == \
         "an integer in [1, 100000]"
     assert "comma-separated distinct integers" in train.seeds_range(None)
-    assert "presets (flow_grpo, stepwise, superflow" in train.algos_range(None)
+    assert "presets (flow_grpo, stepwise, stepwise_ddim, superflow" in train.algos_range(None)
 
 
 def check_toy_flag(name, value):
@@ -112,14 +112,26 @@ def check_tune_flag(name, value):
         assert refusal_problems(result, name) == [], result
         return
     # Accepted: one iteration of one grid point of the first entry, as the tuner would run it.
-    first = {k: getattr(result, k).split(",")[0] for k in ("algos", "seeds", "lrs", "noise_levels")}
-    small = replace(result, iters=1, **first)
+    first = {k: getattr(result, k).split(",")[0] for k in ("algos", "rewards", "seeds", "lrs", "noise_levels")}
+    small = replace(result, iters=1, workers=1, wider=first["noise_levels"], **first)  # no widening: one point
     table, chosen = tune.tune(small, small_base())
-    assert list(chosen) == [first["algos"]] and len(table[first["algos"]]) == 1
+    assert list(chosen[first["rewards"]]) == [first["algos"]] and len(table[first["rewards"]][first["algos"]]) == 1
+
+
+def check_study_flag(name, value):
+    """Refused in one line naming the flag, or a checked StudyConfig whose every part has a
+    tuned setting (the study itself is too long to run per value; tests/test_toy.py runs it)."""
+    where = {"out": [f"--write={NEVER}/r.md"], "write": [f"--out={NEVER}"]}.get(name, [f"--out={NEVER}",
+                                                                                         f"--write={NEVER}/r.md"])
+    verdict, result = outcome(study.setup, [f"--{name}={value}"] + where)
+    if verdict == "refused":
+        assert refusal_problems(result, name) == [], result
+    else:
+        assert isinstance(result, study.StudyConfig) and study.plan(result, result.rewards.split(",")[0])
 
 
 CHECKS = {"toy": (train.Config, check_toy_flag), "algorithm": (minflow.Algorithm, check_algorithm_axis),
-          "tune": (tune.TuneConfig, check_tune_flag)}
+          "tune": (tune.TuneConfig, check_tune_flag), "study": (study.StudyConfig, check_study_flag)}
 FIELDS = [(kind, name) for kind, (cls, _) in CHECKS.items() for name in field_names(cls)]
 
 
@@ -149,14 +161,14 @@ def bound_values(accepts, kind):
 @pytest.mark.parametrize("kind,name", FIELDS)
 def test_declared_bounds_and_just_past_them(kind, name):
     f = {f.name: f for f in fields(CHECKS[kind][0])}[name]
-    for value in bound_values(f.metadata["accepts"], cli._field_type(f)):
+    for value in bound_values(f.metadata["accepts"], cli.field_type(f)):
         CHECKS[kind][1](name, value)
 
 
 @pytest.mark.parametrize("flag", ["--trajectories=4096", "--eval_samples=1024", "--num_steps=100", "--eval_steps=200",
                                   "--iters=100000", "--minibatches=1024", "--prompts_per_iter=32", "--eval_every=100000",
                                   "--shift=10", "--shift=0.1", "--lr=1", "--clip_range=10", "--beta=100",
-                                  "--grad_clip=1000000", "--num_steps=1", "--eval_steps=1"])
+                                  "--grad_clip=1000000", "--num_steps=4", "--eval_steps=1", "--reward=hit"])
 def test_the_largest_and_smallest_accepted_values_run_one_iteration(flag):
     verdict, result = outcome(train.setup, [flag, f"--out={NEVER}"])
     assert verdict == "accepted", result
@@ -166,15 +178,15 @@ def test_the_largest_and_smallest_accepted_values_run_one_iteration(flag):
 # Each axis's declared values and bounds, on a preset where the axis matters: accepted, and one
 # iteration runs.
 AXIS_VALUES = [f"flow_grpo:sampler={s}" for s in minflow.SAMPLERS[1:]] + [
-    "flow_grpo:noise_level=0", "flow_grpo:noise_level=2", "stepwise:noise_level=0", "stepwise:noise_level=2",
-    "superflow:noise_level=0", "superflow:sampler=ddim", "superflow:sampler=cps", "flow_grpo:shared_noise=true",
-    "flow_grpo:prompt_sampling=variance", "flow_grpo:group_sizes=bins", "flow_grpo:group_sizes=neyman",
-    "superflow:tracker=moments", "flow_grpo:baseline=tracker", "flow_grpo:advantage_std=global",
-    "flow_grpo:step_credit=gains", "flow_grpo:step_credit=noise", "stepwise:gain_norm=per_step",
-    "stepwise:substeps=1", "stepwise:substeps=100", "superflow:bins=1", "superflow:bins=64:m_max=64",
-    "superflow:m_max=10000", "flow_grpo:group_sizes=neyman:n_min=16", "flow_grpo:group_sizes=neyman:n_max=16",
-    "flow_grpo:group_sizes=neyman:n_max=100000", "superflow:rho=0", "superflow:rho=0.999", "superflow:sampling_eps=10",
-    "superflow:sampling_eps=1e-9", "stepwise:group_sizes=bins:prompt_sampling=variance",
+    "flow_grpo:noise_level=2", "stepwise:noise_level=2", "stepwise_ddim:noise_level=2", "superflow:sampler=ddim",
+    "superflow:sampler=cps", "flow_grpo:sampler=ddim:ddim_noise=posterior", "stepwise_ddim:ddim_noise=posterior",
+    "flow_grpo:shared_noise=true", "flow_grpo:prompt_sampling=variance", "flow_grpo:group_sizing=bins",
+    "flow_grpo:baseline=tracker", "flow_grpo:advantage_std=global", "flow_grpo:step_credit=gains",
+    "flow_grpo:step_credit=noise", "stepwise:gain_norm=per_step", "stepwise:substeps=1", "stepwise:substeps=100",
+    "superflow:bins=1", "superflow:bins=64:group_max=64", "superflow:group_max=10000", "superflow:group_min=1",
+    "superflow:group_min=1:group_max=1", "superflow:group_min=24:group_max=24", "flow_grpo:group_sizing=bins:bins=64",
+    "superflow:rho=0", "superflow:rho=0.999", "superflow:sampling_eps=10", "superflow:sampling_eps=1e-9",
+    "stepwise:group_sizing=bins:prompt_sampling=variance",
 ]
 
 
@@ -187,9 +199,10 @@ def test_each_axis_value_runs_one_toy_iteration(entry):
 
 
 @pytest.mark.parametrize("argv,names", [
-    (["--algos=flow_grpo:group_sizes=neyman:n_min=17"], ["algos", "n_min", "trajectories"]),
-    (["--algos=flow_grpo:group_sizes=neyman:n_max=15"], ["algos", "n_max", "trajectories"]),
-    (["--algos=flow_grpo:group_sizes=neyman:n_min=8", "--prompts_per_iter=32"], ["n_min", "prompts_per_iter"]),
+    (["--algos=superflow:group_min=25"], ["algos", "group_min"]),
+    (["--algos=flow_grpo:noise_level=0"], ["algos", "noise_level"]),  # nothing to train
+    (["--algos=stepwise_ddim", "--num_steps=2"], ["algos", "num_steps"]),
+    (["--num_steps=1"], ["algos", "num_steps"]),
     (["--trajectories=7"], ["trajectories", "prompts_per_iter"]),
     (["--prompts_per_iter=3"], ["trajectories", "prompts_per_iter"]),
     (["--algos=stepwise:baseline=tracker"], ["algos", "baseline"]),
@@ -203,7 +216,16 @@ def test_relations_between_flags_are_refused_naming_each_flag(argv, names):
         assert refusal_problems(message, name) == [], message
 
 
-def test_tune_refuses_a_write_path_it_cannot_use():
+def test_tune_and_study_refuse_a_write_path_they_cannot_use():
     for bad in ["toy", "", "/dev/null/x"]:
         verdict, message = outcome(tune.setup, [f"--write={bad}"])
         assert verdict == "refused" and refusal_problems(message, "write") == [], (bad, message)
+        verdict, message = outcome(study.setup, [f"--write={bad}", f"--out={NEVER}"])
+        assert verdict == "refused" and refusal_problems(message, "write") == [], (bad, message)
+
+
+def test_study_refuses_seed_sets_that_overlap_and_a_missing_tuning_file():
+    verdict, message = outcome(study.setup, ["--seeds=1,2", "--second_seeds=2,3", f"--out={NEVER}"])
+    assert verdict == "refused" and refusal_problems(message, "second_seeds") == [] and "--seeds=1,2" in message
+    verdict, message = outcome(study.setup, ["--tuning=toy/none.json", f"--out={NEVER}"])
+    assert verdict == "refused" and refusal_problems(message, "tuning") == [], message

@@ -3,11 +3,16 @@
 A pool of 32 "prompts" shares 8 modes on a ring (radius 2, std 0.15). Prompt c targets mode
 c mod 8: its data put weight p_c on that mode and spread the rest evenly over the other 7,
 with p_c graded geometrically from 0.9 (prompt 0, already solved) down to 0.02 (prompt 31,
-hard), so every mode has an easy, two middling and a hard prompt. The reward asks for points
-on the target mode: a Gaussian bump of width 0.25, shifted and rescaled so that it is 1 at
-the centre and exactly 0 beyond 3 widths (0.75, half-way to the next mode). A sample on a
-wrong mode then scores exactly 0, as an unreadable word does under OCR, so a group can carry
-no signal at all (zero_std_ratio), the waste SuperFlow's sampling is meant to avoid.
+hard), so every mode has an easy, two middling and a hard prompt. Two rewards ask for points
+on the target mode, both in [0, 1] (the range SuperFlow's tracker is told):
+  bump  a Gaussian bump of width 0.25, shifted and rescaled so that it is 1 at the centre and
+        exactly 0 beyond 3 widths (0.75, half-way to the next mode): continuous, a stand-in
+        for OCR- and preference-like rewards;
+  hit   1 within 0.3 of the target mode's centre (two mode stds), else 0: a success reward,
+        a stand-in for GenEval-like checks, whose mean is a success rate.
+A sample on a wrong mode scores exactly 0 under both, as an unreadable word does under OCR,
+so a group can carry no signal at all (zero_std_ratio), the waste SuperFlow's sampling is
+meant to avoid.
 
 Early denoising steps choose the mode (composition), late steps place the point (detail), and
 the prompts differ in how uncertain their reward is: each paper's idea has something to act
@@ -26,7 +31,8 @@ from tqdm import tqdm
 import cli
 
 NUM_MODES, NUM_PROMPTS = 8, 32  # modes on the ring; prompts in the pool
-RADIUS, MODE_STD, REWARD_WIDTH, REWARD_CUT = 2.0, 0.15, 0.25, 3.0
+RADIUS, MODE_STD, REWARD_WIDTH, REWARD_CUT, HIT_RADIUS = 2.0, 0.15, 0.25, 3.0, 0.3
+REWARDS = ("bump", "hit")
 CACHE = Path(__file__).resolve().parent / ".cache"
 
 
@@ -53,11 +59,14 @@ def sample_data(prompts, generator=None):
     return mode_centres()[modes] + MODE_STD * torch.randn(len(prompts), 2, generator=generator)
 
 
-def reward(x, prompts):
-    """R(x | c) = max(0, (exp(-d^2 / 2w^2) - exp(-k^2 / 2)) / (1 - exp(-k^2 / 2))) in [0, 1], d the
-    distance to the target mode, w = 0.25, k = 3: the Gaussian bump minus its value at 3 widths,
-    so it is continuous, 1 at the centre and exactly 0 from d = 0.75 on."""
+def reward(x, prompts, kind="bump"):
+    """bump: R(x | c) = max(0, (exp(-d^2 / 2w^2) - exp(-k^2 / 2)) / (1 - exp(-k^2 / 2))), d the
+    distance to the target mode, w = REWARD_WIDTH, k = REWARD_CUT: the Gaussian bump minus its
+    value at k widths, so it is continuous, 1 at the centre and exactly 0 from d = k w on.
+    hit: R(x | c) = 1 if d < HIT_RADIUS else 0."""
     d2 = ((x.float() - mode_centres()[target_mode(prompts)]) ** 2).sum(1)
+    if kind == "hit":
+        return (d2 < HIT_RADIUS**2).float()
     floor = math.exp(-REWARD_CUT**2 / 2)
     return ((torch.exp(-d2 / (2 * REWARD_WIDTH**2)) - floor) / (1 - floor)).clamp_min(0)
 

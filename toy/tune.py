@@ -1,15 +1,15 @@
-"""Tune every algorithm alike: learning rate x noise level on the tuning seeds; writes toy/tuned.json.
+"""Tune every algorithm alike, per reward: learning rate x noise level on the tuning seeds.
 
-    python toy/tune.py                                   # the main job's algorithms, seeds 0-2
-    python toy/tune.py --algos=flow_grpo,superflow --lrs=1e-3,3e-3 --write=/tmp/tuned.json
+    python toy/tune.py                                   # the presets, both rewards, seeds 0-2
+    python toy/tune.py --algos=flow_grpo,superflow --rewards=hit --lrs=1e-3,3e-3 --write=/tmp/tuned.json
 
-Every algorithm gets the same grid (lr in {3e-4, 1e-3, 3e-3} x noise level a in {0.5, 0.7, 1.0},
-the paper's 0.7 for Flow-GRPO's SDE included: every sampler's a is tuned, none is held fixed),
-the same budget as the main job (its defaults: 100 iterations x 128 trajectories) and the same
-seeds (0-2, never the main job's 3-7). It keeps, for each, the setting with the highest mean
-final eval reward over the tuning seeds, prints the whole grid and writes it with the choices
-to the JSON file the main job reads (toy/tuned.json by default; --tuned=false ignores it).
-An entry that fixes its own noise level (`stepwise:noise_level=0.5`) is tuned over lr only.
+Every algorithm starts from one grid (--lrs x --noise_levels: every sampler's noise level is
+tuned), the same budget and the tuning seeds (never the reported ones). Where the best setting
+sits on the lowest or highest noise level tried, the next level of --wider on that side is tried
+at the best lr, until the best is inside or --wider is used up. Keeps, per reward and algorithm,
+the highest mean final eval reward over the seeds and writes the grids and choices to
+toy/tuned.json. An entry that fixes its noise level is tuned over lr only; an entry the file
+lacks takes its method's setting (toy/train.py's tuned_source).
 """
 import json
 import os
@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cli  # noqa: E402
@@ -28,91 +27,119 @@ from cli import FlagError, flag  # noqa: E402
 from toy import flow, train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+TUNED_ALGOS = "flow_grpo,stepwise,stepwise_ddim,superflow,flow_spo"
 
 
-def values_of(settings, name):
-    """Declared range of a comma-separated list whose items must each be a valid `name` of the
-    settings class `settings` (its own declared range), distinct."""
+def values_of(settings, name, kind=float):
+    """Declared range of a comma-separated list of distinct values, each a valid `name` of the
+    settings class `settings` (its own declared range)."""
     accepts = {f.name: f.metadata["accepts"] for f in fields(settings)}[name]
 
     def check(value):
         if value is None:
-            return f"comma-separated distinct values, each {cli.describe(accepts, float)}"
+            return f"comma-separated distinct values, each {cli.describe(accepts, kind)}"
         try:
-            items = [float(v) for v in value.split(",")] if isinstance(value, str) else None
-            cli.check_flags(replace(settings(), **{name: items[0]}))  # raises FlagError if out of range
-            for item in items[1:]:
-                cli.check_flags(replace(settings(), **{name: item}))
+            items = [kind(v.strip()) for v in value.split(",")] if isinstance(value, str) else None
+            for item in items:
+                cli.check_flags(replace(settings(), **{name: item}))  # raises FlagError if out of range
         except (ValueError, TypeError, FlagError):
             return check(None)
         return None if len(set(items)) == len(items) else check(None)
     return check
 
 
-def file_range(value):
-    """Declared range of --write: a file path (relative to the repository root) in a folder
-    that exists or can be made under a writable one; nothing is written by the check."""
-    if value is None:
-        return "a file path in a writable folder, not empty and not a folder"
-    if not (isinstance(value, str) and value.strip() and "\0" not in value):
-        return file_range(None)
-    path = ROOT / value
+def _writable_file(value):
+    path = ROOT / value  # an absolute path stays as it is
     existing = next(p for p in path.parents if p.exists())
-    return None if not path.is_dir() and existing.is_dir() and os.access(existing, os.W_OK) else file_range(None)
+    return not path.is_dir() and existing.is_dir() and os.access(existing, os.W_OK)
+
+
+file_range = cli.text_range("a file path in a writable folder, not empty and not a folder", lambda v: isinstance(
+    v, str) and v.strip() != "" and "\0" not in v and _writable_file(v))
 
 
 @dataclass(frozen=True)
 class TuneConfig:
-    algos: str = flag(train.DEFAULT_ALGOS, train.algos_range)  # the entries to tune, as the main job's --algos
-    seeds: str = flag("0,1,2", train.seeds_range)  # tuning seeds; the main job reports others
+    algos: str = flag(TUNED_ALGOS, train.algos_range)  # the entries to tune, as the main job's --algos
+    rewards: str = flag("bump,hit", values_of(train.Config, "reward", str))  # the toy rewards to tune for, each apart
+    seeds: str = flag("0,1,2", train.seeds_range)  # tuning seeds; the main job and the study report others
     lrs: str = flag("3e-4,1e-3,3e-3", values_of(train.Config, "lr"))  # learning-rate grid
     noise_levels: str = flag("0.5,0.7,1.0", values_of(minflow.Algorithm, "noise_level"))  # noise-level grid
+    wider: str = flag("0.3,1.4", values_of(minflow.Algorithm, "noise_level"))  # levels tried past an edge that a best sits on
     iters: int = flag(train.Config.iters, "[1, 100000]")  # RL iterations per run: the main job's budget
+    workers: int = flag(2, "[1, 64]")  # worker processes, one run each at a time
     write: str = flag("toy/tuned.json", file_range)  # where the choices go (relative to the repository root)
 
     def __post_init__(self):
         if isinstance(self.algos, str):
             train.parse_algos(self.algos)  # first, for a message that names the entry and the axis at fault
         cli.check_flags(self)
+        cfg, free = train.Config(tuned=False), [e for e in self.algos.split(",") if "noise_level=" not in e]
+        for name in ("noise_levels", "wider"):
+            try:  # every level must train some step of every entry tuned over it
+                for a in [float(v) for v in getattr(self, name).split(",")] if free else []:
+                    train.check_config(replace(cfg, algos=",".join(f"{e}:noise_level={a:g}" for e in free)))
+            except FlagError as e:
+                raise FlagError(f"--{name}={getattr(self, name)}: {e}") from None
 
 
-def grid(entry, algo, tcfg):
-    """The (lr, noise level) settings an entry is tried at."""
-    levels = [algo.noise_level] if "noise_level=" in entry else [float(a) for a in tcfg.noise_levels.split(",")]
-    return [(float(lr), a) for lr in tcfg.lrs.split(",") for a in levels]
+def levels_of(entry, algo, tcfg):
+    return [algo.noise_level] if "noise_level=" in entry else sorted(float(a) for a in tcfg.noise_levels.split(","))
 
 
-def tune(tcfg, base, progress=None):
-    """Every entry x grid point x tuning seed -> {entry: [row per grid point]}, best first chosen."""
-    cfg = train.Config(tuned=False, iters=tcfg.iters)
-    evaluation = train.Evaluation(cfg)
+def widen(entry, rows, tcfg):
+    """The next noise level to try when the best setting sits on the lowest or highest level
+    tried, from --wider on that side; None when the best is inside or none is left."""
+    if "noise_level=" in entry:
+        return None
+    tried = sorted({r["noise_level"] for r in rows})
+    best = max(rows, key=lambda r: r["mean"])["noise_level"]
+    wider = [float(a) for a in tcfg.wider.split(",")]
+    below, above = [a for a in wider if a < tried[0]], [a for a in wider if a > tried[-1]]
+    return max(below) if best == tried[0] and below else min(above) if best == tried[-1] and above else None
+
+
+def run_grid(base, tcfg, points):
+    """Every (reward, entry, algo, lr, a) point x tuning seed -> a table row per point."""
     seeds = [int(s) for s in tcfg.seeds.split(",")]
-    table, chosen = {}, {}
-    for entry, algo in train.parse_algos(tcfg.algos).items():
-        rows = []
-        for lr, a in grid(entry, algo, tcfg):
-            finals = [train.train(base, replace(algo, noise_level=a), replace(cfg, lr=lr), seed, progress,
-                                  evaluation)["curve"][-1][1] for seed in seeds]
-            t = torch.tensor(finals)
-            rows.append({"lr": lr, "noise_level": a, "finals": finals, "mean": t.mean().item(),
-                         "std": t.std().item() if len(finals) > 1 else 0.0})  # sample std over seeds
-        table[entry] = rows
-        best = max(rows, key=lambda r: r["mean"])  # the first of equals, in grid order
-        chosen[entry] = {"lr": best["lr"], "noise_level": best["noise_level"], "final_mean": best["mean"],
-                         "final_std": best["std"]}
+    jobs = [(replace(algo, noise_level=a), train.Config(tuned=False, reward=reward, iters=tcfg.iters, lr=lr,
+                                                         eval_every=tcfg.iters), seed)
+            for reward, _, algo, lr, a in points for seed in seeds]
+    logs = iter(train.run_jobs(base, jobs, tcfg.workers, "tuning iterations"))
+    rows = []
+    for reward, entry, _, lr, a in points:
+        finals = torch.tensor([next(logs)["curve"][-1][1] for _ in seeds])
+        rows.append((reward, entry, {"lr": lr, "noise_level": a, "finals": finals.tolist(),  # std: sample std
+                                     "mean": finals.mean().item(), "std": finals.std().item() if len(finals) > 1 else 0.0}))
+    return rows
+
+
+def tune(tcfg, base):
+    """-> ({reward: {entry: rows}}, {reward: {entry: the best row's lr, level and finals}})."""
+    algos = train.parse_algos(tcfg.algos)
+    lrs = [float(lr) for lr in tcfg.lrs.split(",")]
+    rewards = tcfg.rewards.split(",")
+    table = {reward: {entry: [] for entry in algos} for reward in rewards}
+    points = [(reward, e, algo, lr, a) for reward in rewards for e, algo in algos.items() for lr in lrs
+              for a in levels_of(e, algo, tcfg)]
+    while points:
+        for reward, entry, row in run_grid(base, tcfg, points):
+            table[reward][entry].append(row)
+        edges = [(reward, e, widen(e, table[reward][e], tcfg)) for reward in rewards for e in algos]
+        points = [(reward, e, algos[e], max(table[reward][e], key=lambda r: r["mean"])["lr"], a)
+                  for reward, e, a in edges if a is not None]
+    chosen = {reward: {} for reward in rewards}
+    for reward, entries in table.items():
+        for entry, rows in entries.items():
+            rows.sort(key=lambda r: (r["lr"], r["noise_level"]))
+            best = max(rows, key=lambda r: r["mean"])  # the first of equals, in grid order
+            chosen[reward][entry] = {"lr": best["lr"], "noise_level": best["noise_level"], "final_mean": best["mean"],
+                                     "final_std": best["std"]}
     return table, chosen
 
 
-def print_grid(table, chosen):
-    for entry, rows in table.items():
-        print(f"\n{entry}")
-        for r in rows:
-            mark = " <- chosen" if (r["lr"], r["noise_level"]) == (chosen[entry]["lr"], chosen[entry]["noise_level"]) else ""
-            print(f"  lr {r['lr']:<7g} a {r['noise_level']:<4g} final {r['mean']:.3f} ± {r['std']:.3f}{mark}")
-
-
 def markdown(table, chosen):
-    """The tuning grid as a Markdown table (rows: algorithms; columns: settings), for the README."""
+    """One reward's tuning grid as a Markdown table (rows: algorithms; columns: settings)."""
     columns = sorted({(r["lr"], r["noise_level"]) for rows in table.values() for r in rows})
     lines = ["| algorithm | " + " | ".join(f"lr {lr:g}, a {a:g}" for lr, a in columns) + " |",
              "|---|" + "---|" * len(columns)]
@@ -120,14 +147,14 @@ def markdown(table, chosen):
         cells = {(r["lr"], r["noise_level"]): r["mean"] for r in rows}
         best = (chosen[entry]["lr"], chosen[entry]["noise_level"])
         lines.append(f"| {entry} | " + " | ".join(
-            "" if c not in cells else (f"**{cells[c]:.3f}**" if c == best else f"{cells[c]:.3f}") for c in columns) + " |")
+            "" if c not in cells else f"**{cells[c]:.3f}**" if c == best else f"{cells[c]:.3f}" for c in columns) + " |")
     return "\n".join(lines)
 
 
 def setup(argv):
     """Flags -> a checked TuneConfig, or exit with one line before any work."""
     try:
-        return TuneConfig(**cli.parse_flags(TuneConfig, argv))
+        return cli.read_flags(TuneConfig, argv)
     except FlagError as e:
         sys.exit(f"error: {e}")
 
@@ -138,12 +165,9 @@ def main(argv):
     torch.set_num_threads(1)
     started = time.perf_counter()
     base = flow.pretrain()
-    algos = train.parse_algos(tcfg.algos)
-    total = sum(len(grid(e, a, tcfg)) for e, a in algos.items()) * len(tcfg.seeds.split(",")) * tcfg.iters
-    with tqdm(total=total, desc="tuning iterations", mininterval=2) as progress:
-        table, chosen = tune(tcfg, base, progress)
-    print_grid(table, chosen)
-    print("\n" + markdown(table, chosen))
+    table, chosen = tune(tcfg, base)
+    for reward in table:
+        print(f"\nreward {reward}\n" + markdown(table[reward], chosen[reward]))
     result = {"command": " ".join(["python toy/tune.py", *argv]), "tune_config": asdict(tcfg),
               "budget": {"iters": tcfg.iters, "trajectories": train.Config.trajectories,
                          "prompts_per_iter": train.Config.prompts_per_iter},
