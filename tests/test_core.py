@@ -404,7 +404,7 @@ def test_short_ode_estimate_is_tweedie_at_one_substep_and_exact_for_straight_flo
     torch.testing.assert_close(minflow.short_ode_x0(velocity, xt, 0.6, 5), m.expand(5, 2))
 
 
-def test_step_rewards_score_every_state_and_reuse_the_final_reward():
+def test_intermediate_rewards_score_every_state_and_reuse_the_final_reward():
     net, velocity = toy_velocity(2)
     traj = minflow.rollout(velocity, torch.randn(4, 2), minflow.sd3_sigmas(6), "ddim", 0.7)
     calls = []
