@@ -65,7 +65,7 @@ class TuneConfig:
     seeds: str = flag("0,1,2", train.seeds_range)  # tuning seeds; the main job and the study report others
     lrs: str = flag("3e-4,1e-3,3e-3", values_of(train.Config, "lr"))  # learning-rate grid
     noise_levels: str = flag("0.5,0.7,1.0", values_of(minflow.Algorithm, "noise_level"))  # noise-level grid
-    wider: str = flag("0.3,1.4", values_of(minflow.Algorithm, "noise_level"))  # levels tried past an edge that a best sits on
+    wider: str = flag("0.2,0.3,1.4,2.0", values_of(minflow.Algorithm, "noise_level"))  # levels tried past an edge that a best sits on
     iters: int = flag(train.Config.iters, "[1, 100000]")  # RL iterations per run: the main job's budget
     workers: int = flag(2, "[1, 64]")  # worker processes, one run each at a time
     write: str = flag("toy/tuned.json", file_range)  # where the choices go (relative to the repository root)
