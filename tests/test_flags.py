@@ -56,9 +56,9 @@ def one_iteration(cfg, entry, algo, lr):
     """One short toy iteration of `algo` under `cfg` (frozen dataclasses: cached per value)."""
     seed = int(cfg.seeds.split(",")[0])
     run = train.train(small_base(), algo, replace(cfg, iters=1, lr=lr), seed)
-    assert len(run["curve"]) == 2 and sum(run["group_sizes"][0]) == cfg.trajectories, entry
+    assert len(run["curves"]) == 2 and sum(run["group_sizes"][0]) == cfg.trajectories, entry
     assert len(run["prompts"][0]) == cfg.prompts_per_iter
-    return run["curve"][-1][1]
+    return run["curves"][-1][1]
 
 
 def run_toy(cfg, algos, chosen, entries=1):

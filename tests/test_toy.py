@@ -78,8 +78,8 @@ def test_base_model_learned_the_prompt_conditional_data(base):
 def test_each_algorithm_raises_the_eval_reward(base, algo, reward, gain):
     cfg = Config(iters=50, eval_every=50, tuned=False, lr=1e-3, reward=reward)
     run = train.train(base, cli.make_algorithm(algo), cfg, seed=0)
-    before, after = run["curve"][0][1], run["curve"][-1][1]
-    assert run["curve"][-1][0] == 50 * cfg.trajectories
+    before, after = run["curves"][0][1], run["curves"][-1][1]
+    assert run["curves"][-1][0] == 50 * cfg.trajectories
     assert after > before + gain, (algo, reward, before, after)
     assert all(sum(s) == cfg.trajectories and len(s) == cfg.prompts_per_iter for s in run["group_sizes"])
     drawn = torch.tensor(run["prompts"])
@@ -334,5 +334,5 @@ def test_runs_in_worker_processes_give_the_same_logs_as_in_process(base):
     jobs = [(cli.make_algorithm(a), Config(iters=2, eval_every=1, tuned=False), seed)
             for a, seed in (("flow_grpo", 3), ("superflow", 4))]
     here, there = train.run_jobs(base, jobs), train.run_jobs(base, jobs, workers=2)
-    assert [log["curve"] for log in here] == [log["curve"] for log in there]
+    assert [log["curves"] for log in here] == [log["curves"] for log in there]
     assert [log["group_sizes"] for log in here] == [log["group_sizes"] for log in there]

@@ -43,7 +43,7 @@ class StudyConfig:
     iters: int = flag(100, "[1, 100000]")  # RL iterations per run: the main job's budget
     long_iters: int = flag(400, "[1, 100000]")  # iterations of the long runs of the late-collapse claim
     long_eval_every: int = flag(20, "[1, 100000]")  # iterations between evaluations of a long run
-    workers: int = flag(2, "[1, 64]")  # worker processes, one run each at a time
+    workers: int = flag(train.WORKERS, "[1, 64]")  # worker processes, one run each at a time
     tuning: str = flag("toy/tuned.json", tuning_range)  # the tuning file the settings come from
     out: str = flag("runs/study", train.folder_range)  # folder for results.json
     write: str = flag("toy/RESULTS.md", tune.file_range)  # the results file; its figures go to figures/ beside it

@@ -13,6 +13,7 @@ with the papers' claims: python toy/study.py.
 import copy
 import json
 import multiprocessing
+import os
 import re
 import sys
 import time
@@ -30,6 +31,7 @@ from cli import FlagError, flag  # noqa: E402
 from toy import flow, plots  # noqa: E402
 
 DEFAULT_ALGOS = "flow_grpo,stepwise,stepwise_ddim,superflow"
+WORKERS = min(8, os.cpu_count() or 1)  # runs are independent and single-threaded: one per core
 TUNED = Path(__file__).resolve().parent / "tuned.json"
 
 
@@ -85,6 +87,7 @@ class Config:
     clip_range: float = flag(0.05, "(0, 10]")  # PPO clip; wide: the toy's log-probs average two dims, not a latent's many
     beta: float = flag(0.0, "[0, 100]")  # KL weight to the base model (0: no reference forward)
     grad_clip: float = flag(1.0, "(0, 1000000]")  # gradient-norm clip
+    workers: int = flag(WORKERS, "[1, 64]")  # worker processes, one run each at a time; results do not depend on it
     out: str = flag("runs/toy", folder_range)  # folder for results.json and the figures
 
     RELATIONS = (("trajectories", lambda c: c.trajectories % c.prompts_per_iter == 0 and c.trajectories >= 2 *
@@ -196,7 +199,7 @@ def train(base, algo, cfg, seed, progress=None):
     evaluate = Evaluation(cfg)
     tracker = minflow.new_tracker(algo, flow.NUM_PROMPTS, (0.0, 1.0))  # both toy rewards lie in [0, 1]
     score, per_prompt, samples = evaluate(model)
-    log = {"curve": [[0, score]], "clock": [[0.0, score]], "prompts": [], "group_sizes": [], "zero_std_ratio": []}
+    log = {"curves": [[0, score]], "clock": [[0.0, score]], "prompts": [], "group_sizes": [], "zero_std_ratio": []}
     elapsed = 0.0
     for it in range(cfg.iters):
         start = time.perf_counter()
@@ -218,7 +221,7 @@ def train(base, algo, cfg, seed, progress=None):
         log["zero_std_ratio"].append(minflow.zero_std_fraction(rewards, group_ids))
         if (it + 1) % cfg.eval_every == 0 or it + 1 == cfg.iters:
             score, per_prompt, samples = evaluate(model)
-            log["curve"].append([(it + 1) * cfg.trajectories, score])
+            log["curves"].append([(it + 1) * cfg.trajectories, score])
             log["clock"].append([elapsed, score])
         if progress is not None:
             progress.update(1)
@@ -252,8 +255,7 @@ def run_jobs(base, jobs, workers=1, desc="RL iterations"):
             return logs
 
 
-SERIES = {"curves": "curve", "clock": "clock", "seconds": "seconds", "prompts": "prompts", "group_sizes": "group_sizes",
-          "zero_std_ratio": "zero_std_ratio", "per_prompt": "per_prompt"}
+SERIES = ("curves", "clock", "seconds", "prompts", "group_sizes", "zero_std_ratio", "per_prompt")
 
 
 def jobs_for(cfg, algos, settings, seeds):
@@ -266,8 +268,8 @@ def collect(cfg, settings, base, logs):
     """Run logs by (name, seed) -> results: each series by algorithm and seed, the first seed's samples."""
     names, seeds = list(dict.fromkeys(n for n, _ in logs)), list(dict.fromkeys(s for _, s in logs))
     results = {"config": asdict(cfg), "settings": {n: settings[n] for n in names}, "samples": {}}
-    for key, log_key in SERIES.items():
-        results[key] = {name: {seed: logs[name, seed][log_key] for seed in seeds} for name in names}
+    for key in SERIES:
+        results[key] = {name: {seed: logs[name, seed][key] for seed in seeds} for name in names}
     for name in names:
         results["samples"][name] = logs[name, seeds[0]]["samples"]
     evaluation = Evaluation(cfg)
@@ -338,7 +340,7 @@ def main(argv):
     started = time.perf_counter()
     base = flow.pretrain()
     jobs = jobs_for(cfg, algos, settings, [int(s) for s in cfg.seeds.split(",")])
-    logs = dict(zip(jobs, run_jobs(base, list(jobs.values()))))
+    logs = dict(zip(jobs, run_jobs(base, list(jobs.values()), min(cfg.workers, len(jobs)))))
     results = collect(cfg, settings, base, logs)
     results["table"], results["wall_seconds"] = summarise(results, baseline), time.perf_counter() - started
     print("\n" + "\n".join(table_lines(results["table"], baseline)))

@@ -67,7 +67,7 @@ class TuneConfig:
     noise_levels: str = flag("0.5,0.7,1.0", values_of(minflow.Algorithm, "noise_level"))  # noise-level grid
     wider: str = flag("0.2,0.3,1.4,2.0", values_of(minflow.Algorithm, "noise_level"))  # levels tried past an edge that a best sits on
     iters: int = flag(train.Config.iters, "[1, 100000]")  # RL iterations per run: the main job's budget
-    workers: int = flag(2, "[1, 64]")  # worker processes, one run each at a time
+    workers: int = flag(train.WORKERS, "[1, 64]")  # worker processes, one run each at a time
     write: str = flag("toy/tuned.json", file_range)  # where the choices go (relative to the repository root)
 
     def __post_init__(self):
@@ -83,52 +83,36 @@ class TuneConfig:
                 raise FlagError(f"--{name}={getattr(self, name)}: {e}") from None
 
 
-def levels_of(entry, algo, tcfg):
-    return [algo.noise_level] if "noise_level=" in entry else sorted(float(a) for a in tcfg.noise_levels.split(","))
-
-
 def widen(entry, rows, tcfg):
     """The next noise level to try when the best setting sits on the lowest or highest level
     tried, from --wider on that side; None when the best is inside or none is left."""
     if "noise_level=" in entry:
         return None
-    tried = sorted({r["noise_level"] for r in rows})
-    best = max(rows, key=lambda r: r["mean"])["noise_level"]
-    wider = [float(a) for a in tcfg.wider.split(",")]
-    below, above = [a for a in wider if a < tried[0]], [a for a in wider if a > tried[-1]]
+    tried, best = sorted({r["noise_level"] for r in rows}), max(rows, key=lambda r: r["mean"])["noise_level"]
+    below = [a for a in map(float, tcfg.wider.split(",")) if a < tried[0]]
+    above = [a for a in map(float, tcfg.wider.split(",")) if a > tried[-1]]
     return max(below) if best == tried[0] and below else min(above) if best == tried[-1] and above else None
-
-
-def run_grid(base, tcfg, points):
-    """Every (reward, entry, algo, lr, a) point x tuning seed -> a table row per point."""
-    seeds = [int(s) for s in tcfg.seeds.split(",")]
-    jobs = [(replace(algo, noise_level=a), train.Config(tuned=False, reward=reward, iters=tcfg.iters, lr=lr,
-                                                         eval_every=tcfg.iters), seed)
-            for reward, _, algo, lr, a in points for seed in seeds]
-    logs = iter(train.run_jobs(base, jobs, tcfg.workers, "tuning iterations"))
-    rows = []
-    for reward, entry, _, lr, a in points:
-        finals = torch.tensor([next(logs)["curve"][-1][1] for _ in seeds])
-        rows.append((reward, entry, {"lr": lr, "noise_level": a, "finals": finals.tolist(),  # std: sample std
-                                     "mean": finals.mean().item(), "std": finals.std().item() if len(finals) > 1 else 0.0}))
-    return rows
 
 
 def tune(tcfg, base):
     """-> ({reward: {entry: rows}}, {reward: {entry: the best row's lr, level and finals}})."""
-    algos = train.parse_algos(tcfg.algos)
-    lrs = [float(lr) for lr in tcfg.lrs.split(",")]
-    rewards = tcfg.rewards.split(",")
-    table = {reward: {entry: [] for entry in algos} for reward in rewards}
-    points = [(reward, e, algo, lr, a) for reward in rewards for e, algo in algos.items() for lr in lrs
-              for a in levels_of(e, algo, tcfg)]
-    while points:
-        for reward, entry, row in run_grid(base, tcfg, points):
-            table[reward][entry].append(row)
-        edges = [(reward, e, widen(e, table[reward][e], tcfg)) for reward in rewards for e in algos]
-        points = [(reward, e, algos[e], max(table[reward][e], key=lambda r: r["mean"])["lr"], a)
-                  for reward, e, a in edges if a is not None]
-    chosen = {reward: {} for reward in rewards}
+    algos, seeds = train.parse_algos(tcfg.algos), [int(s) for s in tcfg.seeds.split(",")]
+    table = {reward: {entry: [] for entry in algos} for reward in tcfg.rewards.split(",")}
+    points = [(reward, e, float(lr), a) for reward in table for e, algo in algos.items() for lr in tcfg.lrs.split(",")
+              for a in ([algo.noise_level] if "noise_level=" in e else sorted(map(float, tcfg.noise_levels.split(","))))]
+    while points:  # the grid, then one widening round after another
+        jobs = [(replace(algos[e], noise_level=a), train.Config(tuned=False, reward=reward, iters=tcfg.iters, lr=lr,
+                                                                 eval_every=tcfg.iters), seed)
+                for reward, e, lr, a in points for seed in seeds]
+        logs = iter(train.run_jobs(base, jobs, tcfg.workers, "tuning iterations"))
+        for reward, e, lr, a in points:
+            finals = torch.tensor([next(logs)["curves"][-1][1] for _ in seeds])
+            table[reward][e].append({"lr": lr, "noise_level": a, "finals": finals.tolist(), "mean": finals.mean().item(),
+                                     "std": finals.std().item() if len(finals) > 1 else 0.0})  # sample std
+        best = {(reward, e): max(rows, key=lambda r: r["mean"]) for reward in table for e, rows in table[reward].items()}
+        points = [(reward, e, best[reward, e]["lr"], a) for (reward, e) in best
+                  if (a := widen(e, table[reward][e], tcfg)) is not None]
+    chosen = {reward: {} for reward in table}
     for reward, entries in table.items():
         for entry, rows in entries.items():
             rows.sort(key=lambda r: (r["lr"], r["noise_level"]))
