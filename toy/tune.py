@@ -27,7 +27,7 @@ from cli import FlagError, flag  # noqa: E402
 from toy import flow, train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-TUNED_ALGOS = "flow_grpo,stepwise,stepwise_ddim,superflow,flow_spo"
+TUNED_ALGOS = "flow_grpo,stepwise,stepwise_ddim,stepwise_ddim:ddim_noise=posterior,superflow,flow_spo"
 
 
 def values_of(settings, name, kind=float):
