@@ -1,16 +1,11 @@
-"""The command-line side that toy/ and sd35/ share: flags with declared ranges, and files
-written so that a crash never leaves a torn one.
+"""The command-line side that toy/ and sd35/ share: --key=value flags with declared ranges,
+--help, and files written so that a crash never leaves a torn one.
 
-Every settings dataclass (toy/train.py's and sd35/train.py's Config, minflow.Algorithm, ...)
-declares what each field accepts next to its default, on one line:
-
+Every settings dataclass declares what each field accepts next to its default, on one line,
     lr: float = flag(1e-3, "(0, 1]")  # AdamW learning rate
-
-and `read_flags` parses `--key=value` arguments into such an object and checks every field,
-plus the class's RELATIONS between fields, before any work starts. A bad value is refused with
-one line that names the flag, the value and what is expected:
-
-    --eval_every=0: expected an integer >= 1
+and `read_flags` checks every field and the class's RELATIONS before any work starts; a bad
+value is refused in one line that names the flag, the value and what is expected:
+    --eval_every=0: expected an integer in [1, 100000]
 """
 import inspect
 import os
@@ -71,7 +66,6 @@ def fsync_dir(folder):
         os.fsync(fd)
     finally:
         os.close(fd)
-
 
 
 def parse_flags(settings, argv):

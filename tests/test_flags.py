@@ -7,6 +7,7 @@ line that names the flag (exit code 1 from the command line, checked in tests/te
 traceback, nothing written. The fields are read from the classes, so a new flag is fuzzed as
 soon as it exists, and a flag without a declared range fails `test_every_flag_declares_a_range`.
 """
+import json
 import math
 import os
 import tempfile
@@ -229,3 +230,11 @@ def test_study_refuses_seed_sets_that_overlap_and_a_missing_tuning_file():
     assert verdict == "refused" and refusal_problems(message, "second_seeds") == [] and "--seeds=1,2" in message
     verdict, message = outcome(study.setup, ["--tuning=toy/none.json", f"--out={NEVER}"])
     assert verdict == "refused" and refusal_problems(message, "tuning") == [], message
+
+
+def test_study_refuses_a_tuning_file_without_its_command_and_time(tmp_path):
+    saved = json.loads((ROOT / "toy" / "tuned.json").read_text())
+    del saved["seconds"]
+    (tmp_path / "tuned.json").write_text(json.dumps(saved))
+    verdict, message = outcome(study.setup, [f"--tuning={tmp_path / 'tuned.json'}", f"--out={NEVER}"])
+    assert verdict == "refused" and refusal_problems(message, "tuning") == [] and "'seconds'" in message, message

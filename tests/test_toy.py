@@ -274,6 +274,7 @@ def test_the_study_writes_its_results_file_from_results_json(base, tmp_path):
     tuned = tmp_path / "tuned.json"
     chosen = {e: {"lr": 1e-3, "noise_level": 0.7} for e in ("flow_grpo", "superflow", "stepwise_ddim")}
     tuned.write_text(json.dumps({"command": "python toy/tune.py --test", "chosen": {"bump": chosen, "hit": chosen},
+                                 "tune_config": {"workers": 1}, "seconds": 1.0,
                                  "table": {r: {e: [{"lr": 1e-3, "noise_level": 0.7, "mean": 0.5}] for e in chosen}
                                            for r in ("bump", "hit")}}))
     out, md = tmp_path / "out", tmp_path / "doc" / "RESULTS.md"

@@ -105,8 +105,7 @@ def run(scfg, base):
         samplers = claims.sampler_rewards(base, plans[reward]["runs"][0], sorted(levels))
         per_set = [claims.evaluate(claims.Runs(runs, [int(s) for s in seeds.split(",")], study[reward].get("long"),
                                                samplers)) for seeds in (scfg.seeds, scfg.second_seeds)]
-        study[reward].update(samplers=samplers, claims=claims.combine(per_set),
-                             table=train.summarise(runs, next(iter(runs["curves"]))))
+        study[reward].update(samplers=samplers, claims=claims.combine(per_set))
     return study
 
 
@@ -147,13 +146,9 @@ def differing(study):
 
 
 def part_table(results):
-    lines = ["| algorithm | lr | a | setting | final reward (mean ± std over seeds) | zero-std |",
-             "|---|---|---|---|---|---|"]
-    for name, runs in results["curves"].items():
-        s, zero = results["settings"][name], [sum(z) / len(z) for z in results["zero_std_ratio"][name].values()]
-        lines.append(f"| `{name}` | {s['lr']:g} | {s['noise_level']:g} | {s['source']} | "
-                     f"{claims.fmt([c[-1][1] for c in runs.values()])} | {100 * sum(zero) / len(zero):.1f} % |")
-    return lines
+    """A part's results table (text), its first entry the baseline of the half-way mark."""
+    baseline = next(iter(results["curves"]))
+    return ["```text", *train.table_lines(train.summarise(results, baseline), baseline), "```"]
 
 
 def report(saved):
@@ -172,8 +167,7 @@ def report(saved):
     out += ["", "Where the verdicts differ between the rewards:", "", *differing(study)]
     for reward, parts in study.items():
         out += ["", f"## Reward `{reward}`", "", "### Every preset and ablation", "", stamp, "",
-                *part_table(parts["runs"]),
-                "", "```text", *train.table_lines(parts["table"], next(iter(parts["table"]))), "```", "",
+                *part_table(parts["runs"]), "",
                 f"![reward curves, {reward}](figures/study_{reward}_runs.png)", "", "### Each claim measured", ""]
         for row in parts["claims"]:
             out += [f"- **{row['verdict']}**, {row['paper']}: {row['claim']} ({row['metric']})"]
@@ -185,7 +179,8 @@ def report(saved):
                     "preset's on the same seeds)", "", stamp, "", *part_table(parts["axes"]), ""]
             out += [f"- `{n}`: {e:+.3f}" for n, e in axis_effects(parts).items()]
         out += ["", "### Tuning (mean final reward over the tuning seeds; bold: chosen)", "",
-                f"_Command: `{tuning['command']}`; {saved['hardware']}._", "",
+                f"_Command: `{tuning['command']}`; {saved['machine']}, one thread a run, {tuning['workers']} worker "
+                f"processes; {tuning['seconds']:.0f} s wall-clock._", "",
                 tune.markdown(tuning["table"][reward], tuning["chosen"][reward])]
     return "\n".join(out) + "\n"
 
@@ -196,9 +191,20 @@ def setup(argv):
         scfg = cli.read_flags(StudyConfig, argv)
         for reward in scfg.rewards.split(","):
             plan(scfg, reward)
+        tuning_stamp(scfg)
         return scfg
     except FlagError as e:
         sys.exit(f"error: {e}")
+
+
+def tuning_stamp(scfg):
+    """What the results file says of the tuning run (its choices, grids, command and time)."""
+    tuning = json.loads((tune.ROOT / scfg.tuning).read_text())
+    try:
+        return {"workers": tuning["tune_config"]["workers"], **{k: tuning[k] for k in ("command", "chosen", "table",
+                                                                                       "seconds")}}
+    except (KeyError, TypeError) as e:
+        raise FlagError(f"--tuning={scfg.tuning}: no {e} in the file; write it with python toy/tune.py") from None
 
 
 def main(argv):
@@ -206,11 +212,9 @@ def main(argv):
     torch.set_num_threads(1)
     started = time.perf_counter()
     study = run(scfg, flow.pretrain())
-    tuning = json.loads((tune.ROOT / scfg.tuning).read_text())
     results = {"command": " ".join(["python toy/study.py", *argv]), "config": asdict(scfg), "rewards": study,
-               "hardware": f"{hardware()}, one thread a run, {scfg.workers} worker processes",
-               "tuning": {k: tuning[k] for k in ("command", "chosen", "table")},
-               "seconds": time.perf_counter() - started}
+               "machine": hardware(), "hardware": f"{hardware()}, one thread a run, {scfg.workers} worker processes",
+               "tuning": tuning_stamp(scfg), "seconds": time.perf_counter() - started}
     out, target = Path(scfg.out), tune.ROOT / scfg.write
     try:
         out.mkdir(parents=True, exist_ok=True)
