@@ -12,7 +12,7 @@ import math
 import torch
 
 import minflow
-from toy import flow
+from toy import flow, train
 
 PER_STEP, NO_SAMPLING = "stepwise:gain_norm=per_step", "superflow_no_dynamic_sampling"
 NO_CREDIT = "superflow_no_step_credit"
@@ -83,12 +83,6 @@ class Runs:
     def half(self):
         return (self.base + self.mean("flow_grpo")) / 2
 
-    def seed_mean_reach(self, name, target):
-        """First trajectory count at which the seed-mean curve reaches target, None if never."""
-        curves = list(self.curves[name].values())
-        return first_reach(zip([x for x, _ in curves[0]], torch.tensor([[r for _, r in c] for c in curves]).mean(0)
-                               .tolist()), target)
-
 
 def difference(a_name, b_name, a, b, direction=1, digits=3, unit="", note=""):
     diff, se, verdict = compare(a, b, direction)
@@ -130,7 +124,7 @@ def learns_anyway(r):
 
 def steps_share(r):
     target = r.mean("flow_grpo")
-    count = r.seed_mean_reach("superflow", target)
+    count = train.seed_mean_reach(r.curves["superflow"], target)
     share = None if count is None else count / r.budget
     seeds = ", ".join("never" if x is None else f"{100 * x / r.budget:.0f}"
                       for x in (first_reach(c, target) for c in r.curves["superflow"].values()))
@@ -140,7 +134,7 @@ def steps_share(r):
 
 
 def time_share(r):
-    count = r.seed_mean_reach("superflow", r.mean("flow_grpo"))
+    count = train.seed_mean_reach(r.curves["superflow"], r.mean("flow_grpo"))
     if count is None:
         return "superflow never reaches it", None, None, "does not hold", ""
     fg, sf = (sum(r.seconds[n].values()) / len(r.seconds[n]) for n in ("flow_grpo", "superflow"))

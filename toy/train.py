@@ -279,6 +279,12 @@ def collect(cfg, settings, base, logs):
     return results
 
 
+def seed_mean_reach(curves, target):
+    """The first trajectory count at which the seed-mean of {seed: [(count, reward)]} reaches target, else None."""
+    mean = torch.tensor([[r for _, r in c] for c in curves.values()]).mean(0).tolist()
+    return next((x for (x, _), r in zip(next(iter(curves.values())), mean) if r >= target), None)
+
+
 def summarise(results, baseline):
     """Per algorithm: final reward (mean, sample std over seeds), trajectories until the seed-mean
     curve reaches halfway from the base model to the baseline's final mean (and as a ratio to the
@@ -286,13 +292,10 @@ def summarise(results, baseline):
     finals = {name: torch.tensor([c[-1][1] for c in curves.values()]) for name, curves in results["curves"].items()}
     start = next(iter(results["curves"][baseline].values()))[0][1]
     half = (start + finals[baseline].mean().item()) / 2
-
-    def reach(curves):
-        mean = torch.tensor([[r for _, r in c] for c in curves.values()]).mean(0).tolist()
-        return next((x for (x, _), r in zip(next(iter(curves.values())), mean) if r >= half), None)
-    table, base_count = {}, reach(results["curves"][baseline])
+    table, base_count = {}, seed_mean_reach(results["curves"][baseline], half)
     for name, curves in results["curves"].items():
-        zero_std, count = [sum(z) / len(z) for z in results["zero_std_ratio"][name].values()], reach(curves)
+        zero_std = [sum(z) / len(z) for z in results["zero_std_ratio"][name].values()]
+        count = seed_mean_reach(curves, half)
         table[name] = {"base_reward": start, "final_mean": finals[name].mean().item(),
                        "final_std": finals[name].std().item() if len(finals[name]) > 1 else 0.0,
                        "trajectories_to_half": count, "zero_std_ratio": sum(zero_std) / len(zero_std),
