@@ -1,6 +1,6 @@
 """Every flag of sd35's commands declares what it accepts, and hostile values get either that
 or one line that names the flag: sd35/train.py (its Config and the minflow.Algorithm axes it
-takes as flags), sd35/kill_soak.py, sd35/bench.py and sd35/curves.py.
+takes as flags), tests/kill_soak.py, sd35/bench.py and sd35/curves.py.
 
 A value is "accepted" when the command's own parser returns settings holding it; then the
 command would run, which these tests do not do. A refused value must make `main` exit with
@@ -18,7 +18,8 @@ from hypothesis import HealthCheck, given, settings
 import cli
 import minflow
 from flag_values import EDGE_CASES, field_names, hostile_values, refusal_problems, undeclared
-from sd35 import bench, curves, kill_soak, models
+import kill_soak
+from sd35 import bench, curves, models
 from sd35 import train as sd35_train
 
 COMMANDS = {  # name -> (settings classes whose fields are its flags, parser, main)
