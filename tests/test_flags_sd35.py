@@ -25,7 +25,7 @@ from sd35 import train as sd35_train
 COMMANDS = {  # name -> (settings classes whose fields are its flags, parser, main)
     "train": ((sd35_train.Config, minflow.Algorithm), sd35_train.parse_args, sd35_train.main),
     "kill_soak": ((kill_soak.Settings,), lambda argv: cli.read_flags(kill_soak.Settings, argv), kill_soak.main),
-    "bench": ((bench.Settings,), bench.parse_settings, bench.main),
+    "bench": ((bench.Settings,), lambda argv: cli.read_flags(bench.Settings, argv), bench.main),
     "curves": ((curves.Settings,), lambda argv: cli.read_flags(curves.Settings, argv), curves.main),
 }
 FIELDS = [(command, name) for command, (classes, _, _) in COMMANDS.items() for cls in classes for name in field_names(cls)]
