@@ -3,14 +3,12 @@
     python sd35/bench.py --model=tiny           # CPU: the tiny random pipeline
     python sd35/bench.py --model=sd35m-random   # GPU: SD3.5-Medium, random weights
 
-As sd35/train.py does, it encodes the prompts once, frees the text encoders and runs the
-transformer with a fresh rank-32 LoRA in the --mixed_precision dtype under autocast. Each
-measurement runs --warmup times, then --repeats times timed: the median, and on CUDA the peak
-allocated memory. One table a question: what will the trainer hold in memory (estimated
-before loading), and how fast are sampling and training, at what share of the device's matmul
-peak and in how much memory. For scaling, run it with another --resolution, --group_size or
---train_batch; for the rewards and each algorithm's seconds per iteration, the trainer's own
-log (sd35/train.py --model=sd35m-random) times them in the real loop.
+One table a question: what will the trainer hold in memory (estimated before loading), and how
+fast are sampling and training, at what share of the device's matmul peak, in how much memory. As
+sd35/train.py does, it encodes the prompts once, frees the text encoders and runs a fresh rank-32
+LoRA under --mixed_precision's autocast. Each measurement runs --warmup times, then --repeats times
+timed: the median, and on CUDA the peak memory. The trainer's log times the rewards and each
+algorithm's iterations in the real loop.
 """
 import statistics
 import sys
@@ -29,16 +27,13 @@ from cli import flag  # noqa: E402
 from sd35 import models, policy  # noqa: E402
 from sd35.data import load_prompts  # noqa: E402
 
-RESOLUTION = cli.text_range("0 (the model's default) or a positive multiple of 16",
-                            lambda v: isinstance(v, int) and v >= 0 and v % 16 == 0)
-
 
 @dataclass
 class Settings:
     model: str = flag("tiny", models.MODEL)  # tiny for a CPU; sd35m-random (no download) for a GPU
     num_steps: int = flag(10, "[2, inf)")  # SDE steps per rollout, as the trainer samples
     group_size: int = flag(8, "[1, inf)")  # trajectories per rollout batch (2x rows with CFG)
-    resolution: int = flag(0, RESOLUTION)  # image side in pixels; 0: 512 for SD3.5, 64 for tiny
+    resolution: int = flag(0, models.RESOLUTION)  # image side in pixels; 0: 512 for SD3.5, 64 for tiny
     guidance_scale: float = flag(4.5, "[1, 100]")  # CFG scale in rollouts and training; 1: no CFG
     mixed_precision: str = flag("auto", models.MIXED_PRECISION)  # auto: fp16 on CUDA, none on CPU
     train_batch: int = flag(8, "[1, inf)")  # transitions per forward-backward when training
@@ -55,17 +50,9 @@ TIMESTEP_CHANNELS = 256  # diffusers' sinusoidal timestep features, input of the
 
 def transformer_flops(config, latent_side, text_tokens):
     """Matmul FLOPs of one SD3Transformer2DModel forward pass for ONE row (one image, one CFG
-    branch) -> {part: FLOPs}; a [m, k] by [k, n] matmul counts 2 m n k. With d = heads x
-    head_dim, N = (latent_side / patch)^2 image and M text tokens, L layers, D of them dual:
-      q/k/v/out       L (4N + 3M) 2d^2 + (L - 1) M 2d^2  (the last text stream: no output)
-      MLPs            L N 16d^2 + (L - 1) M 16d^2        (d -> 4d -> d; none on the last text)
-      dual attention  D N 8d^2, and attention L 4 (N + M)^2 d + D 4 N^2 d (QK^T and AV)
-      adaLN           d x 6d image (9d dual) and d x 6d text (last d x 2d) a block, the
-                      output norm's d x 2d: one row each
-      embeddings      patch N (C p^2) d, output N d (p^2 C), text M J d (J = T5 width), the
-                      time and pooled-text MLPs (one row each)
-    Left out: what is not a matmul (norms, activations, softmax, modulation, the CFG sum),
-    the LoRA adapters, the VAE and the text encoders."""
+    branch) -> {part: FLOPs}; a [m, k] by [k, n] matmul counts 2 m n k (docs/sd35.md writes the
+    formula out). Left out: what is not a matmul (norms, activations, softmax, modulation, the
+    CFG sum), the LoRA adapters, the VAE and the text encoders."""
     c = config
     d, p = c["num_attention_heads"] * c["attention_head_dim"], c["patch_size"]
     n, m, layers = (latent_side // p) ** 2, text_tokens, c["num_layers"]
@@ -122,9 +109,8 @@ class Stopwatch:
 
 
 def measure(run, s, device):
-    """`run(watch)` laps a Stopwatch and returns a result; called s.warmup times, then
-    s.repeats times timed -> (median seconds by lap and "total", CUDA peak bytes or None, the
-    last result)."""
+    """`run(watch)`, which laps a Stopwatch, s.warmup times, then s.repeats times timed -> (median
+    seconds by lap and "total", CUDA peak bytes or None, the last result)."""
     for _ in range(s.warmup):
         run(Stopwatch(device))
     if device.type == "cuda":
@@ -138,19 +124,15 @@ def measure(run, s, device):
 
 
 def print_table(title, header, rows):
-    cells = [header] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    print(f"\n{title}")
-    for i, row in enumerate(cells):
-        print("  ".join(c.rjust(w) if j else c.ljust(w)
-                        for j, (c, w) in enumerate(zip(row, widths))))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    lines = [[str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
+             for row in [header, ["-" * w for w in widths], *rows]]
+    print(f"\n{title}\n" + "\n".join("  ".join(line) for line in lines))
 
 
 class Bench:
-    """The run's fixed parts (device, dtype, LoRA'd model, optimiser, a group's prompt
-    embeddings) and one method per kind of measurement, each -> measure()'s triple."""
+    """The run's fixed parts (LoRA'd model, optimiser, a group's prompt embeddings) and one method per
+    kind of measurement."""
 
     def __init__(self, s, amp, device):
         self.s, self.dtype, self.device = s, amp or torch.float32, torch.device(device)
@@ -190,19 +172,14 @@ class Bench:
         """Forward + backward of minflow.policy_loss on a micro-batch of --train_batch of the
         rollout's trained transitions (repeated if fewer; random +-1 advantages), then one
         AdamW step inside the same memory window -> (seconds per micro-batch, peak bytes)."""
-        stds = minflow.step_std(traj.sigmas[:-1], traj.sigmas[1:], FLOW_GRPO.sampler,
-                                FLOW_GRPO.noise_level)
-        mask = minflow.trained_steps(stds).expand(traj.xs.shape[0], -1)
+        mask = minflow.trained_steps(traj.stds).expand(traj.xs.shape[0], -1)
         signs = torch.randint(2, mask.shape, generator=torch.Generator().manual_seed(self.s.seed))
         rows = minflow.transitions(traj, signs * 2.0 - 1, mask)
         idx = torch.arange(self.s.train_batch) % len(rows["advantage"])
         batch = {k: v[idx].to(self.device) for k, v in rows.items() if k != "sample"}
         velocity = policy.guided_velocity(self.transformer, self.cond.select(rows["sample"][idx]),
                                           self.s.guidance_scale, self.dtype, None, self.autocast)
-
-        def ref_velocity(x, t):
-            with policy.adapter_disabled(self.transformer):
-                return velocity(x, t)
+        ref_velocity = policy.reference_velocity(self.transformer, velocity)
 
         def once(watch):
             minflow.policy_loss(velocity, batch, FLOW_GRPO, 1e-4, beta, ref_velocity)[0].backward()
@@ -216,10 +193,6 @@ class Bench:
         self.opt.zero_grad(set_to_none=True)
         self.transformer.disable_gradient_checkpointing()
         return seconds["total"], peak
-
-
-def gib(peak):
-    return "n/a (CPU)" if peak is None else f"{peak / 2**30:.2f} GiB"
 
 
 def report_speed(bench, out, resolution):
@@ -247,25 +220,17 @@ def report_speed(bench, out, resolution):
                 f"{matmul / 1e12:.3f} TFLOP/s ({how})",
                 ["measurement", "s", "rate", "TFLOP/s", "MFU", "peak memory"],
                 [[name, f"{sec:.3f}", f"{n / sec:.2f} {unit}/s", f"{work / sec / 1e12:.4f}",
-                  f"{100 * work / sec / matmul:.2f} %", gib(mem)]
+                  f"{100 * work / sec / matmul:.2f} %", "n/a (CPU)" if mem is None else models.size(mem)]
                  for name, sec, n, unit, work, mem in measured])
-
-
-def parse_settings(argv):
-    """Flags -> Settings, each checked against its declared range, or a one-line FlagError."""
-    return cli.read_flags(Settings, argv)
 
 
 def main(argv):
     """Run every measurement and print its table -> the numbers, for tests."""
     try:
-        s = parse_settings(argv)
+        s = cli.read_flags(Settings, argv)
         device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
         amp = models.autocast_dtype(s.mixed_precision, device)
-        config = models.transformer_config(s.model)
-        resolution = s.resolution or min(512, config["sample_size"] * 8)
-        if resolution > (largest := config["pos_embed_max_size"] * 8 * config["patch_size"]):
-            raise ValueError(f"--resolution={resolution}: expected at most {largest} (this model)")
+        resolution, _ = models.resolution(s.model, s.resolution)
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     # The tiny tokenizers are per character, so CLIP truncates prompts on every call and the
@@ -275,10 +240,9 @@ def main(argv):
     for library in libraries:
         library.set_verbosity_error()
     try:
-        rows = models.memory_estimate(s.model, resolution, s.train_batch, LORA_RANK, False,
-                                      amp or torch.float32)
-        total = torch.cuda.get_device_properties(device).total_memory if "cuda" in device else None
-        print(models.format_memory_table(rows, total) if rows else "memory estimate skipped")
+        rows = models.memory_estimate(s.model, resolution, s.train_batch, LORA_RANK, False, amp or torch.float32)
+        print(models.format_memory_table(rows, torch.cuda.get_device_properties(device).total_memory
+                                         if "cuda" in device else None))
         bench, out = Bench(s, amp, device), {}
         print(f"\n{s.model} on {device} ({str(bench.dtype)[6:]}), {resolution} px, CFG "
               f"{s.guidance_scale}; built in {bench.seconds['build']:.1f} s, prompts encoded in "

@@ -1,15 +1,10 @@
-"""Checkpoints: one folder per iteration, OUT/checkpoints/iter_000020/, holding
-
-    pytorch_lora_weights.safetensors   the LoRA in diffusers' format: pipe.load_lora_weights(folder)
-    trainer_state.safetensors          the optimiser's, the prompt tracker's and the LoRA EMA's tensors
-    run.json                           what it belongs to (model, LoRA rank, algorithm), the
-                                       iteration, and the rest of the state as plain numbers
-
-No pickle: tensors go to safetensors, the rest to JSON, so loading can never run code. A
-folder is written under a temporary name, fsynced and renamed when complete, so a kill at any
-moment leaves the previous checkpoint intact and nothing half-written that looks complete.
-The random state needs no saving: every draw of iteration i comes from generators seeded with
-(seed, i, ...), so a resumed run draws what an uninterrupted one would.
+"""Checkpoints: one folder per iteration, OUT/checkpoints/iter_000020/, with the LoRA in diffusers'
+format (LORA_FILE, for pipe.load_lora_weights(folder)), the optimiser's, tracker's and EMA's tensors
+(STATE_FILE) and, in RUN_FILE, what it belongs to (model, LoRA rank, algorithm), the iteration and
+the rest of the state as plain numbers. No pickle, so loading can never run code. A folder is
+written under a temporary name, fsynced and renamed when complete: a kill at any moment leaves the
+previous checkpoint intact. The random state needs no saving: every draw of iteration i comes from
+generators seeded with (seed, i, ...), so a resumed run draws what an uninterrupted one would.
 """
 import json
 import os
@@ -21,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import cli
-from sd35.policy import LoraEMA  # first: it quiets a transformers warning before diffusers loads
+from sd35.policy import LoraEMA  # first: importing sd35 quiets a transformers warning before diffusers loads
 from diffusers import StableDiffusion3Pipeline  # noqa: E402
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict  # noqa: E402
 
@@ -30,8 +25,8 @@ LORA_FILE, STATE_FILE, RUN_FILE = "pytorch_lora_weights.safetensors", "trainer_s
 
 @dataclass
 class TrainState:
-    """What a checkpoint holds: the LoRA (in the transformer), the optimiser, the grad scaler,
-    the prompt tracker and the EMA (each of the last two may be None)."""
+    """What a checkpoint holds: the LoRA (in the transformer), the optimiser, the grad scaler, the
+    prompt tracker and the EMA (either may be None)."""
     transformer: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
@@ -85,8 +80,7 @@ def newest(path):
 
 
 def check_identity(folder, identity):
-    """Refuse (one line) a checkpoint of another model, LoRA rank or algorithm; cheap, so it runs
-    before any model loads."""
+    """Refuse (one line) a checkpoint of another model, LoRA rank or algorithm, before any model loads."""
     saved = json.loads((Path(folder) / RUN_FILE).read_text())
     for key, value in identity.items():
         if saved.get(key) != value:

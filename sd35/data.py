@@ -1,9 +1,7 @@
-"""Prompt sets: a train and a test list of (prompt, metadata) pairs.
-
-A prompt set is a folder with one train and one test file, each either `train.txt` (one prompt
-a line, blank lines skipped, metadata {}) or `train.jsonl` (one JSON object a line with a
-"prompt" string; every other key is that prompt's metadata, e.g. "text", the words an OCR
-reward should find). Two sets ship in sd35/prompts/: ocr (text rendering) and general.
+"""Prompt sets: a folder with a train and a test file of (prompt, metadata) pairs, each either
+`train.txt` (one prompt a line, metadata {}) or `train.jsonl` (one JSON object a line with a "prompt"
+string; every other key is metadata, e.g. "text", the words an OCR reward should find). Two sets
+ship in sd35/prompts/: ocr (text rendering) and general.
 """
 import json
 from pathlib import Path
@@ -13,9 +11,8 @@ SHIPPED_SETS = tuple(sorted(p.name for p in PROMPTS_DIR.iterdir() if p.is_dir())
 
 
 def load_prompts(path):
-    """(train, test) from a prompt-set folder or a shipped set's name (which wins over a folder
-    of that name here; write ./ocr for the folder). A ValueError of one line for a missing folder
-    or file, an empty file, a file that is not UTF-8, or a malformed JSON line."""
+    """(train, test) from a prompt-set folder or a shipped set's name (which wins over a folder of
+    that name here; write ./ocr for the folder), or a ValueError of one line naming what is wrong."""
     folder = PROMPTS_DIR / str(path) if str(path) in SHIPPED_SETS else Path(path)
     if not folder.is_dir():
         raise ValueError(f"prompt set {str(path)!r} is neither a folder nor a shipped set; "

@@ -1,8 +1,7 @@
 """The one place that builds or loads a model (load_pipeline), what it will cost in accelerator
-memory from its configs before any weight loads (memory_estimate), and the one decision of
---mixed_precision (autocast_dtype). "sd35m-random" is SD3.5-Medium's architecture with random
-weights (speed and memory do not depend on weight values): its transformer and VAE, CLIP-L,
-OpenCLIP bigG and the T5-XXL encoder at their real sizes, with tiny.py's tokenizers."""
+memory before any weight loads (memory_estimate), and the one decision of --mixed_precision.
+"sd35m-random" is SD3.5-Medium's architecture at its real sizes with random weights (speed and
+memory do not depend on weight values) and tiny.py's tokenizers."""
 import re
 from pathlib import Path
 from unittest import mock
@@ -19,6 +18,8 @@ MODEL = text_range("tiny, sd35m-random, a local diffusers folder or a hub id (ow
                    lambda v: v in ("tiny", "sd35m-random") or v != "" and Path(v).is_dir()
                    or re.fullmatch(r"[\w.-]+/[\w.-]+", v) is not None)
 MIXED_PRECISION = ("auto", "fp16", "bf16", "no")  # the --mixed_precision flag's range
+RESOLUTION = text_range("0 (the model's own default) or a positive multiple of 16 (VAE 8x, patch 2)",
+                        lambda v: isinstance(v, int) and v >= 0 and v % 16 == 0)  # the --resolution flag's range
 
 # stabilityai/stable-diffusion-3.5-medium, transformer/config.json and vae/config.json.
 SD35_MEDIUM_TRANSFORMER_CONFIG = dict(
@@ -50,8 +51,7 @@ def autocast_dtype(mixed_precision, device):
     (its finer mantissa keeps the log-probs of sampling and training closer than bf16's) and
     float32 elsewhere."""
     if mixed_precision not in MIXED_PRECISION:
-        raise ValueError(f"--mixed_precision={mixed_precision}: expected one of auto, fp16, bf16, "
-                         "no")
+        raise ValueError(f"--mixed_precision={mixed_precision}: expected one of {', '.join(MIXED_PRECISION)}")
     if mixed_precision == "auto":
         mixed_precision = "fp16" if torch.device(device).type == "cuda" else "no"
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "no": None}[mixed_precision]
@@ -65,6 +65,9 @@ def sd35m_configs():
             "text_encoder_3": T5Config(**T5_XXL, **tiny.T5_TOKENS)}
 
 
+CONFIGS = {"tiny": tiny.configs, "sd35m-random": sd35m_configs}  # the models described in code
+
+
 def keep_fp32(module, dtype):
     """As transformers' from_pretrained does in float16: the modules a class names in
     _keep_in_fp32_modules (T5's feed-forward outputs, which overflow float16) stay float32."""
@@ -73,13 +76,16 @@ def keep_fp32(module, dtype):
         sub.float()
 
 
-def build_parts(configs, device, dtype):
-    """{part: config} -> {part: frozen module} of random weights made directly on `device` in
-    `dtype` (no float32 copy is cast); on "meta" nothing is allocated."""
+def build_parts(configs, device, dtype, seed=None):
+    """{part: config} -> {part: frozen eval module} of random weights made directly on `device` in
+    `dtype` (no float32 copy is cast; on "meta" nothing is allocated). With `seed`, from a forked
+    RNG so seeded (the global one is untouched)."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device(device):
+        with torch.random.fork_rng(devices=[], enabled=seed is not None), torch.device(device):
+            if seed is not None:
+                torch.manual_seed(seed)
             parts = {name: PARTS[name].from_config(c) if name in ("transformer", "vae")
                      else PARTS[name](c) for name, c in configs.items()}
     finally:
@@ -91,14 +97,12 @@ def build_parts(configs, device, dtype):
 
 
 def load_pipeline(model, dtype, device) -> StableDiffusion3Pipeline:
-    """"tiny" (sd35/tiny.py), "sd35m-random" (built on `device`), else a local diffusers
-    folder or a hub id through from_pretrained; every part frozen, eval, in `dtype`."""
-    if model == "tiny":
-        pipe = tiny.tiny_pipeline()
-        # Cast only when needed: diffusers warns on casts.
-        pipe.to(device, dtype) if pipe.transformer.dtype != dtype else pipe.to(device)
-    elif model == "sd35m-random":
-        pipe = tiny.assemble(**build_parts(sd35m_configs(), device, dtype))
+    """A model described in code (CONFIGS) with random weights, else a local diffusers folder or a
+    hub id through from_pretrained; every part frozen, eval, in `dtype`. tiny is built on the CPU
+    from seed 0, so every device and run gets the same weights; sd35m-random is made on `device`."""
+    if model in CONFIGS:
+        seed = 0 if model == "tiny" else None
+        pipe = tiny.assemble(**build_parts(CONFIGS[model](), "cpu" if seed == 0 else device, dtype, seed)).to(device)
     else:
         pipe = StableDiffusion3Pipeline.from_pretrained(model, torch_dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -109,19 +113,17 @@ def load_pipeline(model, dtype, device) -> StableDiffusion3Pipeline:
 
 
 def transformer_config(model):
-    """The transformer's config alone (for a hub id, its small JSON file), so that flags can be
-    checked against the model before any weight loads."""
-    if model in ("tiny", "sd35m-random"):
-        return dict(part_configs(model)["transformer"])
+    """The transformer's config alone (for a hub id, its small JSON file), to check flags before loading."""
+    if model in CONFIGS:
+        return dict(CONFIGS[model]()["transformer"])
     return SD3Transformer2DModel.load_config(model, subfolder="transformer")
 
 
 def part_configs(model):
     """{part: config} of `model` without its weights; None when a hub id's config files are not
     in the local cache (nothing is downloaded)."""
-    if model in ("tiny", "sd35m-random"):
-        pipe = tiny.tiny_pipeline() if model == "tiny" else None
-        return {name: getattr(pipe, name).config for name in PARTS} if pipe else sd35m_configs()
+    if model in CONFIGS:
+        return CONFIGS[model]()
     folder = Path(model)
     if not folder.is_dir():
         from huggingface_hub import try_to_load_from_cache
@@ -135,9 +137,8 @@ def part_configs(model):
 
 
 class FusedAttentionSaves(torch.autograd.Function):
-    """Stands in for scaled_dot_product_attention on the meta device and saves what the
-    fused CUDA kernels (flash, memory-efficient) keep for backward: q, k, v, the output and a
-    float32 log-sum-exp per query, not the [Lq, Lk] weights the math kernel saves."""
+    """scaled_dot_product_attention on the meta device, saving what the fused CUDA kernels keep for
+    backward (q, k, v, the output, a float32 log-sum-exp per query), not the math kernel's weights."""
 
     @staticmethod
     def forward(ctx, q, k, v):
@@ -147,8 +148,8 @@ class FusedAttentionSaves(torch.autograd.Function):
 
 
 def activation_bytes(transformer, resolution, rows, dtype):
-    """Bytes autograd saves for backward in one forward of `transformer` (on the meta
-    device, LoRA attached) of `rows` rows at `resolution` px: each storage once, no weights."""
+    """Bytes autograd saves for backward in one forward of `transformer` (on the meta device, LoRA
+    attached) of `rows` rows at `resolution` px: each storage once, no weights."""
     weights, saved = {p.untyped_storage()._cdata for p in transformer.parameters()}, {}
 
     def pack(tensor):
@@ -169,18 +170,28 @@ def activation_bytes(transformer, resolution, rows, dtype):
         return sum(saved.values())
 
 
+def resolution(model, requested):
+    """--resolution -> (pixels, the model's default: its own, at most Flow-GRPO's 512 px); a
+    ValueError of one line when the model's position embeddings hold fewer patches a side."""
+    config = transformer_config(model)
+    default = min(512, config["sample_size"] * 8)
+    side, largest = (requested or default) // 8 // config["patch_size"], config["pos_embed_max_size"]
+    if side > largest:
+        raise ValueError(f"--resolution={requested} needs {side} patches a side; this model takes at most "
+                         f"{largest} ({largest * 8 * config['patch_size']} px)")
+    return requested or default, default
+
+
 def weight_bytes(params):
     return sum(p.numel() * p.element_size() for p in params)
 
 
 def memory_estimate(model, resolution, train_batch, lora_rank, keep_text_encoders, dtype):
     """[(part, bytes)] the trainer holds on the accelerator, from the configs alone (None when
-    they cannot be read without a download): the weights in `dtype` (the text encoders only if
-    kept), the LoRA with its gradients and AdamW's two moments (float32, 16 bytes a parameter),
-    and what one training micro-batch saves for backward: 2 x train_batch transformer rows,
-    CFG's two branches in one batch. Not counted: the transient buffers of sampling and
-    decoding (no autograd), the backward pass's temporaries, gradient checkpointing (which
-    saves far less), the allocator's fragmentation and the CUDA context."""
+    they cannot be read without a download): the weights in `dtype` (text encoders only if kept),
+    the float32 LoRA with its gradients and AdamW's two moments, and what one micro-batch saves for
+    backward (2 x train_batch rows: CFG's two branches). Not counted: sampling's and decoding's
+    transient buffers, backward's temporaries, gradient checkpointing, fragmentation, the CUDA context."""
     configs = part_configs(model)
     if configs is None:
         return None
@@ -207,6 +218,8 @@ def size(n):
 
 def format_memory_table(rows, device_bytes=None) -> str:
     """A short table of the estimate, the total against the device's memory when known."""
+    if rows is None:
+        return "memory estimate: skipped (the model's config files are not in the local Hugging Face cache)"
     total, width = sum(b for _, b in rows), max(len(name) for name, _ in rows)
     lines = ["Estimated accelerator memory, before loading (sd35/models.py: memory_estimate)"]
     lines += [f"  {name:<{width}}  {size(b):>10}" for name, b in rows + [("total", total)]]

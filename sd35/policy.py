@@ -1,7 +1,6 @@
 """The SD3.5 policy as minflow sees it, a velocity function: a peft LoRA on the transformer's
-joint-attention projections is the trainable policy, the same transformer with the adapter off
-the reference for the KL term. Model plumbing only; the RL math stays in minflow.py.
-"""
+joint-attention projections is the trainable policy, the adapter switched off the reference for the
+KL term. Model plumbing only; the RL math stays in minflow.py."""
 import gc
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -31,8 +30,8 @@ def add_lora(transformer, rank, alpha):
 
 class LoraEMA:
     """A moving average of the LoRA weights, updated every `every` optimiser steps and evaluated in
-    their place (Flow-GRPO's default): the recent policy, not the last noisy step. `applied()`
-    swaps it in and the live weights back after; training samples with the live weights."""
+    their place (Flow-GRPO's default): the recent policy, not the last noisy step. `applied()` swaps
+    it in for a while; training samples with the live weights."""
 
     def __init__(self, params, decay=0.9, every=8):
         self.params, self.decay, self.every = params, decay, every
@@ -59,14 +58,15 @@ class LoraEMA:
                 p.copy_(weights)
 
 
-@contextmanager
-def adapter_disabled(transformer):
-    """The reference policy: the same weights with the LoRA switched off."""
-    transformer.disable_adapters()
-    try:
-        yield
-    finally:
-        transformer.enable_adapters()
+def reference_velocity(transformer, velocity):
+    """The reference policy: `velocity`, a function of `transformer`, with the LoRA switched off."""
+    def reference(*args):
+        transformer.disable_adapters()
+        try:
+            return velocity(*args)
+        finally:
+            transformer.enable_adapters()
+    return reference
 
 
 @dataclass
@@ -97,10 +97,9 @@ def encode_prompts(pipe, prompts, guidance_scale, device, max_sequence_length=25
 
 
 class PromptBank:
-    """The conditioning of a fixed list of prompts, `bank(index) -> PromptEmbeddings` on `device`.
-    With `keep` the text encoders stay and encode each request; otherwise every prompt is encoded
-    once here in batches, kept on the CPU (pinned with CUDA, for fast copies), and the encoders
-    leave the pipeline and the accelerator."""
+    """The conditioning of a fixed list of prompts, `bank(index) -> PromptEmbeddings` on `device`. With
+    `keep` the text encoders encode each request; otherwise every prompt is encoded once here, kept
+    on the CPU (pinned with CUDA, for fast copies), and the encoders leave the accelerator."""
 
     def __init__(self, pipe, prompts, guidance_scale, device, keep, batch_size):
         self.pipe, self.prompts, self.guidance_scale, self.device, self.table = pipe, prompts, guidance_scale, device, None
@@ -127,10 +126,9 @@ class PromptBank:
 
 def guided_velocity(model, cond, guidance_scale, dtype, batch_size=None, autocast=None):
     """minflow's `velocity(x, t, traj_index)` for the transformer `model` (plain or DDP) under CFG,
-    v = v_uncond + w (v_text - v_uncond), both branches in one batch as diffusers does; traj_index
-    picks each row's prompt in `cond` (default row i, prompt i). t is sigma (the transformer
-    wants sigma * 1000); float32 out, so minflow's step math runs in float32; forward passes of
-    at most `batch_size` rows."""
+    v = v_uncond + w (v_text - v_uncond), both branches in one batch as diffusers does, in forward
+    passes of at most `batch_size` rows; traj_index picks each row's prompt in `cond` (default row
+    i, prompt i). t is sigma (the transformer wants sigma * 1000); float32 out for minflow's math."""
     cfg = guidance_scale > 1
     autocast = autocast or nullcontext
 
@@ -170,9 +168,8 @@ def decode(vae, latents, batch_size=None):
 
 @torch.no_grad()
 def image_statistics(images):
-    """Cheap alarms for reward hacking, per image [B] each: mean brightness (luma), the share of
-    near-black and of near-white pixels, and the share of pixels on an edge (a luma step to a
-    neighbour above a tenth of the range)."""
+    """Cheap alarms for reward hacking, [B] each: mean luma, the shares of near-black and near-white
+    pixels, and of pixels on an edge (a luma step to a neighbour above a tenth of the range)."""
     luma = (images.float() * torch.tensor([0.299, 0.587, 0.114], device=images.device)[:, None, None]).sum(1)
     edges = torch.zeros_like(luma, dtype=torch.bool)
     edges[:, :, 1:] |= (luma[:, :, 1:] - luma[:, :, :-1]).abs() > 0.1
@@ -190,10 +187,9 @@ def step_noise(shape, steps, generator=None, device=None):
 
 def rollout_in_chunks(velocity, x, sigmas, algo, generator, chunk, score):
     """`minflow.rollout` under `algo`'s sampler, `chunk` trajectories at a time, handing each chunk's
-    final states to `score(x_T, traj_index)` at once -> (the Trajectory, [(traj_index, what score
-    returned)]). `score` may return a future: the next chunk samples while this one is scored.
-    The steps' noise is drawn for the whole batch first, as `minflow.rollout` draws it, so the
-    trajectories are its own, bitwise, when the velocity's forward passes split at the same rows."""
+    final states to `score(x_T, traj_index)` at once (it may return a future: the next chunk samples
+    meanwhile) -> (the Trajectory, [(traj_index, what score returned)]). The steps' noise is drawn
+    for the whole batch first, as `minflow.rollout` draws it, so the trajectories are its own."""
     noise = step_noise(x.shape, len(sigmas) - 1, generator, x.device)
     parts, scores = [], []
     for rows in torch.arange(x.shape[0]).split(chunk):

@@ -1,11 +1,9 @@
 """Rewards for RL fine-tuning, and a weighted mix of them chosen by a spec string.
 
-Every reward is `reward(images, prompts, metadata) -> float32 tensor [B] on the CPU`, with
-images [B, 3, H, W] in [0, 1] on any device, B prompt strings and B metadata dicts from the
-prompt file (e.g. {"text": "OPEN"}). `--reward=ocr=0.8,pickscore=0.2` picks rewards from
-REWARDS by name and weights them; RewardMix checks the spec before any model loads and
-returns the weighted total with every term, so each can be logged. None is differentiable:
-policy-gradient methods need one number per image.
+Every reward is `reward(images, prompts, metadata) -> float32 tensor [B] on the CPU`, with images
+[B, 3, H, W] in [0, 1] on any device and B prompts and metadata dicts from the prompt file (e.g.
+{"text": "OPEN"}). `--reward=ocr=0.8,pickscore=0.2` weights rewards of REWARDS by name; RewardMix
+returns the weighted total with every term, so each can be logged. None need be differentiable.
 """
 import base64
 import ctypes
@@ -25,12 +23,10 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from types import SimpleNamespace
 
 import torch
 from PIL import Image
-
-RewardFn = Callable[[torch.Tensor, list[str], list[dict]], torch.Tensor]
 
 
 class RewardError(RuntimeError):
@@ -46,6 +42,13 @@ def to_pixels(images):
 
 def to_pil(images):
     return [Image.fromarray(p) for p in to_pixels(images).numpy()]
+
+
+def encoded(image, **options):
+    """The bytes of a PIL image saved with `options` (format=..., quality=...)."""
+    buffer = io.BytesIO()
+    image.save(buffer, **options)
+    return buffer.getvalue()
 
 
 def levenshtein(a, b):
@@ -80,71 +83,51 @@ def ocr_similarity(recognised, target):
 
 
 class OcrReward:
-    """How well the text in each image matches the text the prompt asks for, in [0, 1]: RapidOCR
-    (PP-OCR detection and recognition, ONNX models inside its wheel, offline on the CPU) reads
-    every line in reading order."""
+    """How well the text in each image matches the text the prompt asks for, in [0, 1], as RapidOCR
+    (PP-OCR's ONNX models inside its wheel, offline on the CPU) reads it."""
 
     def __init__(self, threads=0):
         from rapidocr_onnxruntime import RapidOCR  # here: building the ONNX sessions takes a moment
         self.engine = RapidOCR(**({"intra_op_num_threads": threads} if threads else {}))  # 0: every core
-
-    def read_text(self, image):
-        lines, _timings = self.engine(image)  # [[box, text, confidence], ...] or None
-        return "".join(text for _box, text, _confidence in lines or [])
 
     def __call__(self, images, prompts, metadata):
         scores = []
         for image, prompt, meta in zip(to_pil(images), prompts, metadata):
             target = ocr_target(prompt, meta)
             try:
-                scores.append(ocr_similarity(self.read_text(image), target))
+                lines, _timings = self.engine(image)  # [[box, text, confidence], ...] or None
+                scores.append(ocr_similarity("".join(text for _box, text, _conf in lines or []), target))
             except Exception as error:
                 raise RewardError(f"reward 'ocr' failed on prompt {prompt!r}: {error}") from error
         return torch.tensor(scores, dtype=torch.float32)
 
 
 class ClipCosine:
-    """cosine(image embedding, text embedding) of a CLIP-style dual encoder, per (image, prompt)
-    pair; weights only from safetensors, no repository code run."""
+    """cosine(image embedding, text embedding) of a CLIP-style dual encoder per (image, prompt)
+    pair: clipscore is the cosine itself, in [-1, 1] (not the CLIPScore metric's 2.5 max(cos, 0));
+    pickscore is PickScore v1 (CLIP-H tuned on human preferences) as Flow-GRPO scales it,
+    logit_scale x cosine / 26. Weights only from safetensors, no repository code run."""
 
-    def __init__(self, model_path, processor_path, device):
+    def __init__(self, model_path, processor_path, device, pickscore=False):
         from transformers import AutoModel, AutoProcessor
-        self.device = torch.device(device)
+        self.device, self.pickscore = torch.device(device), pickscore
         self.processor = AutoProcessor.from_pretrained(processor_path)
         self.model = AutoModel.from_pretrained(model_path, use_safetensors=True).to(self.device).eval()
 
     @torch.no_grad()
-    def cosine(self, images, prompts):
+    def __call__(self, images, prompts, metadata):
         # The processor does CLIP's resize, crop and normalisation and truncates prompts to its context.
         inputs = self.processor(text=prompts, images=to_pil(images), padding=True, truncation=True,
                                 return_tensors="pt").to(self.device)
         outputs = self.model(**inputs)  # embeddings come out projected and L2-normalised
-        return (outputs.image_embeds * outputs.text_embeds).sum(dim=-1).float().cpu()
-
-
-class PickScore(ClipCosine):
-    """PickScore v1 (CLIP-H tuned on human preferences): logit_scale * cosine / 26, as Flow-GRPO scales it."""
-
-    def __call__(self, images, prompts, metadata):
-        return self.model.logit_scale.exp().item() * self.cosine(images, prompts) / 26
-
-
-class ClipScore(ClipCosine):
-    """The CLIP cosine itself, in [-1, 1] (not the 2.5 * max(cos, 0) of the CLIPScore metric)."""
-
-    def __call__(self, images, prompts, metadata):
-        return self.cosine(images, prompts)
+        scale = self.model.logit_scale.exp().item() / 26 if self.pickscore else 1.0
+        return scale * (outputs.image_embeds * outputs.text_embeds).sum(dim=-1).float().cpu()
 
 
 def jpeg_compressibility(images, prompts, metadata):
     """Minus the JPEG size (quality 95) in kB: DDPO's toy reward, cheap and easy to hack (flat
     images win), so reward hacking shows quickly."""
-    sizes = []
-    for image in to_pil(images):
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=95)
-        sizes.append(buffer.tell() / 1000)
-    return -torch.tensor(sizes, dtype=torch.float32)
+    return -torch.tensor([len(encoded(i, format="JPEG", quality=95)) / 1000 for i in to_pil(images)])
 
 
 class RewardServerError(RuntimeError):
@@ -152,15 +135,11 @@ class RewardServerError(RuntimeError):
 
 
 class RemoteReward:
-    """Scores from a server speaking JSON over HTTP (e.g. a GenEval server elsewhere).
-
-    POST {"prompts": [...], "metadata": [...], "images": [base64 PNG, ...]}, expect
-    {"scores": [float, ...]}, one per image. JSON, not pickle: unpickling a reply would let the
-    server run code here. Connection failures, timeouts and 5xx replies are retried `attempts`
-    times in all with doubling sleeps from `backoff_s`; anything else fails at once, since
-    asking again gives the same answer. `timeout_s` bounds each connect and read. Proxies are
-    ignored: the server is expected on the same network, where a proxy only gets in the way.
-    """
+    """Scores from a server (e.g. GenEval's elsewhere): POST {"prompts", "metadata", "images": [base64
+    PNG]}, expect {"scores": [float, ...]}. JSON, not pickle, which would let the server run code
+    here. Connection failures, timeouts and 5xx replies are tried `attempts` times in all, with
+    doubling sleeps from `backoff_s`; anything else fails at once, since asking again gives the same
+    answer. Proxies are ignored: the server is expected on the same network."""
 
     def __init__(self, url, timeout_s=120.0, attempts=3, backoff_s=2.0, max_response_bytes=1_000_000):
         if not str(url).startswith(("http://", "https://")):
@@ -171,7 +150,8 @@ class RemoteReward:
 
     def __call__(self, images, prompts, metadata):
         body = json.dumps({"prompts": list(prompts), "metadata": list(metadata),
-                           "images": [png_base64(i) for i in to_pil(images)]}).encode()
+                           "images": [base64.b64encode(encoded(i, format="PNG")).decode("ascii")
+                                      for i in to_pil(images)]}).encode()  # lossless: the server sees our pixels
         reply = self._post(body)
         try:
             scores = json.loads(reply)["scores"]
@@ -212,19 +192,11 @@ class RemoteReward:
                                 f"(last error: {last_error}); is it running?")
 
 
-def png_base64(image):
-    """A lossless PNG in base64, so the server sees exactly our pixels."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
 @dataclass
 class RewardOptions:
     """What the reward constructors need; each reads only its own."""
     device: str = "cpu"
     remote_url: str | None = None
-    remote_timeout_s: float = 120.0
     clip_model: str = "openai/clip-vit-large-patch14"  # also its processor
     pickscore_model: str = "yuvalkirstain/PickScore_v1"
     pickscore_processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # PickScore was tuned from CLIP-H
@@ -232,18 +204,17 @@ class RewardOptions:
 
 
 # name -> constructor; constructors may load models, so call them only once the spec is checked.
-REWARDS: dict[str, Callable[[RewardOptions], RewardFn]] = {
-    "clipscore": lambda o: ClipScore(o.clip_model, o.clip_model, o.device),
+REWARDS = {
+    "clipscore": lambda o: ClipCosine(o.clip_model, o.clip_model, o.device),
     "jpeg_compressibility": lambda o: jpeg_compressibility,
     "ocr": lambda o: OcrReward(o.threads),
-    "pickscore": lambda o: PickScore(o.pickscore_model, o.pickscore_processor, o.device),
-    "remote": lambda o: RemoteReward(o.remote_url, timeout_s=o.remote_timeout_s),
+    "pickscore": lambda o: ClipCosine(o.pickscore_model, o.pickscore_processor, o.device, pickscore=True),
+    "remote": lambda o: RemoteReward(o.remote_url),
 }
 
-# The range of each reward's scores, for the prompt tracker that maps rewards into [0, 1]; a
-# reward missing here (CLIP cosines, JPEG sizes, a server's scores) is tracked by the running
-# min..max it shows.
-REWARD_RANGES: dict[str, tuple[float, float]] = {"ocr": (0.0, 1.0), "pickscore": (0.0, 1.0)}
+# Each reward's range, for the prompt tracker that maps rewards into [0, 1]; one missing here (CLIP
+# cosines, JPEG sizes, a server's scores) is tracked by the running min..max it shows.
+REWARD_RANGES = {"ocr": (0.0, 1.0), "pickscore": (0.0, 1.0)}
 
 
 def reward_range(weights):
@@ -257,8 +228,8 @@ def reward_range(weights):
 
 
 def parse_reward_spec(spec):
-    """"name=weight,name" (--reward) -> {name: weight}; a bare name weighs 1. A ValueError of
-    one line names the bad part."""
+    """"name=weight,name" (--reward) -> {name: weight}; a bare name weighs 1. A ValueError of one line
+    names the bad part."""
     example = "e.g. --reward ocr=0.8,pickscore=0.2"
     if not spec.strip():
         raise ValueError(f"empty --reward; expected reward names with optional weights, {example}")
@@ -283,17 +254,15 @@ def parse_reward_spec(spec):
     return weights
 
 
-# Rewards that spend long on the CPU per image: with workers, RewardMix scores them in a pool
-# of processes so that OCR never keeps the accelerator waiting. JPEG is CPU-bound too but
-# cheaper than a round trip to a worker, so it stays here with the model-based rewards.
+# Rewards that spend long on the CPU per image: with workers, RewardMix scores them in a pool of
+# processes so that OCR never keeps the accelerator waiting. JPEG is cheaper than a round trip.
 CPU_BOUND = ("ocr",)
 
 
 class RewardMix:
-    """A weighted sum of named rewards: `mix(images, prompts, metadata) -> (total, {name: term})`,
-    or `mix.submit(...)` returning at once, `.result()` later. The spec and the options it needs
-    are checked before any model loads; with `workers` > 0 the CPU_BOUND rewards run in that
-    many worker processes, each building its engine once."""
+    """A weighted sum of named rewards: `mix(images, prompts, metadata) -> (total, {name: term})`, or
+    `mix.submit(...)` returning at once, `.result()` later; the spec is checked before any model
+    loads. With `workers` > 0 the CPU_BOUND rewards run in that many worker processes."""
 
     def __init__(self, spec, options=None, workers=0):
         self.weights = parse_reward_spec(spec)
@@ -311,27 +280,29 @@ class RewardMix:
         return self.submit(images, prompts, metadata).result()
 
     def submit(self, images, prompts, metadata=None, total_only=False):
-        """Start scoring: the pooled rewards run in the workers meanwhile, the others here, now.
-        `.result()` gives (total [B], {name: term [B]}), or the total alone with total_only."""
+        """Start scoring (the pooled rewards in the workers, the others here, now); `.result()` gives
+        (total [B], {name: term [B]}), or the total alone with total_only."""
         n = len(prompts)
         metadata = [{} for _ in prompts] if metadata is None else list(metadata)
         if images.shape[0] != n or len(metadata) != n:
             raise ValueError(f"got {images.shape[0]} images, {n} prompts and {len(metadata)} metadata dicts; "
                              "expected equal counts")
         where = f"on prompt {prompts[0]!r}" + (f" (first of {n})" if n > 1 else "")
-        terms = {}
-        if self.pooled:
-            # Raw uint8 bytes through the executor's pipe between our own processes (nothing read
-            # from a file or the network). One image a task: OCR time varies between images, and
-            # small tasks keep every worker busy to the end of the batch.
-            pixels = to_pixels(images)
-            for name in self.pooled:
-                terms[name] = [(i, self.pool.submit(_score_in_worker, name, pixels[i:i + 1].numpy().tobytes(),
-                                                    tuple(pixels[i:i + 1].shape), prompts[i:i + 1], metadata[i:i + 1]))
-                               for i in range(n)]
-        for name, reward in self.rewards.items():
-            terms[name] = _checked(name, _score(name, reward, images, prompts, metadata, where), n, where)
-        return PendingScores(self, terms, prompts, where, total_only)
+        # Raw uint8 bytes through the executor's pipe between our own processes (nothing read
+        # from a file or the network). One image a task: OCR time varies between images, and
+        # small tasks keep every worker busy to the end of the batch.
+        pixels = to_pixels(images) if self.pooled else None
+        terms = {name: [self.pool.submit(_score_in_worker, name, pixels[i].numpy().tobytes(), tuple(pixels.shape[1:]),
+                                         prompts[i:i + 1], metadata[i:i + 1]) for i in range(n)]
+                 for name in self.pooled}
+        terms.update({name: _score(name, reward, images, prompts, metadata, where)
+                      for name, reward in self.rewards.items()})
+
+        def result():  # waits for the workers
+            scores = {name: _collected(name, terms[name], prompts) for name in self.weights}
+            total = sum(self.weights[name] * scores[name] for name in scores)
+            return total if total_only else (total, scores)
+        return SimpleNamespace(result=result)
 
     @contextmanager
     def leave_cores_to_workers(self):
@@ -350,44 +321,32 @@ class RewardMix:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-class PendingScores:
-    """Scores still being computed by RewardMix's workers; `result()` waits for them."""
-
-    def __init__(self, mix, terms, prompts, where, total_only):
-        self.mix, self.terms, self.prompts, self.where, self.total_only = mix, terms, prompts, where, total_only
-
-    def result(self):
-        terms = {}
-        for name, term in self.terms.items():
-            if not isinstance(term, torch.Tensor):
-                scores = torch.empty(len(self.prompts))
-                for i, future in term:
-                    try:
-                        scores[i] = future.result()[0]
-                    except BrokenProcessPool as error:  # a worker died: the pool is unusable
-                        raise RewardError(f"reward {name!r} failed on prompt {self.prompts[i]!r}: a scoring worker "
-                                          f"process died ({error or 'no message'})") from error
-                term = _checked(name, scores, len(self.prompts), self.where)
-            terms[name] = term
-        total = sum(self.mix.weights[name] * terms[name] for name in terms)
-        return total if self.total_only else (total, terms)
+def _collected(name, term, prompts):
+    """A term's scores [B]: as they are, or from a pooled reward's futures, one an image."""
+    if isinstance(term, torch.Tensor):
+        return term
+    scores = torch.empty(len(term))
+    for i, future in enumerate(term):
+        try:
+            scores[i] = future.result()[0]
+        except BrokenProcessPool as error:  # a worker died: the pool is unusable
+            raise RewardError(f"reward {name!r} failed on prompt {prompts[i]!r}: a scoring worker process died "
+                              f"({error or 'no message'})") from error
+    return scores
 
 
 def _score(name, reward, images, prompts, metadata, where):
+    """One reward's checked scores [B]; any failure as a RewardError naming the reward and the prompt."""
     try:
-        return reward(images, prompts, metadata)
+        scores = reward(images, prompts, metadata).detach().float().cpu()
     except RewardError:
         raise  # already names the reward and the prompt
     except RewardServerError as error:  # the server's fault, not any one prompt's
         raise RewardError(f"reward {name!r} failed {where}: {error}") from error
     except Exception as error:
         raise _blame(name, reward, images, prompts, metadata, error) from error
-
-
-def _checked(name, scores, n, where):
-    scores = scores.detach().float().cpu()
-    if scores.shape != (n,):
-        raise RewardError(f"reward {name!r} returned shape {list(scores.shape)} {where}; expected [{n}]")
+    if scores.shape != (len(prompts),):
+        raise RewardError(f"reward {name!r} returned shape {list(scores.shape)} {where}; expected [{len(prompts)}]")
     return scores  # non-finite scores pass: the trainer drops those samples and counts them
 
 
@@ -407,8 +366,8 @@ _worker_rewards = {}
 
 
 def _start_worker(names):
-    # Nothing tells a worker blocked on its queue that the trainer was SIGKILLed: it watches
-    # for being orphaned and exits then.
+    """Make this process a scoring worker that exits once orphaned (nothing tells a worker blocked on
+    its queue that the trainer was SIGKILLed) and builds the rewards `names` single-threaded."""
     parent = os.getppid()
 
     def exit_when_orphaned():
@@ -417,23 +376,15 @@ def _start_worker(names):
         os._exit(1)
 
     threading.Thread(target=exit_when_orphaned, daemon=True).start()
-    _worker_rewards.update(worker_rewards(names))
-
-
-def worker_rewards(names):
-    """Set this process up as a scoring worker (one torch thread, freed memory kept) and build
-    the rewards `names` single-threaded (the pool spreads the work) -> {name: reward}."""
     torch.set_num_threads(1)
     keep_freed_memory()
-    return {name: REWARDS[name](RewardOptions(threads=1)) for name in names}
+    _worker_rewards.update({name: REWARDS[name](RewardOptions(threads=1)) for name in names})
 
 
 def keep_freed_memory():
-    """Make glibc keep large freed blocks for reuse. RapidOCR turns ONNX Runtime's arena off, so
-    each detection allocates its large feature maps afresh; glibc serves blocks that large from
-    new pages, which the kernel zero-fills and takes back at free, a large share of an OCR
-    call. The peak memory is unchanged; only an idle worker keeps the blocks. Without glibc
-    there is no mallopt and this does nothing."""
+    """Make glibc keep large freed blocks for reuse: RapidOCR turns ONNX Runtime's arena off, so each
+    detection allocates its feature maps afresh, from new pages the kernel must zero-fill. The peak
+    memory is unchanged. Without glibc there is no mallopt and this does nothing."""
     m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h> parameter numbers
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c"))
@@ -444,7 +395,5 @@ def keep_freed_memory():
 
 
 def _score_in_worker(name, pixels, shape, prompts, metadata):
-    images = torch.frombuffer(bytearray(pixels), dtype=torch.uint8).reshape(shape).permute(0, 3, 1, 2).float() / 255
-    where = f"on prompt {prompts[0]!r}"
-    return _checked(name, _score(name, _worker_rewards[name], images, prompts, metadata, where), len(prompts),
-                    where).tolist()
+    image = torch.frombuffer(bytearray(pixels), dtype=torch.uint8).reshape(1, *shape).permute(0, 3, 1, 2).float() / 255
+    return _score(name, _worker_rewards[name], image, prompts, metadata, f"on prompt {prompts[0]!r}").tolist()

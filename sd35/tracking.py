@@ -1,8 +1,6 @@
-"""Mirror a run's log to an experiment tracker (--report_to=tensorboard or wandb).
-
-log.jsonl stays the source of truth; rank 0 sends each logged entry's numbers to the tracker
-at the entry's iteration, and each evaluation grid as an image. tensorboard writes event files
-to OUT/tensorboard through torch.utils.tensorboard; wandb reads its own environment
+"""Mirror a run's log to an experiment tracker (--report_to=tensorboard or wandb). log.jsonl stays
+the source of truth; rank 0 sends each entry's numbers at its iteration, and each evaluation grid
+as an image. tensorboard writes event files to OUT/tensorboard; wandb reads its own environment
 (WANDB_MODE=offline runs without a network, WANDB_PROJECT names the project) and writes to OUT.
 """
 import importlib.util
@@ -26,7 +24,7 @@ class Mirror:
     report_to "none" both do nothing."""
 
     def __init__(self, report_to, out, config):
-        self.kind, self.writer, self.run = report_to, None, None
+        self.writer, self.run = None, None
         if report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(log_dir=str(out / "tensorboard"))
@@ -59,9 +57,9 @@ class Mirror:
 
 
 class RunLog:
-    """Rank 0's log.jsonl, fsynced a line at a time, mirrored to the tracker; `log(iteration,
-    entry, draw)` also redraws curves.png with `draw`. Opened at `start` (None: append as it
-    is), it keeps the lines up to that iteration; a line torn by a kill is dropped."""
+    """Rank 0's log.jsonl, fsynced a line at a time and mirrored; `log(iteration, entry, draw)` also
+    redraws curves.png. Opened at `start` (None: appended to as it is), it keeps the lines up to
+    that iteration; a line torn by a kill is dropped."""
 
     def __init__(self, path, master, mirror, start=None):
         self.path, self.master, self.mirror, self.step = path, master, mirror, start or 0

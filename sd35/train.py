@@ -1,14 +1,9 @@
 """Fine-tune Stable Diffusion 3.5 Medium with Flow-GRPO, Stepwise-Flow-GRPO or SuperFlow, alone or
 under torchrun (its RANK, WORLD_SIZE, LOCAL_RANK switch DDP on: NCCL on GPUs, gloo on CPUs;
-rank 0 logs, evaluates and saves).
+rank 0 logs, evaluates and saves). docs/sd35.md has the commands for one GPU, many and resuming.
 
     python sd35/train.py --model=tiny --iters=2                      # CPU smoke run at 64 px, no download
-    python sd35/train.py --reward=ocr --prompts=ocr                  # one GPU, defaults below
     torchrun --nproc_per_node=8 sd35/train.py --algo=superflow --reward=pickscore --prompts=general
-    torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --master_port=29500 --nproc_per_node=8 \\
-        sd35/train.py --algo=stepwise --group_size=24 --prompts_per_iter=48   # node_rank=1 on the other
-    python sd35/train.py --iters=600 --resume                        # continue the run in --out
-    python sd35/train.py --eval_only --resume=runs/sd35              # evaluate the newest checkpoint
     python sd35/train.py --help                                      # every flag, its default and range
 
 `--algo` picks a preset; a field of minflow.Algorithm given as a flag overrides that axis. Every
@@ -16,7 +11,6 @@ RL formula lives in minflow.py; this file feeds it images, rewards and gradients
 """
 import gc
 import hashlib
-import io
 import math
 import os
 import signal
@@ -37,10 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cli  # noqa: E402
 import minflow  # noqa: E402
 from cli import flag, parses, text_range  # noqa: E402
-from sd35 import policy  # noqa: E402
-from sd35 import checkpoint, models, tracking  # noqa: E402
+from sd35 import checkpoint, models, policy, tracking  # noqa: E402
 from sd35.data import SHIPPED_SETS, load_prompts  # noqa: E402
-from sd35.rewards import REWARDS, RewardError, RewardMix, RewardOptions, parse_reward_spec, reward_range  # noqa: E402
+from sd35.rewards import (REWARDS, RewardError, RewardMix, RewardOptions, encoded, parse_reward_spec,  # noqa: E402
+                          reward_range)
 
 PRESET = text_range(f"a preset ({', '.join(minflow.PRESETS)}), optionally with :axis=value overrides",
                     parses(cli.make_algorithm))
@@ -49,10 +43,6 @@ REWARD_SPEC = text_range(f"rewards from {', '.join(sorted(REWARDS))} with option
 URL = text_range("empty or an http(s):// URL", lambda v: v == "" or v.startswith(("http://", "https://")))
 PROMPT_SET = text_range(f"a shipped set ({', '.join(SHIPPED_SETS)}) or a folder",
                         lambda v: v in SHIPPED_SETS or (v != "" and Path(v).is_dir()))
-
-
-RESOLUTION = text_range("0 (the model's own default) or a positive multiple of 16 (VAE 8x, patch 2)",
-                        lambda v: v >= 0 and v % 16 == 0)
 
 
 @dataclass
@@ -67,7 +57,7 @@ class Config:
     num_steps: int = flag(10, "[2, 1000]")  # sampling steps in training (at most the scheduler's training timesteps)
     eval_num_steps: int = flag(40, "[1, 1000]")  # ODE steps in evaluation
     guidance_scale: float = flag(4.5, "[1, 100]")  # CFG in sampling and training; 1 switches CFG off
-    resolution: int = flag(0, RESOLUTION)  # image side in pixels; 0 = the model's own (512 for SD3.5, 64 for tiny)
+    resolution: int = flag(0, models.RESOLUTION)  # image side in pixels; 0 = the model's own (512 for SD3.5, 64 for tiny)
     iters: int = flag(300, "[0, inf)")  # RL iterations
     minibatches: int = flag(2, "[1, inf)")  # optimiser steps per iteration, each over a share of the transitions
     train_batch: int = flag(8, "[1, inf)")  # transitions per forward-backward (gradients accumulate beyond it)
@@ -103,6 +93,11 @@ class Config:
          "a tracker whose package is installed (pip install {report_to})"),
     )
 
+    @property
+    def budget(self):
+        """Trajectories per iteration over all ranks."""
+        return self.group_size * self.prompts_per_iter
+
 
 AXES = {f.name for f in fields(minflow.Algorithm)}
 
@@ -112,8 +107,7 @@ class RunError(RuntimeError):
 
 
 def parse_args(argv):
-    """Flags -> (cfg, algo, train prompts, test prompts); a ValueError of one line (the flag, its
-    value, what is expected) for any bad input, before anything heavy loads."""
+    """Flags -> (cfg, algo, train prompts, test prompts), or a ValueError of one line naming the flag."""
     if "--help" in argv or "-h" in argv:
         axes = cli.help_text(minflow.Algorithm)
         print(cli.help_text(Config) + "\n\nAlgorithm axes, each overriding the --algo preset's value "
@@ -137,21 +131,18 @@ def parse_args(argv):
     return cfg, algo, train_prompts, test_prompts
 
 
-# Every rank computes the iteration's plan (prompts, group sizes, initial noise) from the same
-# seeded generator, samples its contiguous share and all-gathers the rewards; advantages come
-# from the whole batch, identically everywhere, so a group is normalised whole even when it
-# spans ranks (normalising per rank would bias the baseline). Each rank trains on its share.
-
-
 class Ranks:
+    """The ranks under torchrun, or one. Every rank plans each iteration from the same seeded
+    generator, samples its contiguous share and all-gathers the rewards, so advantages come from
+    the whole batch and a group spanning ranks is normalised whole (per rank would bias the
+    baseline); each rank then trains on its share."""
+
     def __init__(self, device_flag):
         self.ddp = "RANK" in os.environ
         self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         cuda = torch.cuda.is_available() and not device_flag.startswith("cpu")
-        if self.ddp:
-            self.device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if cuda else "cpu")
-        else:
-            self.device = torch.device(device_flag or ("cuda" if cuda else "cpu"))
+        default = (f"cuda:{os.environ['LOCAL_RANK']}" if self.ddp else "cuda") if cuda else "cpu"
+        self.device = torch.device(device_flag if device_flag and not self.ddp else default)
         self.master = self.rank == 0
 
     def start(self):
@@ -183,8 +174,7 @@ class Ranks:
 
 def agree_on_failure(failure, ranks):
     """Raise RunError on every rank together if `failure` (this rank's error text or None) is set on
-    any: a rank failing alone would leave the others waiting in their next collective forever.
-    Rank 0 prints the run's error; another rank prints its own here."""
+    any: a rank failing alone would leave the others waiting in their next collective forever."""
     failed = ranks.gather(torch.tensor([failure is not None]))
     if failed.any():
         if failure and not ranks.master:
@@ -212,48 +202,47 @@ class Run:
     prompts: policy.PromptBank  # train prompts, then test prompts
     train_prompts: list
     test_prompts: list
-    budget: int  # trajectories per iteration over all ranks
 
     def velocity(self, model, cond, batch_size):
         return policy.guided_velocity(model, cond, self.cfg.guidance_scale, self.dtype, batch_size, self.autocast)
 
 
-# ----------------------------------------------------------------------------------
-# One iteration: sample, score, credit, update
-
-
 def plan_iteration(run, it, tracker):
-    """The iteration's prompts, group sizes and initial noise, the same on every rank."""
-    plan = generator(run.cfg.seed, it, "plan")
-    K = run.cfg.prompts_per_iter
+    """The iteration's prompts, each trajectory's group and the initial noise, the same on every rank,
+    and the logs of the draw (under a tracker: its uncertainties before this iteration's update)."""
+    plan, K = generator(run.cfg.seed, it, "plan"), run.cfg.prompts_per_iter
     prompt_ids = minflow.choose_prompts(run.algo, len(run.train_prompts), K, tracker, plan)
-    sizes = minflow.allocate_groups(run.algo, K, run.budget, tracker, prompt_ids)
+    sizes = minflow.allocate_groups(run.algo, K, run.cfg.budget, tracker, prompt_ids)
     latent = run.cfg.resolution // 8
     noise = minflow.initial_noise(sizes, (run.pipe.transformer.config.in_channels, latent, latent),
                                   run.algo.shared_noise, plan)
-    return prompt_ids, sizes, torch.repeat_interleave(torch.arange(K), sizes), noise
+    logs = {"prompt_ids": prompt_ids.tolist(), "distinct_prompts": len(prompt_ids.unique()),
+            "group_sizes": sizes.tolist()}
+    if tracker is not None:
+        pool = tracker.uncertainty(torch.arange(len(tracker.visits)))
+        logs.update(drawn_uncertainty=pool[prompt_ids].mean().item(), pool_uncertainty=pool.mean().item(),
+                    prompts_seen=int((tracker.visits > 0).sum()))
+    return prompt_ids, torch.repeat_interleave(torch.arange(K), sizes), noise, logs
 
 
 def sample_and_score(run, it, tracker):
     """Roll out this rank's share of the groups and score it (for gains also the states the trained
     gains need) -> (local trajectories, conditioning, advantages [b, T], logs)."""
-    timer, cfg, ranks = time.perf_counter(), run.cfg, run.ranks
-    prompt_ids, sizes, group_ids, noise = plan_iteration(run, it, tracker)
-    logs = prompt_draw_logs(prompt_ids, tracker)  # the tracker as the draw saw it, before this update
-    mine = ranks.share(run.budget)
+    timer, cfg, ranks, budget = time.perf_counter(), run.cfg, run.ranks, run.cfg.budget
+    prompt_ids, group_ids, noise, logs = plan_iteration(run, it, tracker)
+    mine = ranks.share(budget)
     index = prompt_ids[group_ids[mine]]
-    texts = [run.train_prompts[i][0] for i in index.tolist()]
-    metadata = [run.train_prompts[i][1] for i in index.tolist()]
+    prompts = [run.train_prompts[i] for i in index.tolist()]
     cond = run.prompts(index)
     velocity = run.velocity(run.pipe.transformer, cond, cfg.sample_batch)
     images_seen = []
 
     def score(latents, traj_index, total_only=False):
         """Decode here, then score: the worker pool scores while this process goes on sampling."""
-        images, rows = policy.decode(run.pipe.vae, latents, cfg.sample_batch), traj_index.tolist()
+        images, chosen = policy.decode(run.pipe.vae, latents, cfg.sample_batch), [prompts[i] for i in traj_index]
         if not total_only:
             images_seen.append(policy.image_statistics(images))
-        return run.reward.submit(images, [texts[i] for i in rows], [metadata[i] for i in rows], total_only)
+        return run.reward.submit(images, [p for p, _ in chosen], [m for _, m in chosen], total_only)
 
     failure, along = None, None
     try:  # a reward failing on one rank stops every rank together (agree_on_failure)
@@ -267,37 +256,36 @@ def sample_and_score(run, it, tracker):
                 along = [(b, k, score(x0, b, total_only=True)) for b, k, x0 in minflow.clean_estimate_passes(
                     velocity, traj, run.algo.substeps, minflow.needed_states(traj.stds), groups, cfg.sample_batch)]
             results = [pending.result() for _, pending in finals]  # the chunks in order
-            local_rewards, terms = torch.cat([r[0] for r in results]), {k: torch.cat([r[1][k] for r in results])
-                                                                         for k in results[0][1]}
+            local = {"": torch.cat([total for total, _ in results]),
+                     **{f"_{k}": torch.cat([terms[k] for _, terms in results]) for k in results[0][1]}}
             if along is not None:
                 along = minflow.reward_table(traj.xs.shape[1], [(b, k, p.result()) for b, k, p in along],
-                                             local_rewards, groups)
+                                             local[""], groups)
     except RewardError as error:
         failure = str(error)
     agree_on_failure(failure, ranks)
-    if not torch.equal(ranks.gather(index, run.budget), prompt_ids[group_ids]):
+    if not torch.equal(ranks.gather(index, budget), prompt_ids[group_ids]):
         raise RunError("ranks disagree on the iteration's prompts; check that every rank runs the same flags")
-    gathered = {key: ranks.gather(value.float().cpu(), run.budget) for key, value in
-                {"": local_rewards, **{f"_{k}": v for k, v in terms.items()}}.items()}
-    stats = {k: ranks.gather(torch.cat([s[k] for s in images_seen]), run.budget).mean().item() for k in images_seen[0]}
-    along = None if along is None else ranks.gather(along, run.budget)
+    gathered = {key: ranks.gather(value.float().cpu(), budget) for key, value in local.items()}
+    stats = {k: ranks.gather(torch.cat([s[k] for s in images_seen]), budget).mean().item() for k in images_seen[0]}
+    along = None if along is None else ranks.gather(along, budget)
     logs["seconds_reward"] = time.perf_counter() - timer
     adv, credit_logs = credit(run, it, tracker, prompt_ids[group_ids], group_ids, traj.stds, gathered, along)
-    logs.update(**credit_logs, **stats, group_sizes=sizes.tolist())
+    logs.update(**credit_logs, **stats)
     return traj, cond, adv[mine], logs
 
 
 def credit(run, it, tracker, ids, group_ids, stds, rewards, along):
-    """The advantages [budget, T] from the gathered rewards (key "" the total, "_name" each term),
-    the tracker's update, and the reward logs. Samples with a NaN or infinite reward are dropped
-    (advantage 0, in no statistic); `along` is NaN at the states no trained gain needs."""
+    """The advantages [budget, T] from the gathered rewards (key "" the total, "_name" each term), the
+    tracker's update and the reward logs. A sample with a NaN or infinite reward is dropped (advantage
+    0, in no statistic); `along` is NaN at the states no trained gain needs."""
     total = rewards[""]
     used = None if along is None else along[:, minflow.needed_states(stds)]
     valid = torch.isfinite(total) & (True if used is None else torch.isfinite(used).all(1))
     if not valid.any():
         raise RunError(f"iteration {it + 1}: every reward is NaN or infinite; check the reward function")
     baseline = tracker.baseline(ids[valid]) if run.algo.baseline == "tracker" else None
-    adv = torch.zeros(run.budget, len(stds))
+    adv = torch.zeros(run.cfg.budget, len(stds))
     adv[valid] = minflow.step_advantages(run.algo, total[valid], group_ids[valid], stds,
                                          None if along is None else along[valid], baseline)
     logs = {"reward_mean": total[valid].mean().item(), "reward_std": total[valid].std(unbiased=False).item(),
@@ -307,16 +295,6 @@ def credit(run, it, tracker, ids, group_ids, stds, rewards, along):
         tracker.update(ids[valid], total[valid])
         logs["tracker_clipped"] = tracker.clipped
     return adv, logs
-
-
-def prompt_draw_logs(prompt_ids, tracker):
-    """The draw, and under a tracker how uncertain the drawn prompts are next to the whole pool."""
-    logs = {"prompt_ids": prompt_ids.tolist(), "distinct_prompts": len(prompt_ids.unique())}
-    if tracker is not None:
-        pool = tracker.uncertainty(torch.arange(len(tracker.visits)))
-        logs.update(drawn_uncertainty=pool[prompt_ids].mean().item(), pool_uncertainty=pool.mean().item(),
-                    prompts_seen=int((tracker.visits > 0).sum()))
-    return logs
 
 
 def optimise(run, it, state, traj, cond, adv):
@@ -362,12 +340,7 @@ def optimise(run, it, state, traj, cond, adv):
 def train_pass(run, cond, rows, weight):
     """One forward pass of the loss over a micro-batch of transitions -> (loss, stats)."""
     step_cond, transformer = cond.select(rows["sample"]), run.pipe.transformer
-    reference = run.velocity(transformer, step_cond, None)
-
-    def ref_velocity(x, t):
-        with policy.adapter_disabled(transformer):
-            return reference(x, t)
-
+    ref_velocity = policy.reference_velocity(transformer, run.velocity(transformer, step_cond, None))
     rows = {k: v.to(run.ranks.device) for k, v in rows.items() if k != "sample"}
     return minflow.policy_loss(run.velocity(run.model, step_cond, None), rows, run.algo, run.cfg.clip_range,
                                run.cfg.beta, ref_velocity, weight.to(run.ranks.device))
@@ -399,10 +372,9 @@ def evaluate(run, it, out, mirror):
     if ranks.master:
         cols = math.ceil(math.sqrt(len(grid)))
         grid = torch.cat([grid, torch.zeros((-len(grid) % cols, *grid.shape[1:]), dtype=torch.uint8)])
-        pixels, png = rearrange(grid, "(r c) ch h w -> (r h) (c w) ch", c=cols).numpy(), io.BytesIO()
+        pixels = rearrange(grid, "(r c) ch h w -> (r h) (c w) ch", c=cols).numpy()
         (out / "eval").mkdir(exist_ok=True)
-        Image.fromarray(pixels).save(png, format="PNG")
-        cli.atomic_write(out / "eval" / f"iter_{it:06d}.png", png.getvalue())
+        cli.atomic_write(out / "eval" / f"iter_{it:06d}.png", encoded(Image.fromarray(pixels), format="PNG"))
         mirror.image("eval_grid", pixels, it)
     return logs
 
@@ -412,10 +384,9 @@ def check_before_loading(argv):
     to resume or None, the run's identity, the model's default resolution)."""
     cfg, algo, train_prompts, test_prompts = parse_args(argv)
     ranks = Ranks(cfg.device)
-    budget = cfg.group_size * cfg.prompts_per_iter
-    if budget < ranks.world:
+    if cfg.budget < ranks.world:
         raise cli.FlagError(f"--prompts_per_iter={cfg.prompts_per_iter}: expected group_size x prompts_per_iter "
-                            f"(now {budget}) to be at least the {ranks.world} ranks")
+                            f"(now {cfg.budget}) to be at least the {ranks.world} ranks")
     identity = {"model": cfg.model, "lora_rank": cfg.lora_rank, "algorithm": asdict(algo)}
     out = Path(cfg.out)
     # A folder with a checkpoint holds a run to continue, not to overwrite. (A log alone is a
@@ -427,27 +398,12 @@ def check_before_loading(argv):
         raise ValueError(f"--resume={cfg.resume}: no complete checkpoint there")
     if resume_from:
         checkpoint.check_identity(resume_from, identity)
-    config = models.transformer_config(cfg.model)
-    default_resolution = min(512, config["sample_size"] * 8)  # the model's own, at most Flow-GRPO's 512 px
-    cfg = replace(cfg, resolution=cfg.resolution or default_resolution)
-    side = cfg.resolution // 8 // config["patch_size"]
-    if side > config["pos_embed_max_size"]:
-        raise ValueError(f"--resolution={cfg.resolution} needs {side} patches a side; this model takes at most "
-                         f"{config['pos_embed_max_size']} ({config['pos_embed_max_size'] * 8 * config['patch_size']} px)")
+    resolution, default_resolution = models.resolution(cfg.model, cfg.resolution)
+    cfg = replace(cfg, resolution=resolution)
     out.mkdir(parents=True, exist_ok=True)
     (out / f".write-test-{ranks.rank}").write_bytes(b"")
     (out / f".write-test-{ranks.rank}").unlink()
     return cfg, algo, train_prompts, test_prompts, ranks, resume_from, identity, default_resolution
-
-
-def print_memory_estimate(cfg, device):
-    """What the run will hold on the accelerator, from the model's configs, before the weights load."""
-    dtype = models.autocast_dtype(cfg.mixed_precision, device) or torch.float32
-    rows = models.memory_estimate(cfg.model, cfg.resolution, cfg.train_batch, cfg.lora_rank,
-                                  cfg.text_encoders == "keep", dtype)
-    total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
-    print(models.format_memory_table(rows, total) if rows else
-          "memory estimate: skipped (the model's config files are not in the local Hugging Face cache)")
 
 
 def build(cfg, algo, train_prompts, test_prompts, ranks):
@@ -471,21 +427,20 @@ def build(cfg, algo, train_prompts, test_prompts, ranks):
         policy.LoraEMA(params, cfg.ema_decay, cfg.ema_every) if cfg.ema_decay > 0 else None)
     model = DDP(transformer, device_ids=[ranks.device.index] if ranks.device.type == "cuda" else None) \
         if ranks.ddp else transformer
-    return Run(cfg, algo, pipe, model, dtype, autocast, ranks, reward, prompts, train_prompts, test_prompts,
-               cfg.group_size * cfg.prompts_per_iter), state
+    return Run(cfg, algo, pipe, model, dtype, autocast, ranks, reward, prompts, train_prompts, test_prompts), state
 
 
 def describe_run(run, state, start, default_resolution):
     """The start-up lines: the batch arithmetic, resolution, algorithm and tracker."""
-    cfg, algo, world = run.cfg, run.algo, run.ranks.world
-    per, extra = divmod(run.budget, world)
+    cfg, algo, world, budget = run.cfg, run.algo, run.ranks.world, run.cfg.budget
+    per, extra = divmod(budget, world)
     sigmas = minflow.sd3_sigmas(cfg.num_steps)
     trained = int(minflow.trained_steps(minflow.step_std(sigmas[:-1], sigmas[1:], algo.sampler, algo.noise_level,
                                                          algo.ddim_noise)).sum())
     spread = f"{per}-{per + 1} ({per + 1} on the first {extra}, {per} on the rest)" if extra else f"{per}"
     print(f"batch: {cfg.prompts_per_iter} prompts x {'mean ' if algo.group_sizing != 'fixed' else ''}{cfg.group_size} = "
-          f"{run.budget} trajectories per iteration, {world} rank(s) x {spread}; {trained} of {cfg.num_steps} steps "
-          f"trained -> up to {run.budget * trained} transitions per iteration in {cfg.minibatches} optimiser steps of "
+          f"{budget} trajectories per iteration, {world} rank(s) x {spread}; {trained} of {cfg.num_steps} steps "
+          f"trained -> up to {budget * trained} transitions per iteration in {cfg.minibatches} optimiser steps of "
           f"micro-batches of {cfg.train_batch}; {len(run.train_prompts)} train / {len(run.test_prompts)} test prompts; "
           f"{str(run.dtype).removeprefix('torch.')}; {sum(p.numel() for p in state.params) / 1e6:.2f}M LoRA "
           f"parameters; from iteration {start}")
@@ -501,41 +456,38 @@ def describe_run(run, state, start, default_resolution):
 
 
 def train_loop(run, state, start, log, save, evaluated):
-    """The RL iterations -> (failure, the newest saved iteration). A failure all ranks agree on (a
-    reward failing on any rank, NaN rewards or gradients) ends the loop on every rank together,
-    as (error, iterations completed)."""
+    """The RL iterations -> (failure or None, the newest saved iteration). A failure all ranks agree
+    on (a reward failing on any rank, NaN rewards or gradients) ends the loop on every rank
+    together, as (error, iterations completed)."""
     cfg, ranks, ema = run.cfg, run.ranks, state.ema
     stop = {"signal": 0}
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: stop.update(signal=signum))
-    saved, bad_steps, failure = start, 0, None
+    saved, bad_steps = start, 0
     for it in tqdm(range(start, cfg.iters), disable=not ranks.master, desc="RL iterations"):
         try:  # a RunError from sampling and scoring comes before the iteration changes any state
             traj, cond, adv, logs = sample_and_score(run, it, state.tracker)
         except RunError as error:
-            failure = (error, it)
-            break
-        timer = time.perf_counter()
+            return (error, it), saved
+        timer, failure, done = time.perf_counter(), None, it + 1
         logs.update(optimise(run, it, state, traj, cond, adv), seconds_training=time.perf_counter() - timer)
         for skipped in logs["skipped_steps"]:
             if ema and not skipped:
                 ema.step()
             bad_steps = bad_steps + 1 if skipped else 0
-            if bad_steps >= cfg.max_bad_steps:
+            if bad_steps >= cfg.max_bad_steps:  # the iteration ran (its updates skipped): it counts as done
+                failure = (RunError(f"{bad_steps} optimiser steps in a row had a NaN or infinite gradient (all "
+                                    f"skipped); lower --lr, or check the rewards and --mixed_precision"), done)
                 break
-        done = it + 1
         evaluating = (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.iters
         if evaluating:
             try:
                 logs.update(evaluated(done))
             except RunError as error:  # the iteration trained: it is logged and saved without its evaluation
-                failure = (error, done)
+                failure = failure or (error, done)
         log(done, logs, draw=evaluating)
-        if bad_steps >= cfg.max_bad_steps:  # the iteration ran (its updates skipped): it counts as done
-            failure = (RunError(f"{bad_steps} optimiser steps in a row had a NaN or infinite gradient (all skipped); "
-                                f"lower --lr, or check the rewards and --mixed_precision"), done)
         if failure:
-            break
+            return failure, saved
         interrupted = ranks.gather(torch.tensor([stop["signal"]]))  # every rank stops together
         if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.iters or interrupted.any():
             saved = save(done)
@@ -543,7 +495,7 @@ def train_loop(run, state, start, log, save, evaluated):
             if ranks.master:
                 print(f"stopped by signal {int(interrupted.max())} after iteration {done}; checkpoint saved")
             break
-    return failure, saved
+    return None, saved
 
 
 def main(argv):
@@ -553,8 +505,11 @@ def main(argv):
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     ranks.start()
-    if ranks.master:
-        print_memory_estimate(cfg, ranks.device)
+    if ranks.master:  # what the run will hold on the accelerator, from the model's configs alone
+        print(models.format_memory_table(models.memory_estimate(
+            cfg.model, cfg.resolution, cfg.train_batch, cfg.lora_rank, cfg.text_encoders == "keep",
+            models.autocast_dtype(cfg.mixed_precision, ranks.device) or torch.float32),
+            torch.cuda.get_device_properties(ranks.device).total_memory if ranks.device.type == "cuda" else None))
     torch.manual_seed(cfg.seed)  # only the LoRA's initial weights draw from the global generator
     run, state = build(cfg, algo, train_prompts, test_prompts, ranks)
     start = checkpoint.load(resume_from, state, identity) if resume_from else 0

@@ -127,7 +127,7 @@ def test_sd35m_random_path_runs_on_a_shrunken_config(monkeypatch):
 
 def test_bad_flags_stop_with_one_line():
     for argv, message in ((["--model=sd x"], "--model=sd x: expected tiny, sd35m-random"),
-                          (["--resolution=100"], "multiple of 16"), (["--resolution=1024"], "at most 512"),
+                          (["--resolution=100"], "multiple of 16"), (["--resolution=1024"], "needs 64 patches a side; this model takes at most 32 (512 px)"),
                           (["--mixed_precision=fp8"], "--mixed_precision"), (["--steps=3"], "unknown flag --steps")):
         with pytest.raises(SystemExit) as stop:
             bench.main(argv)

@@ -1,6 +1,6 @@
 """Every flag of sd35's commands declares what it accepts, and hostile values get either that
 or one line that names the flag: sd35/train.py (its Config and the minflow.Algorithm axes it
-takes as flags), sd35/kill_soak.py, sd35/bench.py and sd35/curves.py.
+takes as flags), tests/kill_soak.py, sd35/bench.py and sd35/curves.py.
 
 A value is "accepted" when the command's own parser returns settings holding it; then the
 command would run, which these tests do not do. A refused value must make `main` exit with
@@ -18,13 +18,14 @@ from hypothesis import HealthCheck, given, settings
 import cli
 import minflow
 from flag_values import EDGE_CASES, field_names, hostile_values, refusal_problems, undeclared
-from sd35 import bench, curves, kill_soak, models
+import kill_soak
+from sd35 import bench, curves, models
 from sd35 import train as sd35_train
 
 COMMANDS = {  # name -> (settings classes whose fields are its flags, parser, main)
     "train": ((sd35_train.Config, minflow.Algorithm), sd35_train.parse_args, sd35_train.main),
     "kill_soak": ((kill_soak.Settings,), lambda argv: cli.read_flags(kill_soak.Settings, argv), kill_soak.main),
-    "bench": ((bench.Settings,), bench.parse_settings, bench.main),
+    "bench": ((bench.Settings,), lambda argv: cli.read_flags(bench.Settings, argv), bench.main),
     "curves": ((curves.Settings,), lambda argv: cli.read_flags(curves.Settings, argv), curves.main),
 }
 FIELDS = [(command, name) for command, (classes, _, _) in COMMANDS.items() for cls in classes for name in field_names(cls)]

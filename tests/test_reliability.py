@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 import cli
 import minflow
-from sd35 import checkpoint, kill_soak, models, rewards
+import kill_soak
+from sd35 import checkpoint, models, rewards
 from sd35.curves import read_log
 from sd35 import train as sd35_train
 

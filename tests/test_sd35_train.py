@@ -61,12 +61,8 @@ def test_on_policy_ratio_is_exactly_one_through_the_transformer(sampler):
     velocity = policy.guided_velocity(pipe.transformer, cond, 4.5, torch.float32)
     sigmas = minflow.sd3_sigmas(5)
     traj = minflow.rollout(velocity, torch.randn(3, 16, 8, 8), sigmas, sampler, 0.7, torch.Generator().manual_seed(0))
-    reference = policy.guided_velocity(pipe.transformer, cond, 4.5, torch.float32)
-
-    def ref_velocity(x, t):
-        with policy.adapter_disabled(pipe.transformer):
-            return reference(x, t)
-
+    ref_velocity = policy.reference_velocity(pipe.transformer,
+                                             policy.guided_velocity(pipe.transformer, cond, 4.5, torch.float32))
     algo = minflow.Algorithm(sampler=sampler)
     for k in torch.nonzero(minflow.trained_steps(traj.stds))[:, 0]:
         rows = {"x": traj.xs[:, k], "x_next": traj.xs[:, k + 1], "t": sigmas[k], "t_next": sigmas[k + 1],
@@ -270,9 +266,10 @@ def _gradient_step(rank, world, port, result_path):
     adv[1::5] = 0  # samples without signal: their rows are skipped, so the ranks hold unequal row counts
     mine = ranks.share(n)
     local = minflow.Trajectory(traj.xs[mine], traj.log_probs[mine], traj.stds, traj.sigmas)
-    cfg = sd35_train.Config(minibatches=1, train_batch=16, grad_clip=1e9, beta=0.05, guidance_scale=4.5)
+    cfg = sd35_train.Config(minibatches=1, train_batch=16, grad_clip=1e9, beta=0.05, guidance_scale=4.5,
+                            group_size=8, prompts_per_iter=n // 8)
     model = torch.nn.parallel.DistributedDataParallel(pipe.transformer)
-    run = sd35_train.Run(cfg, minflow.Algorithm(), pipe, model, torch.float32, None, ranks, None, None, [], [], n)
+    run = sd35_train.Run(cfg, minflow.Algorithm(), pipe, model, torch.float32, None, ranks, None, None, [], [])
     before = [p.detach().clone() for p in params]
     state = checkpoint.TrainState(pipe.transformer, torch.optim.SGD(params, lr=1.0),
                                   torch.amp.GradScaler("cpu", enabled=False))

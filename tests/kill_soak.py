@@ -1,8 +1,8 @@
 """Kill soak: SIGKILL a tiny CPU training run at random moments, resume it every time, and check
 that a kill never costs more than the work since the last checkpoint.
 
-    python sd35/kill_soak.py                       # 25 kills
-    python sd35/kill_soak.py --kills=100 --iters=120
+    python tests/kill_soak.py                       # 25 kills
+    python tests/kill_soak.py --kills=100 --iters=120
 
 A reference run goes uninterrupted; the same run is SIGKILLed after random delays and resumed
 `kills` times, then left to finish. After every kill each complete checkpoint must load and
@@ -27,7 +27,7 @@ import cli  # noqa: E402
 from cli import flag  # noqa: E402
 from sd35 import checkpoint  # noqa: E402
 
-TRAIN = Path(__file__).resolve().parent / "train.py"
+TRAIN = Path(__file__).resolve().parents[1] / "sd35" / "train.py"
 RUN = ["--model=tiny", "--resolution=64", "--num_steps=4", "--eval_num_steps=2", "--eval_images=2", "--eval_every=3",
        "--prompts=general", "--reward=jpeg_compressibility", "--prompts_per_iter=2", "--group_size=4", "--save_every=1",
        "--algo=superflow"]
