@@ -212,8 +212,9 @@ def main(argv):
     torch.set_num_threads(1)
     started = time.perf_counter()
     study = run(scfg, flow.pretrain())
+    machine = hardware()
     results = {"command": " ".join(["python toy/study.py", *argv]), "config": asdict(scfg), "rewards": study,
-               "machine": hardware(), "hardware": f"{hardware()}, one thread a run, {scfg.workers} worker processes",
+               "machine": machine, "hardware": f"{machine}, one thread a run, {scfg.workers} worker processes",
                "tuning": tuning_stamp(scfg), "seconds": time.perf_counter() - started}
     out, target = Path(scfg.out), tune.ROOT / scfg.write
     try:
