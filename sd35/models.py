@@ -1,18 +1,26 @@
 """The one place that builds or loads a model (load_pipeline), what it will cost in accelerator
 memory before any weight loads (memory_estimate), and the one decision of --mixed_precision.
-"sd35m-random" is SD3.5-Medium's architecture at its real sizes with random weights (speed and
-memory do not depend on weight values) and tiny.py's tokenizers."""
+Two models are described in code and built with random weights: "tiny", the structure of
+SD3.5-Medium (three text encoders, an MMDiT with dual-attention blocks and RMS q/k-norm, a
+16-channel VAE, a shifted flow-matching scheduler) at toy sizes, for tests and CPU runs, and
+"sd35m-random", that architecture at its real sizes (speed and memory do not depend on weight
+values). Both tokenize per character: their text encoders have no trained vocabulary to match.
+The comments say which sizes must agree."""
 import re
+import string
 from pathlib import Path
 from unittest import mock
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers.models import WordLevel
+from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, PreTrainedTokenizerFast, T5Config,
+                          T5EncoderModel)
 
 from cli import text_range
-from sd35 import policy, tiny
+from sd35 import policy
 
 MODEL = text_range("tiny, sd35m-random, a local diffusers folder or a hub id (owner/name)",
                    lambda v: v in ("tiny", "sd35m-random") or v != "" and Path(v).is_dir()
@@ -20,6 +28,67 @@ MODEL = text_range("tiny, sd35m-random, a local diffusers folder or a hub id (ow
 MIXED_PRECISION = ("auto", "fp16", "bf16", "no")  # the --mixed_precision flag's range
 RESOLUTION = text_range("0 (the model's own default) or a positive multiple of 16 (VAE 8x, patch 2)",
                         lambda v: isinstance(v, int) and v >= 0 and v % 16 == 0)  # the --resolution flag's range
+
+# Token ids shared by all three tokenizers. CLIP pools the hidden state at the first EOS token;
+# transformers treats eos_token_id == 2 as a legacy config and pools at the largest token id
+# instead, so EOS must not be id 2.
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>"]
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = range(len(SPECIAL_TOKENS))
+# Prompts are lowercased before tokenising, so lowercase letters suffice.
+CHARACTERS = string.ascii_lowercase + string.digits + string.punctuation + " "
+VOCAB = {token: i for i, token in enumerate(SPECIAL_TOKENS + list(CHARACTERS))}
+CLIP_MAX_LENGTH = 77  # SD3 pads both CLIP prompts to exactly 77 tokens
+T5_MAX_LENGTH = 512  # the pipeline refuses max_sequence_length above 512 anyway
+TEXT_TOKENS = CLIP_MAX_LENGTH + 256  # CLIP's 77 and T5's 256 (policy.encode_prompts)
+# What the tokenizers fix in the text encoders' configs.
+CLIP_TOKENS = dict(pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
+                   max_position_embeddings=CLIP_MAX_LENGTH)
+T5_TOKENS = dict(pad_token_id=PAD_ID, eos_token_id=EOS_ID)
+
+
+def char_tokenizer(max_length: int, add_bos: bool) -> PreTrainedTokenizerFast:
+    """A lowercase, one-token-per-character tokenizer built in memory: <eos> ends each sequence,
+    CLIP-style ones (add_bos) start with <bos>, <pad> pads on the right (to max_length if asked)."""
+    tok = Tokenizer(WordLevel(vocab=VOCAB, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    # Every single character is its own "word" for the WordLevel model.
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()  # join characters back without spaces
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A <eos>" if add_bos else "$A <eos>",
+                                                       special_tokens=[("<bos>", BOS_ID), ("<eos>", EOS_ID)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<pad>", unk_token="<unk>", padding_side="right",
+                                   model_max_length=max_length)
+
+
+def tiny_configs():
+    """{part: config} of a tiny SD3.5-shaped pipeline (under 100k parameters): an MMDiT of 2 heads
+    x 8 and 3 layers (2 dual), a 4-level VAE (8x) with 16 latent channels, so that a 64-pixel
+    image is 8x8 latents, 4x4 = 16 image tokens; CLIP widths 8 and 16 stand in for 768 and 1280."""
+    clip = dict(vocab_size=len(VOCAB), num_attention_heads=2, num_hidden_layers=2, projection_dim=8,
+                **CLIP_TOKENS)  # SD3 reads the penultimate hidden state
+    return {
+        "transformer": dict(
+            sample_size=8,  # default latent side: 8 latents = 64 pixels
+            patch_size=2, in_channels=16, out_channels=16, num_layers=3, num_attention_heads=2, attention_head_dim=8,
+            joint_attention_dim=32,  # text tokens arrive at T5's width, which must be >= the CLIP widths' sum
+            caption_projection_dim=16,  # heads x head_dim: text and image tokens share the width
+            pooled_projection_dim=16,  # the two CLIP projections side by side
+            pos_embed_max_size=32,  # supports latents up to 64 (512 px): 32 patches a side
+            dual_attention_layers=(0, 1), qk_norm="rms_norm"),
+        "vae": dict(
+            in_channels=3, out_channels=3, latent_channels=16,
+            # Four levels give the real VAE's 8x downsampling (2 ** (levels - 1)).
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
+            use_quant_conv=False, use_post_quant_conv=False,
+            scaling_factor=1.5305, shift_factor=0.0609),  # the real SD3.5 VAE's normalisation
+        "text_encoder": CLIPTextConfig(hidden_size=8, intermediate_size=16, **clip),
+        "text_encoder_2": CLIPTextConfig(hidden_size=16, intermediate_size=32, **clip),
+        "text_encoder_3": T5Config(vocab_size=len(VOCAB), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                   **T5_TOKENS),
+    }
+
 
 # stabilityai/stable-diffusion-3.5-medium, transformer/config.json and vae/config.json.
 SD35_MEDIUM_TRANSFORMER_CONFIG = dict(
@@ -43,7 +112,6 @@ PARTS = {"transformer": SD3Transformer2DModel, "vae": AutoencoderKL,
          "text_encoder": CLIPTextModelWithProjection, "text_encoder_2": CLIPTextModelWithProjection,
          "text_encoder_3": T5EncoderModel}
 TEXT_ENCODERS = {"text_encoder": "CLIP-L", "text_encoder_2": "CLIP-G", "text_encoder_3": "T5"}
-TEXT_TOKENS = tiny.CLIP_MAX_LENGTH + 256  # CLIP's 77 and T5's 256 (policy.encode_prompts)
 
 
 def autocast_dtype(mixed_precision, device):
@@ -58,22 +126,23 @@ def autocast_dtype(mixed_precision, device):
 
 
 def sd35m_configs():
-    clip = dict(max_position_embeddings=tiny.CLIP_MAX_LENGTH, **tiny.CLIP_TOKENS)
     return {"transformer": SD35_MEDIUM_TRANSFORMER_CONFIG, "vae": SD35_VAE_CONFIG,
-            "text_encoder": CLIPTextConfig(**CLIP_L, **clip),
-            "text_encoder_2": CLIPTextConfig(**CLIP_G, **clip),
-            "text_encoder_3": T5Config(**T5_XXL, **tiny.T5_TOKENS)}
+            "text_encoder": CLIPTextConfig(**CLIP_L, **CLIP_TOKENS),
+            "text_encoder_2": CLIPTextConfig(**CLIP_G, **CLIP_TOKENS),
+            "text_encoder_3": T5Config(**T5_XXL, **T5_TOKENS)}
 
 
-CONFIGS = {"tiny": tiny.configs, "sd35m-random": sd35m_configs}  # the models described in code
+CONFIGS = {"tiny": tiny_configs, "sd35m-random": sd35m_configs}  # the models described in code
 
 
-def keep_fp32(module, dtype):
-    """As transformers' from_pretrained does in float16: the modules a class names in
-    _keep_in_fp32_modules (T5's feed-forward outputs, which overflow float16) stay float32."""
+def freeze(module, dtype):
+    """`module` frozen, in eval mode; in float16, as transformers' from_pretrained does, the modules
+    its class names in _keep_in_fp32_modules (T5's feed-forward outputs, which overflow float16)
+    are float32."""
     names = getattr(module, "_keep_in_fp32_modules", None) or () if dtype == torch.float16 else ()
     for sub in (sub for name, sub in module.named_modules() if name.rsplit(".", 1)[-1] in names):
         sub.float()
+    return module.requires_grad_(False).eval()
 
 
 def build_parts(configs, device, dtype, seed=None):
@@ -90,25 +159,27 @@ def build_parts(configs, device, dtype, seed=None):
                      else PARTS[name](c) for name, c in configs.items()}
     finally:
         torch.set_default_dtype(previous)
-    for module in parts.values():
-        keep_fp32(module, dtype)
-        module.requires_grad_(False).eval()
-    return parts
+    return {name: freeze(module, dtype) for name, module in parts.items()}
 
 
 def load_pipeline(model, dtype, device) -> StableDiffusion3Pipeline:
     """A model described in code (CONFIGS) with random weights, else a local diffusers folder or a
     hub id through from_pretrained; every part frozen, eval, in `dtype`. tiny is built on the CPU
-    from seed 0, so every device and run gets the same weights; sd35m-random is made on `device`."""
+    from seed 0, so every device and run gets the same weights; sd35m-random is made on `device`.
+    Those described in code get the per-character tokenizers and SD3.5's scheduler."""
     if model in CONFIGS:
         seed = 0 if model == "tiny" else None
-        pipe = tiny.assemble(**build_parts(CONFIGS[model](), "cpu" if seed == 0 else device, dtype, seed)).to(device)
+        parts = build_parts(CONFIGS[model](), "cpu" if seed == 0 else device, dtype, seed)
+        pipe = StableDiffusion3Pipeline(
+            **parts, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),  # SD3.5's timestep shift
+            tokenizer=char_tokenizer(CLIP_MAX_LENGTH, add_bos=True),
+            tokenizer_2=char_tokenizer(CLIP_MAX_LENGTH, add_bos=True),
+            tokenizer_3=char_tokenizer(T5_MAX_LENGTH, add_bos=False)).to(device)
     else:
         pipe = StableDiffusion3Pipeline.from_pretrained(model, torch_dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     for name in PARTS:
-        keep_fp32(getattr(pipe, name), dtype)
-        getattr(pipe, name).requires_grad_(False).eval()
+        freeze(getattr(pipe, name), dtype)
     return pipe
 
 
@@ -147,6 +218,17 @@ class FusedAttentionSaves(torch.autograd.Function):
         return out
 
 
+def meta_forward(transformer, resolution, rows, dtype):
+    """One forward pass of `transformer` on the meta device, of `rows` rows at `resolution` px with
+    TEXT_TOKENS text tokens: every layer runs at its real shapes, nothing is allocated or computed."""
+    c, side = transformer.config, resolution // 8
+    with torch.device("meta"):
+        transformer(hidden_states=torch.empty(rows, c.in_channels, side, side, dtype=dtype),
+                    timestep=torch.empty(rows), return_dict=False,
+                    pooled_projections=torch.empty(rows, c.pooled_projection_dim, dtype=dtype),
+                    encoder_hidden_states=torch.empty(rows, TEXT_TOKENS, c.joint_attention_dim, dtype=dtype))
+
+
 def activation_bytes(transformer, resolution, rows, dtype):
     """Bytes autograd saves for backward in one forward of `transformer` (on the meta device, LoRA
     attached) of `rows` rows at `resolution` px: each storage once, no weights."""
@@ -156,18 +238,13 @@ def activation_bytes(transformer, resolution, rows, dtype):
         storage = tensor.untyped_storage()
         if storage._cdata not in weights:
             saved[storage._cdata] = storage.nbytes()
-        return tensor  # kept alive until counted, so no storage address is reused
+        return tensor  # the graph keeps it through the forward, so no storage address is reused
 
-    c, side = transformer.config, resolution // 8
     fused = mock.patch.object(F, "scaled_dot_product_attention",
                               lambda q, k, v, *args, **kwargs: FusedAttentionSaves.apply(q, k, v))
-    with torch.device("meta"), fused, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        transformer(hidden_states=torch.empty(rows, c.in_channels, side, side, dtype=dtype),
-                    timestep=torch.empty(rows), return_dict=False,
-                    pooled_projections=torch.empty(rows, c.pooled_projection_dim, dtype=dtype),
-                    encoder_hidden_states=torch.empty(rows, TEXT_TOKENS, c.joint_attention_dim,
-                                                      dtype=dtype))
-        return sum(saved.values())
+    with fused, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        meta_forward(transformer, resolution, rows, dtype)
+    return sum(saved.values())
 
 
 def resolution(model, requested):
@@ -196,19 +273,16 @@ def memory_estimate(model, resolution, train_batch, lora_rank, keep_text_encoder
     if configs is None:
         return None
     parts = build_parts(configs, "meta", dtype)
-    rows = [(f"transformer weights ({str(dtype)[6:]})",
-             weight_bytes(parts["transformer"].parameters()))]
+    rows = [(f"transformer weights ({str(dtype)[6:]})", weight_bytes(parts["transformer"].parameters()))]
     rows += [(f"{label} text encoder weights", weight_bytes(parts[name].parameters()))
              for name, label in TEXT_ENCODERS.items() if keep_text_encoders]
     rows.append(("VAE weights", weight_bytes(parts["vae"].parameters())))
     lora = policy.add_lora(parts["transformer"], lora_rank, lora_rank)
-    rows.append((f"LoRA r{lora_rank}: fp32 weights, gradients, AdamW moments",
-                 4 * weight_bytes(lora)))
+    rows.append((f"LoRA r{lora_rank}: fp32 weights, gradients, AdamW moments", 4 * weight_bytes(lora)))
     for p in lora:  # on the accelerator autocast runs them in `dtype`
         p.data = p.data.to(dtype)
     activations = activation_bytes(parts["transformer"], resolution, 2 * train_batch, dtype)
-    return rows + [(f"activations: micro-batch {train_batch} x 2 (CFG), {resolution} px",
-                    activations)]
+    return rows + [(f"activations: micro-batch {train_batch} x 2 (CFG), {resolution} px", activations)]
 
 
 def size(n):

@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw, ImageFont
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
 import minflow
-from sd35 import data, models, policy, rewards, tiny
+from sd35 import data, models, policy, rewards
 from sd35.rewards import RewardError, RewardMix, RewardOptions, RewardServerError, RemoteReward
 
 
@@ -37,7 +37,7 @@ def pipe():
 
 def test_tiny_pipeline_same_seed_same_weights_other_seed_differs(pipe):
     torch.manual_seed(5)
-    again, other = (models.build_parts(tiny.configs(), "cpu", torch.float32, seed) for seed in (0, 1))
+    again, other = (models.build_parts(models.tiny_configs(), "cpu", torch.float32, seed) for seed in (0, 1))
     after = torch.randn(3)
     torch.manual_seed(5)
     assert torch.equal(after, torch.randn(3))  # the global generator is untouched
@@ -81,11 +81,11 @@ def test_tiny_pipeline_samples_latents_with_cfg(pipe):
 
 
 def test_char_tokenizer_wraps_with_special_tokens_and_pads():
-    clip_tok = tiny.char_tokenizer(77, add_bos=True)
+    clip_tok = models.char_tokenizer(77, add_bos=True)
     ids = clip_tok("Hi!", padding="max_length", max_length=77).input_ids
-    assert ids[:5] == [tiny.BOS_ID, tiny.VOCAB["h"], tiny.VOCAB["i"], tiny.VOCAB["!"], tiny.EOS_ID]
-    assert len(ids) == 77 and set(ids[5:]) == {tiny.PAD_ID}
-    assert tiny.char_tokenizer(512, add_bos=False)("é").input_ids == [tiny.UNK_ID, tiny.EOS_ID]
+    assert ids[:5] == [models.BOS_ID, models.VOCAB["h"], models.VOCAB["i"], models.VOCAB["!"], models.EOS_ID]
+    assert len(ids) == 77 and set(ids[5:]) == {models.PAD_ID}
+    assert models.char_tokenizer(512, add_bos=False)("é").input_ids == [models.UNK_ID, models.EOS_ID]
 
 
 # --------------------------------------------------------------------------- text and image helpers
@@ -321,15 +321,15 @@ def tiny_clip_dir(tmp_path_factory):
     """A random 2-layer CLIP with its tokenizer and image processor, saved like a hub checkpoint."""
     folder = tmp_path_factory.mktemp("tiny_clip")
     text_config = dict(
-        vocab_size=len(tiny.VOCAB),
+        vocab_size=len(models.VOCAB),
         hidden_size=16,
         intermediate_size=32,
         num_hidden_layers=2,
         num_attention_heads=2,
         max_position_embeddings=77,
-        pad_token_id=tiny.PAD_ID,
-        bos_token_id=tiny.BOS_ID,
-        eos_token_id=tiny.EOS_ID,
+        pad_token_id=models.PAD_ID,
+        bos_token_id=models.BOS_ID,
+        eos_token_id=models.EOS_ID,
     )
     vision_config = dict(
         hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
@@ -337,7 +337,7 @@ def tiny_clip_dir(tmp_path_factory):
     torch.manual_seed(0)
     config = CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=8)
     CLIPModel(config).save_pretrained(folder)
-    tiny.char_tokenizer(77, add_bos=True).save_pretrained(folder)
+    models.char_tokenizer(77, add_bos=True).save_pretrained(folder)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
     return str(folder)
 
