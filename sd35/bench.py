@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
@@ -45,36 +46,18 @@ class Settings:
 
 LORA_RANK, LORA_ALPHA, DEFAULT_BETA = 32, 64, 0.004  # the trainer's defaults
 FLOW_GRPO = minflow.PRESETS["flow_grpo"]
-TIMESTEP_CHANNELS = 256  # diffusers' sinusoidal timestep features, input of the time MLP
 
 
-def transformer_flops(config, latent_side, text_tokens):
-    """Matmul FLOPs of one SD3Transformer2DModel forward pass for ONE row (one image, one CFG
-    branch) -> {part: FLOPs}; a [m, k] by [k, n] matmul counts 2 m n k (docs/sd35.md writes the
-    formula out). Left out: what is not a matmul (norms, activations, softmax, modulation, the
-    CFG sum), the LoRA adapters, the VAE and the text encoders."""
-    c = config
-    d, p = c["num_attention_heads"] * c["attention_head_dim"], c["patch_size"]
-    n, m, layers = (latent_side // p) ** 2, text_tokens, c["num_layers"]
-    dual = sum(1 for i in set(c["dual_attention_layers"]) if i < layers)
-
-    def lin(rows, fan_in, fan_out):
-        return 2 * rows * fan_in * fan_out
-
-    adaln = (layers - dual) * lin(1, d, 6 * d) + dual * lin(1, d, 9 * d)
-    adaln += (layers - 1) * lin(1, d, 6 * d)
-    embed = lin(n, c["in_channels"] * p * p, d) + lin(n, d, p * p * c["out_channels"])
-    embed += lin(m, c["joint_attention_dim"], c["caption_projection_dim"])
-    return {
-        "q/k/v/out projections": layers * (4 * lin(n, d, d) + 3 * lin(m, d, d))
-        + (layers - 1) * lin(m, d, d),
-        "MLPs": layers * 2 * lin(n, d, 4 * d) + (layers - 1) * 2 * lin(m, d, 4 * d),
-        "dual-attention projections": dual * 4 * lin(n, d, d),
-        "attention QK^T and AV": layers * 4 * (n + m) ** 2 * d + dual * 4 * n**2 * d,
-        "adaLN modulation": adaln + 2 * lin(1, d, 2 * d),
-        "embeddings and output": embed + lin(1, TIMESTEP_CHANNELS, d)
-        + lin(1, c["pooled_projection_dim"], d) + 2 * lin(1, d, d),
-    }
+def transformer_flops(config, resolution):
+    """FLOPs of one transformer forward pass for ONE row (one image, one CFG branch) at `resolution`
+    px, as torch's FlopCounterMode counts the matmuls and convolutions of a copy of the architecture
+    run on the meta device (a [m, k] by [k, n] matmul counts 2 m n k; docs/sd35.md writes the sum
+    out). Left out: what is not a matmul (norms, activations, softmax, the CFG sum), the LoRA
+    adapters (the copy has none), the VAE and the text encoders."""
+    transformer = models.build_parts({"transformer": config}, "meta", torch.float32)["transformer"]
+    with FlopCounterMode(display=False) as counter:
+        models.meta_forward(transformer, resolution, 1, torch.float32)
+    return counter.get_total_flops()
 
 
 @torch.no_grad()
@@ -199,14 +182,13 @@ def report_speed(bench, out, resolution):
     """Rollout and training: seconds, rate, MFU against this device's matmul peak, memory."""
     s, B = bench.s, bench.s.group_size
     seconds, peak, traj = bench.rollout(resolution)
-    parts = transformer_flops(bench.transformer.config, resolution // 8, bench.cond.embeds.shape[1])
-    flops = sum(parts.values()) * (2 if s.guidance_scale > 1 else 1)  # CFG: two rows an image
+    rows = 2 if s.guidance_scale > 1 else 1  # CFG: two rows an image
+    flops = rows * transformer_flops(bench.transformer.config, resolution)
     matmul, how = peak_matmul_flops(bench.device, bench.dtype)
     out.update(rollout=seconds, peak_matmul_flops=matmul, rollout_images_per_s=B / seconds["total"])
     # Training counts 3 forwards (the usual convention; frozen base weights make it nearer 2),
     # the reference policy one more; checkpointing's recomputation is not counted.
-    measured = [("rollout, sampling", seconds["sample"], B, "images", s.num_steps * B * flops,
-                 peak)]
+    measured = [("rollout, sampling", seconds["sample"], B, "images", s.num_steps * B * flops, peak)]
     for checkpointing in ("off", "on"):
         for beta in (0.0, DEFAULT_BETA):
             sec, mem = bench.train(traj, beta, checkpointing == "on")

@@ -1,6 +1,6 @@
 """sd35/bench.py: it runs end to end on the tiny pipeline (CPU, offline) and on the sd35m-random
-path with shrunken configs, and its FLOP formula equals a count of the matmuls that a forward
-pass really runs. No timing is asserted: only that the rates are positive numbers."""
+path with shrunken configs, and its FLOP count equals both the matmuls that a forward pass
+really runs and docs/sd35.md's formula. No timing is asserted: only that the rates are positive numbers."""
 import contextlib
 import io
 import math
@@ -82,25 +82,50 @@ def counted_flops(transformer, batch, latent_side, text_tokens, device, monkeypa
     return counts["layers"], counts["attention"]
 
 
+def formula_flops(config, latent_side, text_tokens):
+    """docs/sd35.md's sum for one row, written out by hand: d = heads x head_dim, N image and M
+    text tokens, L layers of which D dual, a [m, k] by [k, n] matmul counting 2 m n k."""
+    c = config
+    d, p = c["num_attention_heads"] * c["attention_head_dim"], c["patch_size"]
+    n, m, layers = (latent_side // p) ** 2, text_tokens, c["num_layers"]
+    dual = sum(1 for i in set(c["dual_attention_layers"]) if i < layers)
+
+    def lin(rows, fan_in, fan_out):
+        return 2 * rows * fan_in * fan_out
+
+    projections = layers * (4 * lin(n, d, d) + 3 * lin(m, d, d)) + (layers - 1) * lin(m, d, d) + dual * 4 * lin(n, d, d)
+    mlps = layers * 2 * lin(n, d, 4 * d) + (layers - 1) * 2 * lin(m, d, 4 * d)
+    attention = layers * 4 * (n + m) ** 2 * d + dual * 4 * n**2 * d
+    adaln = (layers - dual) * lin(1, d, 6 * d) + dual * lin(1, d, 9 * d) + (layers - 1) * lin(1, d, 6 * d)
+    adaln += 2 * lin(1, d, 2 * d)  # the last text stream's and the output norm's
+    embeddings = lin(n, c["in_channels"] * p * p, d) + lin(n, d, p * p * c["out_channels"])
+    embeddings += lin(m, c["joint_attention_dim"], c["caption_projection_dim"])
+    embeddings += lin(1, 256, d) + lin(1, c["pooled_projection_dim"], d) + 2 * lin(1, d, d)  # time, pooled text
+    return projections + mlps + attention + adaln + embeddings
+
+
 @pytest.mark.parametrize("latent_side", [8, 16])
-def test_flop_formula_equals_the_matmuls_run_by_the_tiny_transformer(latent_side, monkeypatch):
+def test_flop_count_equals_the_matmuls_run_by_the_tiny_transformer(latent_side, monkeypatch):
     transformer = models.load_pipeline("tiny", torch.float32, "cpu").transformer
     layers, attention = counted_flops(transformer, 3, latent_side, models.TEXT_TOKENS, "cpu", monkeypatch)
-    parts = bench.transformer_flops(transformer.config, latent_side, models.TEXT_TOKENS)
-    # Nothing differs: the formula counts exactly these matmuls. What it leaves out (norms,
-    # activations, softmax, LoRA) is not an nn.Linear, nn.Conv2d or attention call here.
-    assert 3 * parts["attention QK^T and AV"] == attention
-    assert 3 * (sum(parts.values()) - parts["attention QK^T and AV"]) == layers
+    flops = bench.transformer_flops(transformer.config, 8 * latent_side)
+    # Nothing differs: what the count leaves out (norms, activations, softmax, LoRA) is not an
+    # nn.Linear, nn.Conv2d or attention call here.
+    assert 3 * flops == layers + attention
+    assert flops == formula_flops(transformer.config, latent_side, models.TEXT_TOKENS)
 
 
-def test_flop_formula_on_the_real_sd35_medium_shapes(monkeypatch):
+def test_flop_count_on_the_real_sd35_medium_shapes(monkeypatch):
     # On the meta device nothing is allocated or computed, yet every layer runs with its shapes.
     transformer = models.build_parts(models.sd35m_configs(), "meta", torch.bfloat16)["transformer"]
     assert 2.2e9 < sum(p.numel() for p in transformer.parameters()) < 2.3e9
     layers, attention = counted_flops(transformer, 2, 64, models.TEXT_TOKENS, "meta", monkeypatch)
-    parts = bench.transformer_flops(transformer.config, 64, models.TEXT_TOKENS)
-    assert 2 * parts["attention QK^T and AV"] == attention
-    assert 2 * (sum(parts.values()) - parts["attention QK^T and AV"]) == layers
+    assert 2 * bench.transformer_flops(transformer.config, 512) == layers + attention
+    # docs/sd35.md's figures: 0.91, 2.44 and 11.25 TFLOP a row at 256, 512 and 1024 px.
+    for pixels, tera in ((256, 0.91), (512, 2.44), (1024, 11.25)):
+        flops = bench.transformer_flops(transformer.config, pixels)
+        assert flops == formula_flops(transformer.config, pixels // 8, models.TEXT_TOKENS)
+        assert round(flops / 1e12, 2) == tera
 
 
 def test_sd35m_random_path_runs_on_a_shrunken_config(monkeypatch):
