@@ -231,8 +231,6 @@ def parse_reward_spec(spec):
     """"name=weight,name" (--reward) -> {name: weight}; a bare name weighs 1. A ValueError of one line
     names the bad part."""
     example = "e.g. --reward ocr=0.8,pickscore=0.2"
-    if not spec.strip():
-        raise ValueError(f"empty --reward; expected reward names with optional weights, {example}")
     weights = {}
     for entry in spec.split(","):
         name, has_weight, weight_text = (part.strip() for part in entry.partition("="))
@@ -243,8 +241,6 @@ def parse_reward_spec(spec):
             raise ValueError(f"unknown reward {name!r} in --reward; expected one of: {', '.join(sorted(REWARDS))}")
         if name in weights:
             raise ValueError(f"reward {name!r} appears twice in --reward {spec!r}; give each reward once")
-        if has_weight and not weight_text:
-            raise ValueError(f"missing weight after '{name}=' in --reward; expected name=number, {example}")
         try:
             weights[name] = float(weight_text) if has_weight else 1.0
         except ValueError:
@@ -287,16 +283,13 @@ class RewardMix:
         if images.shape[0] != n or len(metadata) != n:
             raise ValueError(f"got {images.shape[0]} images, {n} prompts and {len(metadata)} metadata dicts; "
                              "expected equal counts")
-        where = f"on prompt {prompts[0]!r}" + (f" (first of {n})" if n > 1 else "")
-        # Raw uint8 bytes through the executor's pipe between our own processes (nothing read
+        # Plain uint8 arrays through the executor's pipe between our own processes (nothing read
         # from a file or the network). One image a task: OCR time varies between images, and
         # small tasks keep every worker busy to the end of the batch.
-        pixels = to_pixels(images) if self.pooled else None
-        terms = {name: [self.pool.submit(_score_in_worker, name, pixels[i].numpy().tobytes(), tuple(pixels.shape[1:]),
-                                         prompts[i:i + 1], metadata[i:i + 1]) for i in range(n)]
-                 for name in self.pooled}
-        terms.update({name: _score(name, reward, images, prompts, metadata, where)
-                      for name, reward in self.rewards.items()})
+        pixels = to_pixels(images).numpy() if self.pooled else None
+        terms = {name: [self.pool.submit(_score_in_worker, name, pixels[i], prompts[i:i + 1], metadata[i:i + 1])
+                        for i in range(n)] for name in self.pooled}
+        terms.update({name: _score(name, reward, images, prompts, metadata) for name, reward in self.rewards.items()})
 
         def result():  # waits for the workers
             scores = {name: _collected(name, terms[name], prompts) for name in self.weights}
@@ -325,18 +318,20 @@ def _collected(name, term, prompts):
     """A term's scores [B]: as they are, or from a pooled reward's futures, one an image."""
     if isinstance(term, torch.Tensor):
         return term
-    scores = torch.empty(len(term))
-    for i, future in enumerate(term):
-        try:
-            scores[i] = future.result()[0]
-        except BrokenProcessPool as error:  # a worker died: the pool is unusable
-            raise RewardError(f"reward {name!r} failed on prompt {prompts[i]!r}: a scoring worker process died "
-                              f"({error or 'no message'})") from error
-    return scores
+    scores = []
+    try:
+        for future in term:
+            scores += future.result()
+    except BrokenProcessPool as error:  # a worker died: the pool is unusable
+        raise RewardError(f"reward {name!r} failed on prompt {prompts[len(scores)]!r}: a scoring worker process "
+                          f"died ({error or 'no message'})") from error
+    return torch.tensor(scores)
 
 
-def _score(name, reward, images, prompts, metadata, where):
-    """One reward's checked scores [B]; any failure as a RewardError naming the reward and the prompt."""
+def _score(name, reward, images, prompts, metadata):
+    """One reward's checked scores [B]; any failure as a RewardError naming the reward and the prompt,
+    which a failing batch finds by scoring one image at a time."""
+    where = f"on prompt {prompts[0]!r}" + (f" (first of {len(prompts)})" if len(prompts) > 1 else "")
     try:
         scores = reward(images, prompts, metadata).detach().float().cpu()
     except RewardError:
@@ -344,22 +339,16 @@ def _score(name, reward, images, prompts, metadata, where):
     except RewardServerError as error:  # the server's fault, not any one prompt's
         raise RewardError(f"reward {name!r} failed {where}: {error}") from error
     except Exception as error:
-        raise _blame(name, reward, images, prompts, metadata, error) from error
+        for i, prompt in enumerate(prompts):
+            try:
+                reward(images[i:i + 1], prompts[i:i + 1], metadata[i:i + 1])
+            except Exception as single:
+                raise RewardError(f"reward {name!r} failed on prompt {prompt!r}: {single}") from error
+        raise RewardError(f"reward {name!r} failed on a batch of {len(prompts)} starting with prompt "
+                          f"{prompts[0]!r}, though not on any one image alone: {error}") from error
     if scores.shape != (len(prompts),):
         raise RewardError(f"reward {name!r} returned shape {list(scores.shape)} {where}; expected [{len(prompts)}]")
     return scores  # non-finite scores pass: the trainer drops those samples and counts them
-
-
-def _blame(name, reward, images, prompts, metadata, error):
-    """A RewardError naming the prompt the reward fails on, found by scoring one image at a time
-    (only on failure)."""
-    for i, prompt in enumerate(prompts):
-        try:
-            reward(images[i:i + 1], prompts[i:i + 1], metadata[i:i + 1])
-        except Exception as single:
-            return RewardError(f"reward {name!r} failed on prompt {prompt!r}: {single}")
-    return RewardError(f"reward {name!r} failed on a batch of {len(prompts)} starting with prompt "
-                       f"{prompts[0]!r}, though not on any one image alone: {error}")
 
 
 _worker_rewards = {}
@@ -394,6 +383,6 @@ def keep_freed_memory():
         pass
 
 
-def _score_in_worker(name, pixels, shape, prompts, metadata):
-    image = torch.frombuffer(bytearray(pixels), dtype=torch.uint8).reshape(1, *shape).permute(0, 3, 1, 2).float() / 255
-    return _score(name, _worker_rewards[name], image, prompts, metadata, f"on prompt {prompts[0]!r}").tolist()
+def _score_in_worker(name, pixels, prompts, metadata):
+    image = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255
+    return _score(name, _worker_rewards[name], image, prompts, metadata).tolist()

@@ -166,11 +166,11 @@ def test_parse_reward_spec_accepts(spec, expected):
             "unknown reward 'ocrr' in --reward; "
             "expected one of: clipscore, jpeg_compressibility, ocr, pickscore, remote",
         ),
-        ("ocr=", "missing weight after 'ocr='"),
+        ("ocr=", "weight '' for reward 'ocr' in --reward is not a finite number"),
         ("ocr=abc", "weight 'abc' for reward 'ocr'"),
         ("ocr=inf", "weight 'inf' for reward 'ocr' in --reward is not a finite number"),
         ("ocr,ocr=2", "reward 'ocr' appears twice"),
-        ("", "empty --reward"),
+        ("", "empty entry in --reward ''"),
         ("ocr,,pickscore", "empty entry"),
     ],
 )
