@@ -61,35 +61,6 @@ def char_tokenizer(max_length: int, add_bos: bool) -> PreTrainedTokenizerFast:
                                    model_max_length=max_length)
 
 
-def tiny_configs():
-    """{part: config} of a tiny SD3.5-shaped pipeline (under 100k parameters): an MMDiT of 2 heads
-    x 8 and 3 layers (2 dual), a 4-level VAE (8x) with 16 latent channels, so that a 64-pixel
-    image is 8x8 latents, 4x4 = 16 image tokens; CLIP widths 8 and 16 stand in for 768 and 1280."""
-    clip = dict(vocab_size=len(VOCAB), num_attention_heads=2, num_hidden_layers=2, projection_dim=8,
-                **CLIP_TOKENS)  # SD3 reads the penultimate hidden state
-    return {
-        "transformer": dict(
-            sample_size=8,  # default latent side: 8 latents = 64 pixels
-            patch_size=2, in_channels=16, out_channels=16, num_layers=3, num_attention_heads=2, attention_head_dim=8,
-            joint_attention_dim=32,  # text tokens arrive at T5's width, which must be >= the CLIP widths' sum
-            caption_projection_dim=16,  # heads x head_dim: text and image tokens share the width
-            pooled_projection_dim=16,  # the two CLIP projections side by side
-            pos_embed_max_size=32,  # supports latents up to 64 (512 px): 32 patches a side
-            dual_attention_layers=(0, 1), qk_norm="rms_norm"),
-        "vae": dict(
-            in_channels=3, out_channels=3, latent_channels=16,
-            # Four levels give the real VAE's 8x downsampling (2 ** (levels - 1)).
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
-            use_quant_conv=False, use_post_quant_conv=False,
-            scaling_factor=1.5305, shift_factor=0.0609),  # the real SD3.5 VAE's normalisation
-        "text_encoder": CLIPTextConfig(hidden_size=8, intermediate_size=16, **clip),
-        "text_encoder_2": CLIPTextConfig(hidden_size=16, intermediate_size=32, **clip),
-        "text_encoder_3": T5Config(vocab_size=len(VOCAB), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                                   **T5_TOKENS),
-    }
-
-
 # stabilityai/stable-diffusion-3.5-medium, transformer/config.json and vae/config.json.
 SD35_MEDIUM_TRANSFORMER_CONFIG = dict(
     sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
@@ -114,6 +85,40 @@ PARTS = {"transformer": SD3Transformer2DModel, "vae": AutoencoderKL,
 TEXT_ENCODERS = {"text_encoder": "CLIP-L", "text_encoder_2": "CLIP-G", "text_encoder_3": "T5"}
 
 
+def sd35m_configs():
+    return {"transformer": SD35_MEDIUM_TRANSFORMER_CONFIG, "vae": SD35_VAE_CONFIG,
+            "text_encoder": CLIPTextConfig(**CLIP_L, **CLIP_TOKENS),
+            "text_encoder_2": CLIPTextConfig(**CLIP_G, **CLIP_TOKENS),
+            "text_encoder_3": T5Config(**T5_XXL, **T5_TOKENS)}
+
+
+def tiny_configs():
+    """{part: config} of a tiny SD3.5-shaped pipeline (under 100k parameters): an MMDiT of 2 heads
+    x 8 and 3 layers (2 dual), a 4-level VAE (8x) with 16 latent channels, so that a 64-pixel
+    image is 8x8 latents, 4x4 = 16 image tokens; CLIP widths 8 and 16 stand in for 768 and 1280."""
+    clip = dict(vocab_size=len(VOCAB), num_attention_heads=2, num_hidden_layers=2, projection_dim=8,
+                **CLIP_TOKENS)  # SD3 reads the penultimate hidden state
+    return {
+        "transformer": dict(
+            sample_size=8,  # default latent side: 8 latents = 64 pixels
+            patch_size=2, in_channels=16, out_channels=16, num_layers=3, num_attention_heads=2, attention_head_dim=8,
+            joint_attention_dim=32,  # text tokens arrive at T5's width, which must be >= the CLIP widths' sum
+            caption_projection_dim=16,  # heads x head_dim: text and image tokens share the width
+            pooled_projection_dim=16,  # the two CLIP projections side by side
+            pos_embed_max_size=32,  # supports latents up to 64 (512 px): 32 patches a side
+            dual_attention_layers=(0, 1), qk_norm="rms_norm"),
+        # SD3.5's VAE (four levels: 8x downsampling; its latent normalisation) at toy widths.
+        "vae": {**SD35_VAE_CONFIG, "block_out_channels": (8, 8, 8, 8), "layers_per_block": 1, "norm_num_groups": 4},
+        "text_encoder": CLIPTextConfig(hidden_size=8, intermediate_size=16, **clip),
+        "text_encoder_2": CLIPTextConfig(hidden_size=16, intermediate_size=32, **clip),
+        "text_encoder_3": T5Config(vocab_size=len(VOCAB), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                   **T5_TOKENS),
+    }
+
+
+CONFIGS = {"tiny": tiny_configs, "sd35m-random": sd35m_configs}  # the models described in code
+
+
 def autocast_dtype(mixed_precision, device):
     """--mixed_precision -> the autocast dtype, None for plain float32. "auto" is fp16 on CUDA
     (its finer mantissa keeps the log-probs of sampling and training closer than bf16's) and
@@ -123,16 +128,6 @@ def autocast_dtype(mixed_precision, device):
     if mixed_precision == "auto":
         mixed_precision = "fp16" if torch.device(device).type == "cuda" else "no"
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "no": None}[mixed_precision]
-
-
-def sd35m_configs():
-    return {"transformer": SD35_MEDIUM_TRANSFORMER_CONFIG, "vae": SD35_VAE_CONFIG,
-            "text_encoder": CLIPTextConfig(**CLIP_L, **CLIP_TOKENS),
-            "text_encoder_2": CLIPTextConfig(**CLIP_G, **CLIP_TOKENS),
-            "text_encoder_3": T5Config(**T5_XXL, **T5_TOKENS)}
-
-
-CONFIGS = {"tiny": tiny_configs, "sd35m-random": sd35m_configs}  # the models described in code
 
 
 def freeze(module, dtype):
