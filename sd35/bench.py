@@ -142,8 +142,7 @@ class Bench:
 
         def once(watch):
             generator = torch.Generator(self.device).manual_seed(self.s.seed)
-            traj = minflow.rollout(self.velocity, noise, sigmas, "flow_grpo", FLOW_GRPO.noise_level,
-                                   generator)
+            traj = minflow.rollout(self.velocity, noise, sigmas, "flow_grpo", FLOW_GRPO.noise_level, generator)
             watch.lap("sample")
             policy.decode(self.vae, traj.xs[:, -1])
             watch.lap("decode")

@@ -156,8 +156,8 @@ class RemoteReward:
         try:
             scores = json.loads(reply)["scores"]
         except (ValueError, TypeError, KeyError):
-            raise RewardServerError(f'reward server {self.url} did not reply with JSON of the form {{"scores": [...]}}; '
-                                    f"the reply starts with {reply[:200]!r}") from None
+            raise RewardServerError(f"reward server {self.url} did not reply with JSON of the form "
+                                    f'{{"scores": [...]}}; the reply starts with {reply[:200]!r}') from None
         if not isinstance(scores, list) or len(scores) != len(prompts):
             count = len(scores) if isinstance(scores, list) else type(scores).__name__
             raise RewardServerError(f"reward server {self.url} returned {count} scores for {len(prompts)} images; "
@@ -246,7 +246,8 @@ def parse_reward_spec(spec):
         except ValueError:
             weights[name] = math.nan
         if not math.isfinite(weights[name]):
-            raise ValueError(f"weight {weight_text!r} for reward {name!r} in --reward is not a finite number; {example}")
+            raise ValueError(f"weight {weight_text!r} for reward {name!r} in --reward is not a finite number; "
+                             f"{example}")
     return weights
 
 
