@@ -94,11 +94,8 @@ class OcrReward:
         scores = []
         for image, prompt, meta in zip(to_pil(images), prompts, metadata):
             target = ocr_target(prompt, meta)
-            try:
-                lines, _timings = self.engine(image)  # [[box, text, confidence], ...] or None
-                scores.append(ocr_similarity("".join(text for _box, text, _conf in lines or []), target))
-            except Exception as error:
-                raise RewardError(f"reward 'ocr' failed on prompt {prompt!r}: {error}") from error
+            lines, _timings = self.engine(image)  # [[box, text, confidence], ...] or None
+            scores.append(ocr_similarity("".join(text for _box, text, _conf in lines or []), target))
         return torch.tensor(scores, dtype=torch.float32)
 
 

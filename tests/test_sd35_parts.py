@@ -142,6 +142,12 @@ def test_ocr_without_target_text_names_the_prompt(ocr):
         ocr(torch.ones(1, 3, 32, 32), ["a cat without quotes"], [{}])
 
 
+def test_an_ocr_failure_in_the_mix_names_the_prompt(ocr, monkeypatch):
+    monkeypatch.setitem(rewards.REWARDS, "ocr", lambda options: ocr)
+    with pytest.raises(RewardError, match=r"^reward 'ocr' failed on prompt 'a blank sign': the target text is empty"):
+        RewardMix("ocr")(torch.ones(2, 3, 32, 32), ['a sign that says "hi"', "a blank sign"], [{}, {"text": " "}])
+
+
 # --------------------------------------------------------------------------- spec parsing
 
 
