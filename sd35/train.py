@@ -100,9 +100,6 @@ class Config:
         return self.group_size * self.prompts_per_iter
 
 
-AXES = {f.name for f in fields(minflow.Algorithm)}
-
-
 class RunError(RuntimeError):
     """Something at run time that training cannot go on from; the message is one line."""
 
@@ -116,7 +113,8 @@ def parse_args(argv):
         raise SystemExit(0)
     bare_resume = "--resume" in argv
     argv = [a for a in argv if a != "--resume"]
-    axis_flags = [a for a in argv if a.removeprefix("--").partition("=")[0] in AXES]
+    axis_names = {f.name for f in fields(minflow.Algorithm)}
+    axis_flags = [a for a in argv if a.removeprefix("--").partition("=")[0] in axis_names]
     cfg = Config(**cli.parse_flags(Config, [a for a in argv if a not in axis_flags]))
     cfg = replace(cfg, resume=cfg.out) if bare_resume else cfg
     cli.check_flags(cfg)
