@@ -101,10 +101,10 @@ def draw(entries, path):
 
 
 class Mirror:
-    """The log mirrored to a tracker, which log.jsonl outlives: `log(step, entry, images)` sends an
-    entry's numbers and named uint8 [H, W, 3] images; with report_to "none" it does nothing. tensorboard
-    writes to OUT/tensorboard; wandb reads its own environment (WANDB_MODE=offline runs without a
-    network, WANDB_PROJECT names the project) and writes to OUT."""
+    """The log mirrored to a tracker, log.jsonl staying the source of truth: `log(step, entry, images)`
+    sends an entry's numbers and named uint8 [H, W, 3] images; with report_to "none" it does nothing.
+    tensorboard writes to OUT/tensorboard; wandb reads its own environment (WANDB_MODE=offline runs
+    without a network, WANDB_PROJECT names the project) and writes to OUT."""
 
     def __init__(self, report_to, out, config):
         self.writer = self.run = None

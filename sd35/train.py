@@ -158,8 +158,8 @@ class Ranks:
         return slice(start, start + per + (rank < extra))
 
     def gather(self, local, total=None):
-        """Concatenate every rank's tensor in rank order (CPU in, CPU out). Each rank holds its
-        share(total) rows, padded here to one size for the collective; without `total`, as many as every other."""
+        """Concatenate every rank's tensor in rank order (CPU in, CPU out): its share(total) rows, padded
+        here to one size for the collective (without `total`, every rank holds as many)."""
         if not self.ddp:
             return local
         total = len(local) * self.world if total is None else total
