@@ -1,11 +1,13 @@
-"""Training curves of an sd35 run, drawn from its log.jsonl alone. sd35/train.py redraws
-OUT/curves.png at every evaluation; for a run folder copied home from a cluster:
+"""A run's log.jsonl: written a line at a time by sd35/train.py (RunLog), mirrored to tensorboard or
+wandb with --report_to (Mirror), and drawn as curves.png at every evaluation; for a run folder copied
+home from a cluster:
 
     python sd35/curves.py --log=runs/sd35/log.jsonl            # writes runs/sd35/curves.png
     python sd35/curves.py --log=copied/log.jsonl --png=here.png
 """
 import io
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +98,66 @@ def draw(entries, path):
     fig.savefig(buffer, format="png", dpi=90)
     plt.close(fig)
     cli.atomic_write(path, buffer.getvalue())
+
+
+class Mirror:
+    """The log mirrored to a tracker, log.jsonl staying the source of truth: `log(step, entry, images)`
+    sends an entry's numbers and named uint8 [H, W, 3] images; with report_to "none" it does nothing.
+    tensorboard writes to OUT/tensorboard; wandb reads its own environment (WANDB_MODE=offline runs
+    without a network, WANDB_PROJECT names the project) and writes to OUT."""
+
+    def __init__(self, report_to, out, config):
+        self.writer = self.run = None
+        if report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(log_dir=str(out / "tensorboard"))
+        elif report_to == "wandb":
+            import wandb
+            self.wandb = wandb
+            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "minflow-sd35"), dir=str(out), config=config)
+
+    def log(self, step, entry=None, images=None):
+        numbers = {k: float(v) for k, v in (entry or {}).items() if isinstance(v, (int, float)) and k != "iteration"}
+        images = images or {}
+        if self.writer:
+            for key, value in numbers.items():
+                self.writer.add_scalar(key, value, step)
+            for name, pixels in images.items():
+                self.writer.add_image(name, pixels, step, dataformats="HWC")
+            self.writer.flush()
+        elif self.run:
+            self.run.log({**numbers, **{name: self.wandb.Image(pixels) for name, pixels in images.items()}}, step=step)
+
+    def close(self):
+        if self.writer:
+            self.writer.close()
+        elif self.run:
+            self.run.finish()
+
+
+class RunLog:
+    """Rank 0's log.jsonl, fsynced a line at a time and mirrored; `log(iteration, entry, redraw)` also
+    redraws curves.png. Opened at `start` (None: appended to as it is), it keeps the lines up to
+    that iteration; a line torn by a kill is dropped."""
+
+    def __init__(self, path, master, mirror, start=None):
+        self.path, self.master, self.mirror, self.step = path, master, mirror, start or 0
+        if master and path.exists() and start is not None:
+            kept = [e for e in read_log(path) if e.get("iteration", 0) <= start]
+            cli.atomic_write(path, "".join(json.dumps(e) + "\n" for e in kept).encode())
+
+    def __call__(self, iteration, entry, redraw=False):
+        if not self.master:
+            return
+        entry = entry if iteration is None else {"iteration": iteration, **entry}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.step = self.step if iteration is None else iteration
+        self.mirror.log(self.step, entry)
+        if redraw:
+            draw(read_log(self.path), self.path.with_name("curves.png"))
 
 
 @dataclass

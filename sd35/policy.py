@@ -107,16 +107,14 @@ class PromptBank:
             return
         parts = [encode_prompts(pipe, prompts[i:i + batch_size], guidance_scale, device).apply(lambda t: t.cpu())
                  for i in range(0, len(prompts), batch_size)]
-        first = parts[0]
         self.table = PromptEmbeddings(torch.cat([p.embeds for p in parts]), torch.cat([p.pooled for p in parts]),
-                                      first.negative_embeds, first.negative_pooled)
+                                      parts[0].negative_embeds, parts[0].negative_pooled)
         if torch.cuda.is_available():
             self.table = self.table.apply(lambda t: t.pin_memory())
         for name in TEXT_ENCODERS:
             setattr(pipe, name, None)
         gc.collect()
-        if torch.device(device).type == "cuda":
-            torch.cuda.empty_cache()
+        torch.cuda.empty_cache()  # a no-op where CUDA never started
 
     def __call__(self, index):
         if self.table is None:
@@ -179,18 +177,13 @@ def image_statistics(images):
             "image_white_share": share(luma > 0.95), "image_edge_density": share(edges)}
 
 
-def step_noise(shape, steps, generator=None, device=None):
-    """The noise `minflow.rollout` draws, drawn beforehand in the same calls -> [steps, *shape]."""
-    return torch.stack([torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
-                        for _ in range(steps)])
-
-
 def rollout_in_chunks(velocity, x, sigmas, algo, generator, chunk, score):
     """`minflow.rollout` under `algo`'s sampler, `chunk` trajectories at a time, handing each chunk's
     final states to `score(x_T, traj_index)` at once (it may return a future: the next chunk samples
     meanwhile) -> (the Trajectory, [(traj_index, what score returned)]). The steps' noise is drawn
     for the whole batch first, as `minflow.rollout` draws it, so the trajectories are its own."""
-    noise = step_noise(x.shape, len(sigmas) - 1, generator, x.device)
+    noise = torch.stack([torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+                         for _ in sigmas[1:]])
     parts, scores = [], []
     for rows in torch.arange(x.shape[0]).split(chunk):
         part = minflow.rollout(lambda x, t: velocity(x, t, rows), x[rows.to(x.device)], sigmas, algo.sampler,

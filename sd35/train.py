@@ -11,12 +11,13 @@ RL formula lives in minflow.py; this file feeds it images, rewards and gradients
 """
 import gc
 import hashlib
+import importlib.util
 import math
 import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -31,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cli  # noqa: E402
 import minflow  # noqa: E402
 from cli import flag, parses, text_range  # noqa: E402
-from sd35 import checkpoint, models, policy, tracking  # noqa: E402
+from sd35 import checkpoint, curves, models, policy  # noqa: E402
 from sd35.data import SHIPPED_SETS, load_prompts  # noqa: E402
 from sd35.rewards import (REWARDS, RewardError, RewardMix, RewardOptions, encoded, parse_reward_spec,  # noqa: E402
                           reward_range)
@@ -74,7 +75,7 @@ class Config:
     mixed_precision: str = flag("auto", models.MIXED_PRECISION)  # auto = fp16 on CUDA (smaller log-prob mismatch), no on CPU
     gradient_checkpointing: bool = flag(False, (False, True))  # recompute activations in backward: less memory, slower
     text_encoders: str = flag("free", ("free", "keep"))  # free: embed every prompt at start-up, then drop the encoders; keep: encode each iteration
-    report_to: str = flag("none", tuple(tracking.PACKAGES))  # also mirror the log to tensorboard or wandb (wandb reads its WANDB_* environment)
+    report_to: str = flag("none", ("none", "tensorboard", "wandb"))  # also mirror the log to tensorboard or wandb (wandb reads its WANDB_* environment)
     device: str = flag("", cli.DEVICE)  # "" = cuda:LOCAL_RANK if CUDA is there, else cpu
     seed: int = flag(0, "[0, 1e18]")  # seeds every random draw, per iteration and rank
     out: str = flag("runs/sd35", text_range("a folder"))  # run folder: log.jsonl, curves.png, eval/ grids, checkpoints/
@@ -89,7 +90,7 @@ class Config:
     RELATIONS = (
         ("reward_url", lambda c: c.reward_url or "remote" not in parse_reward_spec(c.reward),
          "a reward server's URL with --reward={reward}"),
-        ("report_to", lambda c: not tracking.missing_package(c.report_to),
+        ("report_to", lambda c: c.report_to == "none" or importlib.util.find_spec(c.report_to),
          "a tracker whose package is installed (pip install {report_to})"),
     )
 
@@ -97,9 +98,6 @@ class Config:
     def budget(self):
         """Trajectories per iteration over all ranks."""
         return self.group_size * self.prompts_per_iter
-
-
-AXES = {f.name for f in fields(minflow.Algorithm)}
 
 
 class RunError(RuntimeError):
@@ -115,7 +113,8 @@ def parse_args(argv):
         raise SystemExit(0)
     bare_resume = "--resume" in argv
     argv = [a for a in argv if a != "--resume"]
-    axis_flags = [a for a in argv if a.removeprefix("--").partition("=")[0] in AXES]
+    axis_names = {f.name for f in fields(minflow.Algorithm)}
+    axis_flags = [a for a in argv if a.removeprefix("--").partition("=")[0] in axis_names]
     cfg = Config(**cli.parse_flags(Config, [a for a in argv if a not in axis_flags]))
     cfg = replace(cfg, resume=cfg.out) if bare_resume else cfg
     cli.check_flags(cfg)
@@ -159,22 +158,28 @@ class Ranks:
         return slice(start, start + per + (rank < extra))
 
     def gather(self, local, total=None):
-        """Concatenate every rank's tensor in rank order (CPU in, CPU out). With `total`, each
-        rank holds its share(total) rows, padded here to one size for the collective."""
+        """Concatenate every rank's tensor in rank order (CPU in, CPU out): its share(total) rows, padded
+        here to one size for the collective (without `total`, every rank holds as many)."""
         if not self.ddp:
             return local
-        rows = len(local) if total is None else -(-total // self.world)
-        padded = torch.zeros((rows, *local.shape[1:]), dtype=local.dtype, device=self.device)
+        total = len(local) * self.world if total is None else total
+        padded = torch.zeros((-(-total // self.world), *local.shape[1:]), dtype=local.dtype, device=self.device)
         padded[:len(local)] = local.to(self.device)
         parts = [torch.empty_like(padded) for _ in range(self.world)]
         dist.all_gather(parts, padded)
-        sizes = [rows] * self.world if total is None else [len(range(total)[self.share(total, r)]) for r in range(self.world)]
-        return torch.cat([part[:size] for part, size in zip(parts, sizes)]).cpu()
+        shares = [self.share(total, rank) for rank in range(self.world)]
+        return torch.cat([part[:share.stop - share.start] for part, share in zip(parts, shares)]).cpu()
 
 
-def agree_on_failure(failure, ranks):
-    """Raise RunError on every rank together if `failure` (this rank's error text or None) is set on
-    any: a rank failing alone would leave the others waiting in their next collective forever."""
+@contextmanager
+def failing_together(ranks):
+    """Run a block that may raise RewardError on some ranks; then raise RunError on every rank together
+    if it did on any: a rank failing alone would leave the others waiting in their next collective forever."""
+    failure = None
+    try:
+        yield
+    except RewardError as error:
+        failure = str(error)
     failed = ranks.gather(torch.tensor([failure is not None]))
     if failed.any():
         if failure and not ranks.master:
@@ -232,54 +237,50 @@ def sample_and_score(run, it, tracker):
     prompt_ids, group_ids, noise, logs = plan_iteration(run, it, tracker)
     mine = ranks.share(budget)
     index = prompt_ids[group_ids[mine]]
-    prompts = [run.train_prompts[i] for i in index.tolist()]
+    texts, metadata = zip(*[run.train_prompts[i] for i in index.tolist()])
     cond = run.prompts(index)
     velocity = run.velocity(run.pipe.transformer, cond, cfg.sample_batch)
     images_seen = []
 
     def score(latents, traj_index, total_only=False):
         """Decode here, then score: the worker pool scores while this process goes on sampling."""
-        images, chosen = policy.decode(run.pipe.vae, latents, cfg.sample_batch), [prompts[i] for i in traj_index]
+        images = policy.decode(run.pipe.vae, latents, cfg.sample_batch)
         if not total_only:
             images_seen.append(policy.image_statistics(images))
-        return run.reward.submit(images, [p for p, _ in chosen], [m for _, m in chosen], total_only)
+        return run.reward.submit(images, [texts[i] for i in traj_index], [metadata[i] for i in traj_index], total_only)
 
-    failure, along = None, None
-    try:  # a reward failing on one rank stops every rank together (agree_on_failure)
-        with run.reward.leave_cores_to_workers():
-            traj, finals = policy.rollout_in_chunks(
-                velocity, noise[mine].to(ranks.device), minflow.sd3_sigmas(cfg.num_steps), run.algo,
-                generator(cfg.seed, it, "sde", ranks.rank, device=ranks.device), cfg.sample_batch, score)
-            logs["seconds_sampling"], timer = time.perf_counter() - timer, time.perf_counter()
-            groups = group_ids[mine] if run.algo.shared_noise else None
-            if run.algo.step_credit == "gains":  # each pass is scored while the next runs, as are the finals
-                along = [(b, k, score(x0, b, total_only=True)) for b, k, x0 in minflow.clean_estimate_passes(
-                    velocity, traj, run.algo.substeps, minflow.needed_states(traj.stds), groups, cfg.sample_batch)]
-            results = [pending.result() for _, pending in finals]  # the chunks in order
-            local = {"": torch.cat([total for total, _ in results]),
-                     **{f"_{k}": torch.cat([terms[k] for _, terms in results]) for k in results[0][1]}}
-            if along is not None:
-                along = minflow.reward_table(traj.xs.shape[1], [(b, k, p.result()) for b, k, p in along],
-                                             local[""], groups)
-    except RewardError as error:
-        failure = str(error)
-    agree_on_failure(failure, ranks)
+    along = None
+    with failing_together(ranks), run.reward.leave_cores_to_workers():
+        traj, finals = policy.rollout_in_chunks(
+            velocity, noise[mine].to(ranks.device), minflow.sd3_sigmas(cfg.num_steps), run.algo,
+            generator(cfg.seed, it, "sde", ranks.rank, device=ranks.device), cfg.sample_batch, score)
+        logs["seconds_sampling"], timer = time.perf_counter() - timer, time.perf_counter()
+        groups = group_ids[mine] if run.algo.shared_noise else None
+        if run.algo.step_credit == "gains":  # each pass is scored while the next runs, as are the finals
+            along = [(b, k, score(x0, b, total_only=True)) for b, k, x0 in minflow.clean_estimate_passes(
+                velocity, traj, run.algo.substeps, minflow.needed_states(traj.stds), groups, cfg.sample_batch)]
+        results = [pending.result() for _, pending in finals]  # the chunks in order
+        local = {"reward": torch.cat([total for total, _ in results]),
+                 **{f"reward_{k}": torch.cat([terms[k] for _, terms in results]) for k in results[0][1]},
+                 **{k: torch.cat([s[k] for s in images_seen]) for k in images_seen[0]}}
+        if along is not None:
+            along = minflow.reward_table(traj.xs.shape[1], [(b, k, p.result()) for b, k, p in along],
+                                         local["reward"], groups)
     if not torch.equal(ranks.gather(index, budget), prompt_ids[group_ids]):
         raise RunError("ranks disagree on the iteration's prompts; check that every rank runs the same flags")
     gathered = {key: ranks.gather(value.float().cpu(), budget) for key, value in local.items()}
-    stats = {k: ranks.gather(torch.cat([s[k] for s in images_seen]), budget).mean().item() for k in images_seen[0]}
     along = None if along is None else ranks.gather(along, budget)
     logs["seconds_reward"] = time.perf_counter() - timer
     adv, credit_logs = credit(run, it, tracker, prompt_ids[group_ids], group_ids, traj.stds, gathered, along)
-    logs.update(**credit_logs, **stats)
+    logs.update(**credit_logs, **{k: v.mean().item() for k, v in gathered.items() if k.startswith("image_")})
     return traj, cond, adv[mine], logs
 
 
-def credit(run, it, tracker, ids, group_ids, stds, rewards, along):
-    """The advantages [budget, T] from the gathered rewards (key "" the total, "_name" each term), the
-    tracker's update and the reward logs. A sample with a NaN or infinite reward is dropped (advantage
+def credit(run, it, tracker, ids, group_ids, stds, gathered, along):
+    """The advantages [budget, T] from the gathered rewards ("reward" the total, "reward_name" each term),
+    the tracker's update and the reward logs. A sample with a NaN or infinite reward is dropped (advantage
     0, in no statistic); `along` is NaN at the states no trained gain needs."""
-    total = rewards[""]
+    total = gathered["reward"]
     used = None if along is None else along[:, minflow.needed_states(stds)]
     valid = torch.isfinite(total) & (True if used is None else torch.isfinite(used).all(1))
     if not valid.any():
@@ -290,7 +291,7 @@ def credit(run, it, tracker, ids, group_ids, stds, rewards, along):
                                          None if along is None else along[valid], baseline)
     logs = {"reward_mean": total[valid].mean().item(), "reward_std": total[valid].std(unbiased=False).item(),
             "dropped_samples": int((~valid).sum()), "zero_std_ratio": minflow.zero_std_fraction(total[valid], group_ids[valid]),
-            **{f"reward{k}": v[v.isfinite()].mean().item() for k, v in rewards.items() if k}}
+            **{k: v[v.isfinite()].mean().item() for k, v in gathered.items() if k.startswith("reward_")}}
     if tracker is not None:
         tracker.update(ids[valid], total[valid])
         logs["tracker_clipped"] = tracker.clipped
@@ -315,9 +316,8 @@ def optimise(run, it, state, traj, cond, adv):
             continue
         passes = math.ceil(int(counts.max()) / cfg.train_batch)
         fill = passes * cfg.train_batch - len(step_rows)
-        order = torch.cat([step_rows, padding.repeat(fill // max(len(padding), 1) + 1)[:fill]])
-        weight = torch.zeros(len(order))
-        weight[:len(step_rows)] = ranks.world / counts.sum()
+        order = torch.cat([step_rows, padding[torch.arange(fill) % len(padding)]])
+        weight = (torch.arange(len(order)) < len(step_rows)) * (ranks.world / counts.sum())
         for p, (idx, w) in enumerate(zip(order.split(cfg.train_batch), weight.split(cfg.train_batch))):
             with run.model.no_sync() if ranks.ddp and p < passes - 1 else nullcontext():
                 loss, s = train_pass(run, cond, {k: v[idx] for k, v in rows.items()}, w)
@@ -351,21 +351,17 @@ def evaluate(run, it, out, mirror):
     """ODE samples of the test prompts from fixed noise: mean reward per term, and a grid PNG."""
     cfg, ranks = run.cfg, run.ranks
     chosen = len(run.test_prompts[:cfg.eval_images or len(run.test_prompts)])
-    per_rank = math.ceil(chosen / ranks.world)
-    padded = torch.arange(per_rank * ranks.world) % chosen  # every rank scores the same number
-    mine = padded[ranks.rank * per_rank:(ranks.rank + 1) * per_rank]
+    per_rank = math.ceil(chosen / ranks.world)  # every rank scores as many, the last ones repeating the first
+    mine = torch.arange(ranks.rank * per_rank, (ranks.rank + 1) * per_rank) % chosen
     latent = cfg.resolution // 8
-    noise = torch.randn((len(padded), run.pipe.transformer.config.in_channels, latent, latent),
+    noise = torch.randn((per_rank * ranks.world, run.pipe.transformer.config.in_channels, latent, latent),
                         generator=generator(cfg.seed, "eval"))
     velocity = run.velocity(run.pipe.transformer, run.prompts(mine + len(run.train_prompts)), cfg.sample_batch)
     traj = minflow.rollout(velocity, noise[mine].to(ranks.device), minflow.sd3_sigmas(cfg.eval_num_steps), "ode")
     images = policy.decode(run.pipe.vae, traj.xs[:, -1], cfg.sample_batch)
-    failure, chosen_prompts = None, [run.test_prompts[i] for i in mine.tolist()]
-    try:
-        total, terms = run.reward(images, [p for p, _ in chosen_prompts], [m for _, m in chosen_prompts])
-    except RewardError as error:
-        failure = str(error)
-    agree_on_failure(failure, ranks)
+    texts, metadata = zip(*[run.test_prompts[i] for i in mine.tolist()])
+    with failing_together(ranks):
+        total, terms = run.reward(images, list(texts), list(metadata))
     logs = {"eval_reward": ranks.gather(total.float().cpu())[:chosen].mean().item(),
             **{f"eval_reward_{k}": ranks.gather(v.float().cpu())[:chosen].mean().item() for k, v in terms.items()}}
     grid = ranks.gather((images * 255).round().to(torch.uint8).cpu())[:chosen]
@@ -375,7 +371,7 @@ def evaluate(run, it, out, mirror):
         pixels = rearrange(grid, "(r c) ch h w -> (r h) (c w) ch", c=cols).numpy()
         (out / "eval").mkdir(exist_ok=True)
         cli.atomic_write(out / "eval" / f"iter_{it:06d}.png", encoded(Image.fromarray(pixels), format="PNG"))
-        mirror.image("eval_grid", pixels, it)
+        mirror.log(it, images={"eval_grid": pixels})
     return logs
 
 
@@ -409,6 +405,11 @@ def check_before_loading(argv):
 def build(cfg, algo, train_prompts, test_prompts, ranks):
     """Load the model, the rewards and the prompt embeddings -> (Run, TrainState before resuming)."""
     dtype = models.autocast_dtype(cfg.mixed_precision, ranks.device) or torch.float32
+    if ranks.master:  # what the run will hold on the accelerator, from the model's configs alone
+        print(models.format_memory_table(models.memory_estimate(
+            cfg.model, cfg.resolution, cfg.train_batch, cfg.lora_rank, cfg.text_encoders == "keep", dtype),
+            torch.cuda.get_device_properties(ranks.device).total_memory if ranks.device.type == "cuda" else None))
+    torch.manual_seed(cfg.seed)  # only the LoRA's initial weights draw from the global generator
     autocast = (lambda: torch.autocast(ranks.device.type, dtype=dtype)) if dtype != torch.float32 else None
     workers = cfg.reward_workers if cfg.reward_workers >= 0 else \
         max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
@@ -456,38 +457,39 @@ def describe_run(run, state, start, default_resolution):
 
 
 def train_loop(run, state, start, log, save, evaluated):
-    """The RL iterations -> (failure or None, the newest saved iteration). A failure all ranks agree
-    on (a reward failing on any rank, NaN rewards or gradients) ends the loop on every rank
-    together, as (error, iterations completed)."""
+    """The RL iterations -> (the RunError that ended them or None, the newest saved iteration). A
+    failure all ranks agree on (a reward failing on any rank, NaN rewards or gradients) ends the loop
+    on every rank together, after saving the iterations it completed."""
     cfg, ranks, ema = run.cfg, run.ranks, state.ema
     stop = {"signal": 0}
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: stop.update(signal=signum))
-    saved, bad_steps = start, 0
+    saved, done, bad_steps, failure = start, start, 0, None
     for it in tqdm(range(start, cfg.iters), disable=not ranks.master, desc="RL iterations"):
         try:  # a RunError from sampling and scoring comes before the iteration changes any state
             traj, cond, adv, logs = sample_and_score(run, it, state.tracker)
         except RunError as error:
-            return (error, it), saved
-        timer, failure, done = time.perf_counter(), None, it + 1
+            failure = error
+            break
+        timer, done = time.perf_counter(), it + 1
         logs.update(optimise(run, it, state, traj, cond, adv), seconds_training=time.perf_counter() - timer)
         for skipped in logs["skipped_steps"]:
             if ema and not skipped:
                 ema.step()
             bad_steps = bad_steps + 1 if skipped else 0
             if bad_steps >= cfg.max_bad_steps:  # the iteration ran (its updates skipped): it counts as done
-                failure = (RunError(f"{bad_steps} optimiser steps in a row had a NaN or infinite gradient (all "
-                                    f"skipped); lower --lr, or check the rewards and --mixed_precision"), done)
+                failure = RunError(f"{bad_steps} optimiser steps in a row had a NaN or infinite gradient (all "
+                                   f"skipped); lower --lr, or check the rewards and --mixed_precision")
                 break
         evaluating = (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.iters
         if evaluating:
             try:
                 logs.update(evaluated(done))
             except RunError as error:  # the iteration trained: it is logged and saved without its evaluation
-                failure = failure or (error, done)
-        log(done, logs, draw=evaluating)
+                failure = failure or error
+        log(done, logs, redraw=evaluating)
         if failure:
-            return failure, saved
+            break
         interrupted = ranks.gather(torch.tensor([stop["signal"]]))  # every rank stops together
         if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.iters or interrupted.any():
             saved = save(done)
@@ -495,7 +497,9 @@ def train_loop(run, state, start, log, save, evaluated):
             if ranks.master:
                 print(f"stopped by signal {int(interrupted.max())} after iteration {done}; checkpoint saved")
             break
-    return None, saved
+    if failure and done > saved:  # keep the iterations not yet in a checkpoint
+        saved = save(done)
+    return failure, saved
 
 
 def main(argv):
@@ -505,19 +509,13 @@ def main(argv):
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     ranks.start()
-    if ranks.master:  # what the run will hold on the accelerator, from the model's configs alone
-        print(models.format_memory_table(models.memory_estimate(
-            cfg.model, cfg.resolution, cfg.train_batch, cfg.lora_rank, cfg.text_encoders == "keep",
-            models.autocast_dtype(cfg.mixed_precision, ranks.device) or torch.float32),
-            torch.cuda.get_device_properties(ranks.device).total_memory if ranks.device.type == "cuda" else None))
-    torch.manual_seed(cfg.seed)  # only the LoRA's initial weights draw from the global generator
     run, state = build(cfg, algo, train_prompts, test_prompts, ranks)
-    start = checkpoint.load(resume_from, state, identity) if resume_from else 0
+    start = checkpoint.load(resume_from, state) if resume_from else 0
     out = Path(cfg.out)
     if ranks.master:
         describe_run(run, state, start, default_resolution)
-    mirror = tracking.Mirror(cfg.report_to if ranks.master else "none", out, asdict(cfg))
-    log = tracking.RunLog(out / "log.jsonl", ranks.master, mirror, None if cfg.eval_only else start)
+    mirror = curves.Mirror(cfg.report_to if ranks.master else "none", out, asdict(cfg))
+    log = curves.RunLog(out / "log.jsonl", ranks.master, mirror, None if cfg.eval_only else start)
 
     def evaluated(it):
         with state.ema.applied() if state.ema else nullcontext():
@@ -530,16 +528,14 @@ def main(argv):
             dist.barrier()
         return it
 
-    failure, saved = None, start
     if cfg.eval_only:
+        failure, saved = None, start
         try:
-            log(start, evaluated(start), draw=True)
+            log(start, evaluated(start), redraw=True)
         except RunError as error:
-            failure = (error, start)
+            failure = error
     else:
         failure, saved = train_loop(run, state, start, log, save, evaluated)
-    if failure and failure[1] > saved:  # keep the iterations not yet in a checkpoint
-        save(failure[1])
     finish(run, state, log, failure, saved)
 
 
@@ -558,9 +554,8 @@ def finish(run, state, log, failure, saved):
         dist.destroy_process_group()
     log.mirror.close()
     if failure:
-        error, completed = failure
         if ranks.master:
-            print(f"error: {error} (newest checkpoint: iteration {max(completed, saved)})", file=sys.stderr)
+            print(f"error: {failure} (newest checkpoint: iteration {saved})", file=sys.stderr)
         sys.exit(1)
 
 

@@ -129,7 +129,7 @@ def test_help_lists_every_flag_with_its_default_and_exits_0(capsys):
 
 
 def test_a_tracker_whose_package_is_missing_is_refused_before_any_model_loads(tmp_path, monkeypatch, nothing_heavy_runs):
-    monkeypatch.setattr(sd35_train.tracking.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(sd35_train.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(SystemExit) as stop:
         sd35_train.main([f"--out={tmp_path / 'out'}", "--report_to=wandb"])
     assert stop.value.code == "error: --report_to=wandb: expected a tracker whose package is installed (pip install wandb)"
