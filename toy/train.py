@@ -46,15 +46,8 @@ def parse_algos(value):
         raise FlagError(f"--algos={value}: {e}") from None
 
 
-def algos_range(value):
-    """Declared range of --algos (a function, see cli.check_flags)."""
-    if value is None:
-        return f"comma-separated algorithms: presets ({', '.join(minflow.PRESETS)}), each with optional :axis=value"
-    try:
-        parse_algos(value)
-    except (FlagError, AttributeError) as e:  # AttributeError: not a string
-        return str(e)
-    return None
+algos_range = cli.text_range(f"comma-separated algorithms: presets ({', '.join(minflow.PRESETS)}), each with "
+                             "optional :axis=value", lambda v: isinstance(v, str) and cli.parses(parse_algos)(v))
 
 
 def _distinct_seeds(value):
@@ -95,23 +88,19 @@ class Config:
                   "(every group needs 2 samples)"),)
 
     def __post_init__(self):
-        check_config(self)
-
-
-def check_config(cfg):
-    """Every check that can fail, before any work: each field's declared range, the relations
-    between fields, and that each --algos entry trains some step on the grid. FlagError, one line."""
-    # --algos first, for a message that names the entry and the axis at fault.
-    algos = parse_algos(cfg.algos) if isinstance(cfg.algos, str) else None
-    cli.check_flags(cfg)
-    sigmas = minflow.sd3_sigmas(cfg.num_steps, cfg.shift)
-    for entry, algo in algos.items():
-        try:
-            minflow.check_trains_something(algo, sigmas)
-        except FlagError as e:
-            raise FlagError(f"--algos={cfg.algos}: {entry} trains nothing with --noise_level={algo.noise_level:g}, "
-                            f"--ddim_noise={algo.ddim_noise} and --num_steps={cfg.num_steps} ({e})") from None
-    return algos
+        """Every check that can fail, before any work: each field's declared range, the relations
+        between fields, and that each --algos entry trains some step on the grid. FlagError, one line."""
+        # --algos first, for a message that names the entry and the axis at fault.
+        algos = parse_algos(self.algos) if isinstance(self.algos, str) else None
+        cli.check_flags(self)
+        sigmas = minflow.sd3_sigmas(self.num_steps, self.shift)
+        for entry, algo in algos.items():
+            try:
+                minflow.check_trains_something(algo, sigmas)
+            except FlagError as e:
+                raise FlagError(f"--algos={self.algos}: {entry} trains nothing with --noise_level="
+                                f"{algo.noise_level:g}, --ddim_noise={algo.ddim_noise} and --num_steps={self.num_steps} "
+                                f"({e})") from None
 
 
 def tuned_source(entry, chosen):
@@ -228,17 +217,10 @@ def train(base, algo, cfg, seed, progress=None):
     return {**log, "seconds": elapsed, "per_prompt": per_prompt, "samples": samples.tolist()}
 
 
-_WORKER_BASE = None
-
-
-def _start_worker():
-    global _WORKER_BASE
-    torch.set_num_threads(1)
-    _WORKER_BASE = flow.pretrain()  # read from the cache the parent filled
-
-
 def _run_in_worker(job):
-    return train(_WORKER_BASE, *job)
+    """One run in a worker process, from the base model that the parent's pretraining cached on disk."""
+    torch.set_num_threads(1)
+    return train(flow.pretrain(), *job)
 
 
 def run_jobs(base, jobs, workers=1, desc="RL iterations"):
@@ -247,7 +229,7 @@ def run_jobs(base, jobs, workers=1, desc="RL iterations"):
     with tqdm(total=sum(cfg.iters for _, cfg, _ in jobs), desc=desc, mininterval=2) as progress:
         if workers == 1:
             return [train(base, *job, progress=progress) for job in jobs]
-        with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _start_worker) as pool:
+        with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn")) as pool:
             logs = []
             for log, (_, cfg, _) in zip(pool.map(_run_in_worker, jobs), jobs):
                 logs.append(log)
@@ -267,11 +249,10 @@ def jobs_for(cfg, algos, settings, seeds):
 def collect(cfg, settings, base, logs):
     """Run logs by (name, seed) -> results: each series by algorithm and seed, the first seed's samples."""
     names, seeds = list(dict.fromkeys(n for n, _ in logs)), list(dict.fromkeys(s for _, s in logs))
-    results = {"config": asdict(cfg), "settings": {n: settings[n] for n in names}, "samples": {}}
+    results = {"config": asdict(cfg), "settings": {n: settings[n] for n in names},
+               "samples": {n: logs[n, seeds[0]]["samples"] for n in names}}
     for key in SERIES:
         results[key] = {name: {seed: logs[name, seed][key] for seed in seeds} for name in names}
-    for name in names:
-        results["samples"][name] = logs[name, seeds[0]]["samples"]
     evaluation = Evaluation(cfg)
     _, results["per_prompt"]["base"], samples = evaluation(base)
     results.update(eval_prompts=evaluation.prompts.tolist(), own_mode_weights=flow.own_mode_weights().tolist())
@@ -325,7 +306,7 @@ def table_lines(table, baseline):
 def setup(argv):
     """Flags -> (config, algorithms, their settings), or exit with one line before any work."""
     try:
-        cfg = cli.read_flags(Config, argv)  # checked on construction (check_config)
+        cfg = cli.read_flags(Config, argv)  # checked on construction
         algos = parse_algos(cfg.algos)
         return cfg, algos, tuned_settings(cfg, algos)
     except FlagError as e:
