@@ -35,17 +35,14 @@ def values_of(settings, name, kind=float):
     settings class `settings` (its own declared range)."""
     accepts = {f.name: f.metadata["accepts"] for f in fields(settings)}[name]
 
-    def check(value):
-        if value is None:
-            return f"comma-separated distinct values, each {cli.describe(accepts, kind)}"
-        try:
-            items = [kind(v.strip()) for v in value.split(",")] if isinstance(value, str) else None
-            for item in items:
-                cli.check_flags(replace(settings(), **{name: item}))  # raises FlagError if out of range
-        except (ValueError, TypeError, FlagError):
-            return check(None)
-        return None if len(set(items)) == len(items) else check(None)
-    return check
+    def parse(value):  # a ValueError (FlagError is one) unless each value converts, is in range and is new
+        items = [kind(v.strip()) for v in value.split(",")]
+        for item in items:
+            cli.check_flags(replace(settings(), **{name: item}))
+        if len(set(items)) < len(items):
+            raise ValueError("a value repeats")
+    return cli.text_range(f"comma-separated distinct values, each {cli.describe(accepts, kind)}",
+                          lambda v: isinstance(v, str) and cli.parses(parse)(v))
 
 
 def _writable_file(value):
@@ -71,14 +68,14 @@ class TuneConfig:
     write: str = flag("toy/tuned.json", file_range)  # where the choices go (relative to the repository root)
 
     def __post_init__(self):
-        if isinstance(self.algos, str):
-            train.parse_algos(self.algos)  # first, for a message that names the entry and the axis at fault
+        if isinstance(self.algos, str):  # first, for a message that names the entry and the axis at fault
+            train.Config(algos=self.algos, tuned=False)  # and every entry trains some step at its own level
         cli.check_flags(self)
         cfg, free = train.Config(tuned=False), [e for e in self.algos.split(",") if "noise_level=" not in e]
         for name in ("noise_levels", "wider"):
             try:  # every level must train some step of every entry tuned over it
                 for a in [float(v) for v in getattr(self, name).split(",")] if free else []:
-                    train.check_config(replace(cfg, algos=",".join(f"{e}:noise_level={a:g}" for e in free)))
+                    replace(cfg, algos=",".join(f"{e}:noise_level={a:g}" for e in free))  # checked on construction
             except FlagError as e:
                 raise FlagError(f"--{name}={getattr(self, name)}: {e}") from None
 
