@@ -33,8 +33,8 @@ def reward_curves(results, path):
     styles = _styles(results["curves"])
     for ax, key in zip(axes, ("curves", "clock")):
         for name, runs in results[key].items():
-            xs, ys = np.array([[p[0] for p in r] for r in runs.values()]).mean(0), np.array([[p[1] for p in r]
-                                                                                            for r in runs.values()])
+            points = np.array(list(runs.values()))  # [seeds, evaluations, (x, reward)]
+            xs, ys = points[..., 0].mean(0), points[..., 1]
             ax.plot(xs, ys.mean(0), label=name, **styles[name])
             ax.fill_between(xs, ys.min(0), ys.max(0), color=styles[name]["color"], alpha=0.12)
     axes[0].set(xlabel="trajectories sampled", ylabel="eval reward (ODE, whole pool)", title="reward vs samples")
@@ -48,8 +48,8 @@ def sample_clouds(results, path):
     modes = np.array(results["eval_prompts"]) % flow.NUM_MODES
     centres, colours = flow.mode_centres().numpy(), plt.cm.tab10(np.arange(flow.NUM_MODES))
     cols = min(len(names), 5)
-    fig, axes = plt.subplots(-(-len(names) // cols), cols, figsize=(3.2 * cols, 3.4 * -(-len(names) // cols)),
-                             squeeze=False)
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.4 * rows), squeeze=False)
     for ax in axes.flat[len(names):]:
         ax.axis("off")
     for ax, name in zip(axes.flat, names):
