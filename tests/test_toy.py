@@ -171,6 +171,15 @@ def test_tuning_picks_the_best_setting_per_reward_and_the_main_job_reads_it(base
     assert {s["source"] for s in untuned.values()} == {"untuned"}
 
 
+@pytest.mark.parametrize("text", ["[]", "not json", '{"chosen": []}', '{"chosen": {"bump": {"flow_grpo": 1}}}'])
+def test_a_broken_tuning_file_is_refused_in_one_line(tmp_path, text):
+    (tmp_path / "tuned.json").write_text(text)
+    cfg = Config(algos="flow_grpo")
+    with pytest.raises(cli.FlagError, match="^--tuned=true: ") as error:
+        train.tuned_settings(cfg, train.parse_algos(cfg.algos), tmp_path / "tuned.json")
+    assert "\n" not in str(error.value)
+
+
 def test_the_committed_tuning_covers_every_study_entry_on_other_seeds():
     saved = json.loads(train.TUNED.read_text())
     assert set(saved["chosen"]) == set(flow.REWARDS)
@@ -362,6 +371,7 @@ def test_help_names_every_flag_and_exits_0(script, settings):
     ("train.py", ["--algos=stepwise_ddim", "--num_steps=1"], "--algos=stepwise_ddim: stepwise_ddim trains nothing"),
     ("tune.py", ["--lrs=1e-3,0"], "--lrs=1e-3,0: expected comma-separated distinct values, each a number in (0, 1]"),
     ("tune.py", ["--noise_levels=0,0.7"], "--noise_levels=0,0.7: --algos="),
+    ("tune.py", ["--algos=flow_grpo:noise_level=0"], "--algos=flow_grpo:noise_level=0: flow_grpo:noise_level=0 trains"),
     ("study.py", ["--second_seeds=3,8"], "--second_seeds=3,8: expected seeds disjoint from --seeds=3,4,5,6,7"),
 ])
 def test_bad_flags_fail_in_one_line_with_exit_code_1_before_any_work(tmp_path, script, args, message):

@@ -118,7 +118,7 @@ def tuned_settings(cfg, algos, path=TUNED):
     if cfg.tuned:
         try:
             chosen = json.loads(Path(path).read_text())["chosen"][cfg.reward]
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, TypeError) as e:  # TypeError: JSON that is not an object
             raise FlagError(f"--tuned=true: cannot read {path} for --reward={cfg.reward} ({e}); run python "
                             "toy/tune.py or pass --tuned=false") from None
     settings = {}
