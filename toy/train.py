@@ -99,8 +99,8 @@ class Config:
                 minflow.check_trains_something(algo, sigmas)
             except FlagError as e:
                 raise FlagError(f"--algos={self.algos}: {entry} trains nothing with --noise_level="
-                                f"{algo.noise_level:g}, --ddim_noise={algo.ddim_noise} and --num_steps={self.num_steps} "
-                                f"({e})") from None
+                                f"{algo.noise_level:g}, --ddim_noise={algo.ddim_noise} and "
+                                f"--num_steps={self.num_steps} ({e})") from None
 
 
 def tuned_source(entry, chosen):

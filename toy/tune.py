@@ -95,8 +95,9 @@ def tune(tcfg, base):
     """-> ({reward: {entry: rows}}, {reward: {entry: the best row's lr, level and finals}})."""
     algos, seeds = train.parse_algos(tcfg.algos), [int(s) for s in tcfg.seeds.split(",")]
     table = {reward: {entry: [] for entry in algos} for reward in tcfg.rewards.split(",")}
+    levels = sorted(map(float, tcfg.noise_levels.split(",")))
     points = [(reward, e, float(lr), a) for reward in table for e, algo in algos.items() for lr in tcfg.lrs.split(",")
-              for a in ([algo.noise_level] if "noise_level=" in e else sorted(map(float, tcfg.noise_levels.split(","))))]
+              for a in ([algo.noise_level] if "noise_level=" in e else levels)]
     while points:  # the grid, then one widening round after another
         jobs = [(replace(algos[e], noise_level=a), train.Config(tuned=False, reward=reward, iters=tcfg.iters, lr=lr,
                                                                  eval_every=tcfg.iters), seed)
@@ -104,11 +105,11 @@ def tune(tcfg, base):
         logs = iter(train.run_jobs(base, jobs, tcfg.workers, "tuning iterations"))
         for reward, e, lr, a in points:
             finals = torch.tensor([next(logs)["curves"][-1][1] for _ in seeds])
-            table[reward][e].append({"lr": lr, "noise_level": a, "finals": finals.tolist(), "mean": finals.mean().item(),
+            table[reward][e].append({"lr": lr, "noise_level": a, "finals": finals.tolist(),
+                                     "mean": finals.mean().item(),
                                      "std": finals.std().item() if len(finals) > 1 else 0.0})  # sample std
-        best = {(reward, e): max(rows, key=lambda r: r["mean"]) for reward in table for e, rows in table[reward].items()}
-        points = [(reward, e, best[reward, e]["lr"], a) for (reward, e) in best
-                  if (a := widen(e, table[reward][e], tcfg)) is not None]
+        points = [(reward, e, max(rows, key=lambda r: r["mean"])["lr"], a) for reward, entries in table.items()
+                  for e, rows in entries.items() if (a := widen(e, rows, tcfg)) is not None]  # at the best lr
     chosen = {reward: {} for reward in table}
     for reward, entries in table.items():
         for entry, rows in entries.items():
@@ -127,8 +128,8 @@ def markdown(table, chosen):
     for entry, rows in table.items():
         cells = {(r["lr"], r["noise_level"]): r["mean"] for r in rows}
         best = (chosen[entry]["lr"], chosen[entry]["noise_level"])
-        lines.append(f"| {entry} | " + " | ".join(
-            "" if c not in cells else f"**{cells[c]:.3f}**" if c == best else f"{cells[c]:.3f}" for c in columns) + " |")
+        lines.append(f"| {entry} | " + " | ".join("" if c not in cells else f"**{cells[c]:.3f}**" if c == best
+                                                  else f"{cells[c]:.3f}" for c in columns) + " |")
     return "\n".join(lines)
 
 
