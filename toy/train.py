@@ -162,25 +162,10 @@ def optimise(model, ref, opt, rows, labels, algo, cfg, gen):
         opt.step()
 
 
-def sample_and_score(model, algo, cfg, sizes, labels, gen):
-    """One iteration's rollouts -> (trajectory, final rewards, intermediate rewards or None)."""
-    group_ids = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
-    sigmas = minflow.sd3_sigmas(cfg.num_steps, cfg.shift)
-    x1 = minflow.initial_noise(sizes, (2,), algo.shared_noise, gen)
-    traj = minflow.rollout(lambda x, t: model(x, t, labels), x1, sigmas, algo.sampler, algo.noise_level, gen,
-                           ddim_noise=algo.ddim_noise)
-    rewards = flow.reward(traj.xs[:, -1], labels, cfg.reward)
-    along = None
-    if algo.step_credit == "gains":
-        along = minflow.intermediate_rewards(
-            lambda x, t, b: model(x, t, labels[b]), traj, lambda x0, b: flow.reward(x0, labels[b], cfg.reward),
-            algo.substeps, minflow.needed_states(traj.stds), rewards, group_ids if algo.shared_noise else None)
-    return traj, rewards, along, group_ids
-
-
 def train(base, algo, cfg, seed, progress=None):
-    """One RL run from the base model -> its evaluation curves, per-iteration logs and model."""
-    minflow.check_trains_something(algo, minflow.sd3_sigmas(cfg.num_steps, cfg.shift))
+    """One RL run from the base model -> its evaluation curves, per-iteration logs and final samples."""
+    sigmas = minflow.sd3_sigmas(cfg.num_steps, cfg.shift)
+    minflow.check_trains_something(algo, sigmas)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = copy.deepcopy(base).train()
@@ -194,9 +179,17 @@ def train(base, algo, cfg, seed, progress=None):
         start = time.perf_counter()
         prompt_ids = minflow.choose_prompts(algo, flow.NUM_PROMPTS, cfg.prompts_per_iter, tracker, gen)
         sizes = minflow.allocate_groups(algo, len(prompt_ids), cfg.trajectories, tracker, prompt_ids)
-        labels = prompt_ids[torch.repeat_interleave(torch.arange(len(prompt_ids)), sizes)]
-        with torch.no_grad():
-            traj, rewards, along, group_ids = sample_and_score(model, algo, cfg, sizes, labels, gen)
+        group_ids = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
+        labels = prompt_ids[group_ids]
+        with torch.no_grad():  # the iteration's rollouts and their rewards (for gains, each step's too)
+            x1 = minflow.initial_noise(sizes, (2,), algo.shared_noise, gen)
+            traj = minflow.rollout(lambda x, t: model(x, t, labels), x1, sigmas, algo.sampler, algo.noise_level, gen,
+                                   ddim_noise=algo.ddim_noise)
+            rewards, along = flow.reward(traj.xs[:, -1], labels, cfg.reward), None
+            if algo.step_credit == "gains":
+                along = minflow.intermediate_rewards(
+                    lambda x, t, b: model(x, t, labels[b]), traj, lambda x0, b: flow.reward(x0, labels[b], cfg.reward),
+                    algo.substeps, minflow.needed_states(traj.stds), rewards, group_ids if algo.shared_noise else None)
         # The tracker's value from before this iteration's update, so the baseline does not
         # depend on the rewards it is subtracted from.
         baseline = tracker.baseline(labels) if algo.baseline == "tracker" else None
