@@ -72,10 +72,10 @@ def prompts(results, path):
     for name in results["curves"]:
         drawn = np.array(list(results["prompts"][name].values()))  # [seeds, iters, k]
         sizes = np.array(list(results["group_sizes"][name].values()))
-        counts = np.stack([np.bincount(d.ravel(), minlength=len(p)) for d in drawn])  # [seeds, pool]
-        sized = np.stack([np.bincount(d.ravel(), weights=s.ravel(), minlength=len(p)) for d, s in zip(drawn, sizes)])
+        counts = np.bincount(drawn.ravel(), minlength=len(p))  # over every seed and iteration
+        sized = np.bincount(drawn.ravel(), weights=sizes.ravel(), minlength=len(p))
         finals = np.array(list(results["per_prompt"][name].values())).mean(0)
-        for ax, y in zip(axes, (counts.mean(0) / drawn.shape[1], sized.sum(0) / np.maximum(counts.sum(0), 1), finals)):
+        for ax, y in zip(axes, (counts / drawn.shape[0] / drawn.shape[1], sized / np.maximum(counts, 1), finals)):
             ax.plot(pool, y, marker=".", label=name, **styles[name])
     axes[2].plot(pool, results["per_prompt"]["base"], color="black", linewidth=2, label="base model")
     for ax, title in zip(axes, ["draws per iteration (mean over seeds)", "mean group size when drawn",
