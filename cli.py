@@ -44,6 +44,8 @@ TEXT = text_range("text", lambda v: isinstance(v, str))
 
 # The --device flag of sd35's scripts: "" picks CUDA when there is one.
 DEVICE = text_range("empty, cpu, cuda or cuda:N", lambda v: re.fullmatch(r"|cpu|cuda(:\d+)?", v) is not None)
+BOOLS = {"true": True, "1": True, "false": False, "0": False}  # the values a bool flag accepts, any case
+FIELD_LINE = re.compile(r"\s*([A-Za-z_]\w*):[^#]*#(.*)")  # a settings field with its comment: `name: type = ...  # ...`
 
 
 def atomic_write(path, data):
@@ -85,13 +87,8 @@ def parse_flags(settings, argv):
             raise FlagError(f"unknown flag --{key}; expected one of: {', '.join('--' + k for k in kinds)}")
         kind = kinds[key]
         try:
-            if kind is bool:
-                if value.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError
-                out[key] = value.lower() in ("true", "1")
-            else:
-                out[key] = kind(value)
-        except (ValueError, OverflowError):
+            out[key] = BOOLS[value.lower()] if kind is bool else kind(value)
+        except (KeyError, ValueError, OverflowError):
             raise FlagError(f"--{key}={value}: expected {describe(accepts[key], kind)}") from None
     return out
 
@@ -99,12 +96,7 @@ def parse_flags(settings, argv):
 def field_comments(settings):
     """{field: the comment after it on its line} from the class's source, for --help."""
     lines, _ = inspect.getsourcelines(settings)
-    comments = {}
-    for line in lines:
-        target = line.split("#", 1)[0].strip()
-        if "#" in line and ":" in target and target.split(":")[0].isidentifier():
-            comments[target.split(":")[0]] = line.split("#", 1)[1].strip()
-    return comments
+    return {match[1]: match[2].strip() for match in map(FIELD_LINE.match, lines) if match}
 
 
 def help_text(settings, base=None):

@@ -171,6 +171,15 @@ def test_tuning_picks_the_best_setting_per_reward_and_the_main_job_reads_it(base
     assert {s["source"] for s in untuned.values()} == {"untuned"}
 
 
+@pytest.mark.parametrize("text", ["[]", "not json", '{"chosen": []}', '{"chosen": {"bump": {"flow_grpo": 1}}}'])
+def test_a_broken_tuning_file_is_refused_in_one_line(tmp_path, text):
+    (tmp_path / "tuned.json").write_text(text)
+    cfg = Config(algos="flow_grpo")
+    with pytest.raises(cli.FlagError, match="^--tuned=true: ") as error:
+        train.tuned_settings(cfg, train.parse_algos(cfg.algos), tmp_path / "tuned.json")
+    assert "\n" not in str(error.value)
+
+
 def test_the_committed_tuning_covers_every_study_entry_on_other_seeds():
     saved = json.loads(train.TUNED.read_text())
     assert set(saved["chosen"]) == set(flow.REWARDS)
@@ -248,6 +257,49 @@ def test_a_verdict_that_differs_between_the_seed_sets_is_unstable():
     assert claims.combine([per_set[0], per_set[0]])[len(claims.CLAIMS) - 4]["verdict"] == "holds"
 
 
+def merged(*parts):
+    """Several synthetic_results on disjoint seeds as one, as a study's two seed sets are."""
+    return {k: {n: {s: v for p in parts for s, v in p[k][n].items()} for n in parts[0][k]}
+            if k in ("curves", "clock", "seconds", "zero_std_ratio") else parts[0][k] for k in parts[0]}
+
+
+def synthetic_study():
+    """A saved study (results.json) made by hand, with both rewards, long runs and the axis study,
+    so that every part of the results file is drawn; its keys are strings, as read from the file."""
+    rewards = {}
+    for reward, superflow in (("bump", 0.8), ("hit", 0.5)):
+        runs = {"flow_grpo": 0.6, "stepwise": 0.7, claims.PER_STEP: 0.65, "stepwise_ddim": 0.55, "superflow": superflow,
+                claims.NO_CREDIT: 0.6, claims.NO_SAMPLING: 0.7}
+        parts = {part: merged(synthetic_results(finals), synthetic_results(finals, seeds=(6, 7, 8)))
+                 for part, finals in (("runs", runs), ("long", {"superflow": 0.7, claims.NO_SAMPLING: 0.6}))}
+        parts["axes"] = synthetic_results({"flow_grpo:baseline=tracker": 0.63, "superflow:baseline=group": superflow - 0.02})
+        for results in parts.values():
+            results["settings"] = {n: {"lr": 1e-3, "noise_level": 0.7, "source": f"tuned as {n.split(':')[0]}"}
+                                   for n in results["curves"]}
+        parts["axes"]["settings"]["superflow:baseline=group"] = {"lr": 3e-4, "noise_level": 1.0, "source": "--lr"}
+        per_set = [claims.evaluate(claims.Runs(parts["runs"], seeds, parts["long"], SAMPLERS))
+                   for seeds in ({3, 4, 5}, {6, 7, 8})]
+        rewards[reward] = {**parts, "samplers": SAMPLERS, "claims": claims.combine(per_set)}
+    table = {"flow_grpo": [{"lr": 1e-3, "noise_level": a, "mean": m} for a, m in ((0.5, 0.61), (0.7, 0.6))],
+             "superflow": [{"lr": 1e-3, "noise_level": 0.7, "mean": 0.7}]}
+    chosen = {"flow_grpo": {"lr": 1e-3, "noise_level": 0.5}, "superflow": {"lr": 1e-3, "noise_level": 0.7}}
+    return json.loads(json.dumps({
+        "command": "python toy/study.py --test", "config": {"seeds": "3,4,5", "second_seeds": "6,7,8", "long_iters": 3},
+        "rewards": rewards, "machine": "a test machine", "hardware": "a test machine, one thread a run", "seconds": 12.3,
+        "tuning": {"command": "python toy/tune.py --test", "workers": 2, "seconds": 4.5,
+                   "table": {"bump": table, "hit": table}, "chosen": {"bump": chosen, "hit": chosen}}}))
+
+
+def test_the_results_file_and_tables_are_pinned_to_the_text_the_docs_quote():
+    """The study's results file, its tables and the tuning grid, byte for byte as they were when
+    toy/RESULTS.md and the README were written (tests/study_report.md), and the committed
+    tuning's grids exactly as toy/RESULTS.md prints them."""
+    assert study.report(synthetic_study()) == (ROOT / "tests" / "study_report.md").read_text()
+    tuned, written = json.loads(train.TUNED.read_text()), (ROOT / "toy" / "RESULTS.md").read_text()
+    for reward in flow.REWARDS:
+        assert tune.markdown(tuned["table"][reward], tuned["chosen"][reward]) in written
+
+
 def run_main(*args, script="train.py"):
     return subprocess.run([sys.executable, str(ROOT / "toy" / script), *args], capture_output=True, text=True, cwd=ROOT,
                           timeout=300)
@@ -319,6 +371,7 @@ def test_help_names_every_flag_and_exits_0(script, settings):
     ("train.py", ["--algos=stepwise_ddim", "--num_steps=1"], "--algos=stepwise_ddim: stepwise_ddim trains nothing"),
     ("tune.py", ["--lrs=1e-3,0"], "--lrs=1e-3,0: expected comma-separated distinct values, each a number in (0, 1]"),
     ("tune.py", ["--noise_levels=0,0.7"], "--noise_levels=0,0.7: --algos="),
+    ("tune.py", ["--algos=flow_grpo:noise_level=0"], "--algos=flow_grpo:noise_level=0: flow_grpo:noise_level=0 trains"),
     ("study.py", ["--second_seeds=3,8"], "--second_seeds=3,8: expected seeds disjoint from --seeds=3,4,5,6,7"),
 ])
 def test_bad_flags_fail_in_one_line_with_exit_code_1_before_any_work(tmp_path, script, args, message):

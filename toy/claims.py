@@ -68,8 +68,7 @@ class Runs:
     def __init__(self, results, seeds, long=None, samplers=None):
         def pick(series):
             return {n: {s: v for s, v in runs.items() if int(s) in seeds} for n, runs in series.items()}
-        self.curves, self.clock = pick(results["curves"]), pick(results["clock"])
-        self.seconds = pick(results["seconds"])
+        self.curves, self.clock, self.seconds = (pick(results[key]) for key in ("curves", "clock", "seconds"))
         self.zero_std, self.long = pick(results["zero_std_ratio"]), pick(long["curves"]) if long else {}
         self.settings, self.samplers, cfg = results["settings"], samplers, results["config"]
         self.finals = {n: [c[-1][1] for c in runs.values()] for n, runs in self.curves.items()}

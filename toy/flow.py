@@ -95,13 +95,12 @@ def pretrain(steps=4000, batch=1024, lr=2e-3, width=128, depth=3, seed=0, cache=
     settings = dict(steps=steps, batch=batch, lr=lr, width=width, depth=depth, seed=seed, prompts=NUM_PROMPTS,
                     modes=NUM_MODES)
     path = CACHE / f"base-{hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]}.safetensors"
+    torch.manual_seed(seed)
     model = ToyVelocity(width, depth)
     if cache and path.exists():
         model.load_state_dict(load_file(path))
         return model.eval()
     gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model = ToyVelocity(width, depth)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     for _ in tqdm(range(steps), desc="pretrain base flow", leave=False):

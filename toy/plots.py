@@ -33,8 +33,8 @@ def reward_curves(results, path):
     styles = _styles(results["curves"])
     for ax, key in zip(axes, ("curves", "clock")):
         for name, runs in results[key].items():
-            xs, ys = np.array([[p[0] for p in r] for r in runs.values()]).mean(0), np.array([[p[1] for p in r]
-                                                                                            for r in runs.values()])
+            points = np.array(list(runs.values()))  # [seeds, evaluations, (x, reward)]
+            xs, ys = points[..., 0].mean(0), points[..., 1]
             ax.plot(xs, ys.mean(0), label=name, **styles[name])
             ax.fill_between(xs, ys.min(0), ys.max(0), color=styles[name]["color"], alpha=0.12)
     axes[0].set(xlabel="trajectories sampled", ylabel="eval reward (ODE, whole pool)", title="reward vs samples")
@@ -48,8 +48,8 @@ def sample_clouds(results, path):
     modes = np.array(results["eval_prompts"]) % flow.NUM_MODES
     centres, colours = flow.mode_centres().numpy(), plt.cm.tab10(np.arange(flow.NUM_MODES))
     cols = min(len(names), 5)
-    fig, axes = plt.subplots(-(-len(names) // cols), cols, figsize=(3.2 * cols, 3.4 * -(-len(names) // cols)),
-                             squeeze=False)
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.4 * rows), squeeze=False)
     for ax in axes.flat[len(names):]:
         ax.axis("off")
     for ax, name in zip(axes.flat, names):
@@ -72,10 +72,10 @@ def prompts(results, path):
     for name in results["curves"]:
         drawn = np.array(list(results["prompts"][name].values()))  # [seeds, iters, k]
         sizes = np.array(list(results["group_sizes"][name].values()))
-        counts = np.stack([np.bincount(d.ravel(), minlength=len(p)) for d in drawn])  # [seeds, pool]
-        sized = np.stack([np.bincount(d.ravel(), weights=s.ravel(), minlength=len(p)) for d, s in zip(drawn, sizes)])
+        counts = np.bincount(drawn.ravel(), minlength=len(p))  # over every seed and iteration
+        sized = np.bincount(drawn.ravel(), weights=sizes.ravel(), minlength=len(p))
         finals = np.array(list(results["per_prompt"][name].values())).mean(0)
-        for ax, y in zip(axes, (counts.mean(0) / drawn.shape[1], sized.sum(0) / np.maximum(counts.sum(0), 1), finals)):
+        for ax, y in zip(axes, (counts / drawn.shape[0] / drawn.shape[1], sized / np.maximum(counts, 1), finals)):
             ax.plot(pool, y, marker=".", label=name, **styles[name])
     axes[2].plot(pool, results["per_prompt"]["base"], color="black", linewidth=2, label="base model")
     for ax, title in zip(axes, ["draws per iteration (mean over seeds)", "mean group size when drawn",

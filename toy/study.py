@@ -120,11 +120,9 @@ def cell(row):
 
 def axis_effects(parts):
     """Each axis-study entry's final reward minus its parent preset's, on the seeds it ran."""
-    def final(series, name, seeds):
-        return sum(c[-1][1] for s, c in series["curves"][name].items() if s in seeds) / len(seeds)
-    seeds = list(next(iter(parts["axes"]["curves"].values())))
-    return {n: final(parts["axes"], n, seeds) - final(parts["runs"], n.split(":")[0], seeds)
-            for n in parts["axes"]["curves"]}
+    seeds = {int(s) for s in next(iter(parts["axes"]["curves"].values()))}
+    axes, runs = claims.Runs(parts["axes"], seeds), claims.Runs(parts["runs"], seeds)
+    return {n: axes.mean(n) - runs.mean(n.split(":")[0]) for n in axes.curves}
 
 
 def differing(study):

@@ -46,15 +46,8 @@ def parse_algos(value):
         raise FlagError(f"--algos={value}: {e}") from None
 
 
-def algos_range(value):
-    """Declared range of --algos (a function, see cli.check_flags)."""
-    if value is None:
-        return f"comma-separated algorithms: presets ({', '.join(minflow.PRESETS)}), each with optional :axis=value"
-    try:
-        parse_algos(value)
-    except (FlagError, AttributeError) as e:  # AttributeError: not a string
-        return str(e)
-    return None
+algos_range = cli.text_range(f"comma-separated algorithms: presets ({', '.join(minflow.PRESETS)}), each with "
+                             "optional :axis=value", lambda v: isinstance(v, str) and cli.parses(parse_algos)(v))
 
 
 def _distinct_seeds(value):
@@ -95,23 +88,19 @@ class Config:
                   "(every group needs 2 samples)"),)
 
     def __post_init__(self):
-        check_config(self)
-
-
-def check_config(cfg):
-    """Every check that can fail, before any work: each field's declared range, the relations
-    between fields, and that each --algos entry trains some step on the grid. FlagError, one line."""
-    # --algos first, for a message that names the entry and the axis at fault.
-    algos = parse_algos(cfg.algos) if isinstance(cfg.algos, str) else None
-    cli.check_flags(cfg)
-    sigmas = minflow.sd3_sigmas(cfg.num_steps, cfg.shift)
-    for entry, algo in algos.items():
-        try:
-            minflow.check_trains_something(algo, sigmas)
-        except FlagError as e:
-            raise FlagError(f"--algos={cfg.algos}: {entry} trains nothing with --noise_level={algo.noise_level:g}, "
-                            f"--ddim_noise={algo.ddim_noise} and --num_steps={cfg.num_steps} ({e})") from None
-    return algos
+        """Every check that can fail, before any work: each field's declared range, the relations
+        between fields, and that each --algos entry trains some step on the grid. FlagError, one line."""
+        # --algos first, for a message that names the entry and the axis at fault.
+        algos = parse_algos(self.algos) if isinstance(self.algos, str) else None
+        cli.check_flags(self)
+        sigmas = minflow.sd3_sigmas(self.num_steps, self.shift)
+        for entry, algo in algos.items():
+            try:
+                minflow.check_trains_something(algo, sigmas)
+            except FlagError as e:
+                raise FlagError(f"--algos={self.algos}: {entry} trains nothing with --noise_level="
+                                f"{algo.noise_level:g}, --ddim_noise={algo.ddim_noise} and "
+                                f"--num_steps={self.num_steps} ({e})") from None
 
 
 def tuned_source(entry, chosen):
@@ -129,7 +118,7 @@ def tuned_settings(cfg, algos, path=TUNED):
     if cfg.tuned:
         try:
             chosen = json.loads(Path(path).read_text())["chosen"][cfg.reward]
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, TypeError) as e:  # TypeError: JSON that is not an object
             raise FlagError(f"--tuned=true: cannot read {path} for --reward={cfg.reward} ({e}); run python "
                             "toy/tune.py or pass --tuned=false") from None
     settings = {}
@@ -173,25 +162,10 @@ def optimise(model, ref, opt, rows, labels, algo, cfg, gen):
         opt.step()
 
 
-def sample_and_score(model, algo, cfg, sizes, labels, gen):
-    """One iteration's rollouts -> (trajectory, final rewards, intermediate rewards or None)."""
-    group_ids = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
-    sigmas = minflow.sd3_sigmas(cfg.num_steps, cfg.shift)
-    x1 = minflow.initial_noise(sizes, (2,), algo.shared_noise, gen)
-    traj = minflow.rollout(lambda x, t: model(x, t, labels), x1, sigmas, algo.sampler, algo.noise_level, gen,
-                           ddim_noise=algo.ddim_noise)
-    rewards = flow.reward(traj.xs[:, -1], labels, cfg.reward)
-    along = None
-    if algo.step_credit == "gains":
-        along = minflow.intermediate_rewards(
-            lambda x, t, b: model(x, t, labels[b]), traj, lambda x0, b: flow.reward(x0, labels[b], cfg.reward),
-            algo.substeps, minflow.needed_states(traj.stds), rewards, group_ids if algo.shared_noise else None)
-    return traj, rewards, along, group_ids
-
-
 def train(base, algo, cfg, seed, progress=None):
-    """One RL run from the base model -> its evaluation curves, per-iteration logs and model."""
-    minflow.check_trains_something(algo, minflow.sd3_sigmas(cfg.num_steps, cfg.shift))
+    """One RL run from the base model -> its evaluation curves, per-iteration logs and final samples."""
+    sigmas = minflow.sd3_sigmas(cfg.num_steps, cfg.shift)
+    minflow.check_trains_something(algo, sigmas)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = copy.deepcopy(base).train()
@@ -205,9 +179,17 @@ def train(base, algo, cfg, seed, progress=None):
         start = time.perf_counter()
         prompt_ids = minflow.choose_prompts(algo, flow.NUM_PROMPTS, cfg.prompts_per_iter, tracker, gen)
         sizes = minflow.allocate_groups(algo, len(prompt_ids), cfg.trajectories, tracker, prompt_ids)
-        labels = prompt_ids[torch.repeat_interleave(torch.arange(len(prompt_ids)), sizes)]
-        with torch.no_grad():
-            traj, rewards, along, group_ids = sample_and_score(model, algo, cfg, sizes, labels, gen)
+        group_ids = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
+        labels = prompt_ids[group_ids]
+        with torch.no_grad():  # the iteration's rollouts and their rewards (for gains, each step's too)
+            x1 = minflow.initial_noise(sizes, (2,), algo.shared_noise, gen)
+            traj = minflow.rollout(lambda x, t: model(x, t, labels), x1, sigmas, algo.sampler, algo.noise_level, gen,
+                                   ddim_noise=algo.ddim_noise)
+            rewards, along = flow.reward(traj.xs[:, -1], labels, cfg.reward), None
+            if algo.step_credit == "gains":
+                along = minflow.intermediate_rewards(
+                    lambda x, t, b: model(x, t, labels[b]), traj, lambda x0, b: flow.reward(x0, labels[b], cfg.reward),
+                    algo.substeps, minflow.needed_states(traj.stds), rewards, group_ids if algo.shared_noise else None)
         # The tracker's value from before this iteration's update, so the baseline does not
         # depend on the rewards it is subtracted from.
         baseline = tracker.baseline(labels) if algo.baseline == "tracker" else None
@@ -228,17 +210,10 @@ def train(base, algo, cfg, seed, progress=None):
     return {**log, "seconds": elapsed, "per_prompt": per_prompt, "samples": samples.tolist()}
 
 
-_WORKER_BASE = None
-
-
-def _start_worker():
-    global _WORKER_BASE
-    torch.set_num_threads(1)
-    _WORKER_BASE = flow.pretrain()  # read from the cache the parent filled
-
-
 def _run_in_worker(job):
-    return train(_WORKER_BASE, *job)
+    """One run in a worker process, from the base model that the parent's pretraining cached on disk."""
+    torch.set_num_threads(1)
+    return train(flow.pretrain(), *job)
 
 
 def run_jobs(base, jobs, workers=1, desc="RL iterations"):
@@ -247,7 +222,7 @@ def run_jobs(base, jobs, workers=1, desc="RL iterations"):
     with tqdm(total=sum(cfg.iters for _, cfg, _ in jobs), desc=desc, mininterval=2) as progress:
         if workers == 1:
             return [train(base, *job, progress=progress) for job in jobs]
-        with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _start_worker) as pool:
+        with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn")) as pool:
             logs = []
             for log, (_, cfg, _) in zip(pool.map(_run_in_worker, jobs), jobs):
                 logs.append(log)
@@ -267,11 +242,10 @@ def jobs_for(cfg, algos, settings, seeds):
 def collect(cfg, settings, base, logs):
     """Run logs by (name, seed) -> results: each series by algorithm and seed, the first seed's samples."""
     names, seeds = list(dict.fromkeys(n for n, _ in logs)), list(dict.fromkeys(s for _, s in logs))
-    results = {"config": asdict(cfg), "settings": {n: settings[n] for n in names}, "samples": {}}
+    results = {"config": asdict(cfg), "settings": {n: settings[n] for n in names},
+               "samples": {n: logs[n, seeds[0]]["samples"] for n in names}}
     for key in SERIES:
         results[key] = {name: {seed: logs[name, seed][key] for seed in seeds} for name in names}
-    for name in names:
-        results["samples"][name] = logs[name, seeds[0]]["samples"]
     evaluation = Evaluation(cfg)
     _, results["per_prompt"]["base"], samples = evaluation(base)
     results.update(eval_prompts=evaluation.prompts.tolist(), own_mode_weights=flow.own_mode_weights().tolist())
@@ -325,7 +299,7 @@ def table_lines(table, baseline):
 def setup(argv):
     """Flags -> (config, algorithms, their settings), or exit with one line before any work."""
     try:
-        cfg = cli.read_flags(Config, argv)  # checked on construction (check_config)
+        cfg = cli.read_flags(Config, argv)  # checked on construction
         algos = parse_algos(cfg.algos)
         return cfg, algos, tuned_settings(cfg, algos)
     except FlagError as e:

@@ -35,17 +35,14 @@ def values_of(settings, name, kind=float):
     settings class `settings` (its own declared range)."""
     accepts = {f.name: f.metadata["accepts"] for f in fields(settings)}[name]
 
-    def check(value):
-        if value is None:
-            return f"comma-separated distinct values, each {cli.describe(accepts, kind)}"
-        try:
-            items = [kind(v.strip()) for v in value.split(",")] if isinstance(value, str) else None
-            for item in items:
-                cli.check_flags(replace(settings(), **{name: item}))  # raises FlagError if out of range
-        except (ValueError, TypeError, FlagError):
-            return check(None)
-        return None if len(set(items)) == len(items) else check(None)
-    return check
+    def parse(value):  # a ValueError (FlagError is one) unless each value converts, is in range and is new
+        items = [kind(v.strip()) for v in value.split(",")]
+        for item in items:
+            cli.check_flags(replace(settings(), **{name: item}))
+        if len(set(items)) < len(items):
+            raise ValueError("a value repeats")
+    return cli.text_range(f"comma-separated distinct values, each {cli.describe(accepts, kind)}",
+                          lambda v: isinstance(v, str) and cli.parses(parse)(v))
 
 
 def _writable_file(value):
@@ -71,14 +68,14 @@ class TuneConfig:
     write: str = flag("toy/tuned.json", file_range)  # where the choices go (relative to the repository root)
 
     def __post_init__(self):
-        if isinstance(self.algos, str):
-            train.parse_algos(self.algos)  # first, for a message that names the entry and the axis at fault
+        if isinstance(self.algos, str):  # first, for a message that names the entry and the axis at fault
+            train.Config(algos=self.algos, tuned=False)  # and every entry trains some step at its own level
         cli.check_flags(self)
         cfg, free = train.Config(tuned=False), [e for e in self.algos.split(",") if "noise_level=" not in e]
         for name in ("noise_levels", "wider"):
             try:  # every level must train some step of every entry tuned over it
                 for a in [float(v) for v in getattr(self, name).split(",")] if free else []:
-                    train.check_config(replace(cfg, algos=",".join(f"{e}:noise_level={a:g}" for e in free)))
+                    replace(cfg, algos=",".join(f"{e}:noise_level={a:g}" for e in free))  # checked on construction
             except FlagError as e:
                 raise FlagError(f"--{name}={getattr(self, name)}: {e}") from None
 
@@ -98,8 +95,9 @@ def tune(tcfg, base):
     """-> ({reward: {entry: rows}}, {reward: {entry: the best row's lr, level and finals}})."""
     algos, seeds = train.parse_algos(tcfg.algos), [int(s) for s in tcfg.seeds.split(",")]
     table = {reward: {entry: [] for entry in algos} for reward in tcfg.rewards.split(",")}
+    levels = sorted(map(float, tcfg.noise_levels.split(",")))
     points = [(reward, e, float(lr), a) for reward in table for e, algo in algos.items() for lr in tcfg.lrs.split(",")
-              for a in ([algo.noise_level] if "noise_level=" in e else sorted(map(float, tcfg.noise_levels.split(","))))]
+              for a in ([algo.noise_level] if "noise_level=" in e else levels)]
     while points:  # the grid, then one widening round after another
         jobs = [(replace(algos[e], noise_level=a), train.Config(tuned=False, reward=reward, iters=tcfg.iters, lr=lr,
                                                                  eval_every=tcfg.iters), seed)
@@ -107,11 +105,11 @@ def tune(tcfg, base):
         logs = iter(train.run_jobs(base, jobs, tcfg.workers, "tuning iterations"))
         for reward, e, lr, a in points:
             finals = torch.tensor([next(logs)["curves"][-1][1] for _ in seeds])
-            table[reward][e].append({"lr": lr, "noise_level": a, "finals": finals.tolist(), "mean": finals.mean().item(),
+            table[reward][e].append({"lr": lr, "noise_level": a, "finals": finals.tolist(),
+                                     "mean": finals.mean().item(),
                                      "std": finals.std().item() if len(finals) > 1 else 0.0})  # sample std
-        best = {(reward, e): max(rows, key=lambda r: r["mean"]) for reward in table for e, rows in table[reward].items()}
-        points = [(reward, e, best[reward, e]["lr"], a) for (reward, e) in best
-                  if (a := widen(e, table[reward][e], tcfg)) is not None]
+        points = [(reward, e, max(rows, key=lambda r: r["mean"])["lr"], a) for reward, entries in table.items()
+                  for e, rows in entries.items() if (a := widen(e, rows, tcfg)) is not None]  # at the best lr
     chosen = {reward: {} for reward in table}
     for reward, entries in table.items():
         for entry, rows in entries.items():
@@ -130,8 +128,8 @@ def markdown(table, chosen):
     for entry, rows in table.items():
         cells = {(r["lr"], r["noise_level"]): r["mean"] for r in rows}
         best = (chosen[entry]["lr"], chosen[entry]["noise_level"])
-        lines.append(f"| {entry} | " + " | ".join(
-            "" if c not in cells else f"**{cells[c]:.3f}**" if c == best else f"{cells[c]:.3f}" for c in columns) + " |")
+        lines.append(f"| {entry} | " + " | ".join("" if c not in cells else f"**{cells[c]:.3f}**" if c == best
+                                                  else f"{cells[c]:.3f}" for c in columns) + " |")
     return "\n".join(lines)
 
 
