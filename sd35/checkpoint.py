@@ -87,8 +87,9 @@ def check_identity(folder, identity):
             raise ValueError(f"checkpoint {folder} was made with {key}={saved.get(key)!r}, this run has {value!r}")
 
 
-def load(folder, state):
-    """Restore a checkpoint (vetted by check_identity) into the live objects of `state` -> its iteration."""
+def load(folder, state, identity):
+    """Restore a checkpoint into the live objects of `state`; returns the iteration to continue from."""
+    check_identity(folder, identity)
     saved = json.loads((folder / RUN_FILE).read_text())
     lora = {k.removeprefix("transformer."): v for k, v in load_file(folder / LORA_FILE).items()}
     if unexpected := set_peft_model_state_dict(state.transformer, lora).unexpected_keys:

@@ -510,7 +510,7 @@ def main(argv):
         sys.exit(f"error: {e}")
     ranks.start()
     run, state = build(cfg, algo, train_prompts, test_prompts, ranks)
-    start = checkpoint.load(resume_from, state) if resume_from else 0
+    start = checkpoint.load(resume_from, state, identity) if resume_from else 0
     out = Path(cfg.out)
     if ranks.master:
         describe_run(run, state, start, default_resolution)
