@@ -6,8 +6,12 @@ Every settings dataclass declares what each field accepts next to its default, o
 and `read_flags` checks every field and the class's RELATIONS before any work starts; a bad
 value is refused in one line that names the flag, the value and what is expected:
     --eval_every=0: expected an integer in [1, 100000]
+minflow.Algorithm declares its axes the same way (minflow.declared) but, the core being torch
+only, does not check itself: whatever builds one from outside input checks it here
+(`make_algorithm` and `read_flags` do, and `check_flags` for one changed in code).
 """
 import inspect
+import math
 import os
 import re
 import sys
@@ -15,12 +19,59 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 import minflow
-from minflow import FlagError, check_flags, describe, field_type, show  # noqa: F401  (one mechanism, re-exported)
+
+
+class FlagError(ValueError):
+    """A setting outside its declared range; the message is one line: --name=value: expected ..."""
 
 
 def flag(default, accepts):
-    """A settings field with its declared range (minflow.flag), "text" meaning any string."""
-    return minflow.flag(default, TEXT if accepts == "text" else accepts)
+    """A settings field with its declared range (minflow.declared), "text" meaning any string."""
+    return minflow.declared(default, TEXT if accepts == "text" else accepts)
+
+
+def show(value):
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def describe(accepts, kind):
+    """A declared range in words: "an integer >= 1", "a number in [0, 1)", "one of a, b"."""
+    if callable(accepts):
+        return accepts(None)
+    if isinstance(accepts, tuple):
+        return "one of " + ", ".join(map(show, accepts))
+    noun, (lo, hi) = "an integer" if kind is int else "a number", (s.strip() for s in accepts[1:-1].split(","))
+    return f"{noun} {'>=' if accepts[0] == '[' else '>'} {lo}" if hi == "inf" else f"{noun} in {accepts}"
+
+
+def accepted(value, accepts, kind):
+    if callable(accepts):
+        return accepts(value) is None
+    if isinstance(accepts, tuple):
+        return type(value) is type(accepts[0]) and value in accepts
+    lo, hi = (float(s) for s in accepts[1:-1].split(","))
+    if isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)) or not math.isfinite(value):
+        return False
+    return (lo < value or (accepts[0] == "[" and value == lo)) and (value < hi or (accepts[-1] == "]" and value == hi))
+
+
+def field_type(f):  # the declared type, or the default's where annotations are strings
+    return f.type if isinstance(f.type, type) else type(f.default)
+
+
+def check_flags(settings):
+    """Check every field against its declared range, then the class's RELATIONS (name,
+    holds(settings), expected); raise FlagError on the first bad one, TypeError if undeclared."""
+    for f in fields(settings):
+        if "accepts" not in f.metadata:
+            raise TypeError(f"{type(settings).__name__}.{f.name} declares no range; declare it with flag()")
+        value, kind = getattr(settings, f.name), field_type(f)
+        if not accepted(value, f.metadata["accepts"], kind):
+            raise FlagError(f"--{f.name}={show(value)}: expected {describe(f.metadata['accepts'], kind)}")
+    for name, holds, expected in getattr(settings, "RELATIONS", ()):
+        if not holds(settings):
+            values = {f.name: show(getattr(settings, f.name)) for f in fields(settings)}
+            raise FlagError(f"--{name}={values[name]}: expected {expected.format(**values)}")
 
 
 def text_range(description, check=bool):

@@ -7,7 +7,10 @@
   SuperFlow (Chen et al. 2025): variance-aware prompt draws and group sizes, and step-level
     advantages weighted by the noise each step injected.
 
-A model enters only as `velocity(x, t) -> v`, t a 0-d tensor (or [B], one time per row).
+A model enters as `velocity(x, t) -> v`, t a 0-d tensor or [B], one time per row (a batch
+of training rows mixes steps). `iteration` takes it with a third argument,
+`velocity(x, t, prompt_ids)`, each row's prompt, and closes over the rows' prompts wherever
+it passes the model on; sd35/ adds each row's trajectory the same way for its batched passes.
 Conventions (SD3 / diffusers; the toy uses them too)
   t in [0, 1] is the scheduler's sigma: t = 1 is pure noise, t = 0 is data.
   forward process     x_t = (1 - t) x0 + t eps,          eps ~ N(0, I)
@@ -15,19 +18,26 @@ Conventions (SD3 / diffusers; the toy uses them too)
   clean estimate      x0_hat = x_t - t v                 (Tweedie)
   noise estimate      x1_hat = x_t + (1 - t) v
   score               grad log p_t(x) = -(x + (1 - t) v) / t
+  noise level         `noise_level` is the papers' a, the scale of each sampler's std
 
 The policy: one step from t to t' < t (dt = t - t') is pi(x' | x_t) = N(mean, std^2 I),
 its log-density averaged over all non-batch dimensions (as the reference code does; PPO's
 clip range is calibrated to that). The loss per trained step k is PPO's clip
   L = max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps)) + beta KL,  ratio = pi_theta / pi_old,
-and the algorithms differ only in where A comes from: presets over five axes (sampler,
-shared initial noise, prompt draw and group sizes, baseline, step credit).
-Reading order: the time grid (1), one step as a policy (2), rollouts and intermediate
+and the algorithms differ only in where A comes from: presets over six axes (sampler,
+shared initial noise, prompt draw, group sizes, baseline, step credit).
+Reading order: one whole iteration, `iteration` (8), calls the rest in order; each piece is
+defined before it: the time grid (1), one step as a policy (2), rollouts and intermediate
 rewards (3), advantages (4), SuperFlow's sampling (5), the loss (6), the axes as presets (7).
-Choices the sources leave open are marked [recon] and are options, not constants.
+Equation labels, Eq. (name), are those of docs/methods.md.
+Choices the sources leave open are marked [recon] and are options of `Algorithm`, except
+these, fixed: the tracker's uniform prior (it keeps unvisited prompts uncertain), the tracker
+baseline's batch-wide scale (a group of one has no std), the smallest group (two to compare
+under a group mean, one under the tracker), and eps = 1e-4 and the clip at 5, the reference
+code's GRPO constants, kept for every advantage so the algorithms differ only in their axes.
 """
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -50,19 +60,22 @@ def sd3_sigmas(num_steps, shift=3.0, num_train_timesteps=1000):
 # ----------------------------------------------------------------------------------
 # 2. One denoising step as a Gaussian policy
 
-SAMPLERS = ("ode", "flow_grpo", "ddim", "cps")
+# "flow_grpo" names both Flow-GRPO's SDE, a sampler, and the Flow-GRPO algorithm, a preset (section 7)
+# that samples with it, as do stepwise and superflow. The ODE is deterministic: it evaluates, it is not trained.
+SDE_SAMPLERS = ("flow_grpo", "ddim", "cps")
+SAMPLERS = ("ode", *SDE_SAMPLERS)
 DDIM_NOISE = ("literal", "posterior")
 
 
-def _like_batch(t, x):
-    """t as float or 0-d or [B] tensor -> float32 tensor that broadcasts against x [B, ...]."""
+def _broadcast_time(t, x):
+    """t as float or 0-d or [B] tensor (one time per row) -> float32 tensor that broadcasts against x [B, ...]."""
     t = torch.as_tensor(t, dtype=torch.float32, device=x.device)
     return t.reshape(t.shape + (1,) * (x.dim() - 1)) if t.dim() == 1 else t
 
 
 def tweedie_x0(x, v, t):
     """Eq. (Tweedie): x0_hat = x_t - t v, the posterior mean of the clean sample."""
-    return x - _like_batch(t, x) * v
+    return x - _broadcast_time(t, x) * v
 
 
 def flow_grpo_sigma(t, t_next, noise_level):
@@ -77,8 +90,8 @@ def ddim_std(t, t_next, noise_level, schedule="literal"):
     literal    s = a t' sqrt(1 - t), as the notes write it. They also say it injects the most
                randomness at t = 1, yet the formula is 0 there (and at t' = 0): those steps
                are deterministic and untrained.
-    posterior  s = a t' sqrt(1 - ((1 - t) t' / ((1 - t') t))^2), the std of x_t' given x_t
-               for a Markov process with the marginals N((1 - t) x0, t^2): a t' at t = 1,
+    posterior  s = a t' sqrt(1 - ((1 - t) t' / ((1 - t') t))^2), the std of x_t' given x_t and
+               x0 for a Markov process with the marginals N((1 - t) x0, t^2): a t' at t = 1,
                0 at t' = 0, so the first step is stochastic as the paper's figure draws it.
     """
     if schedule == "literal":
@@ -88,7 +101,8 @@ def ddim_std(t, t_next, noise_level, schedule="literal"):
 
 
 def step_std(t, t_next, sampler="flow_grpo", noise_level=0.7, ddim_noise="literal"):
-    """The policy std of one step; 0 means the step is deterministic (no log-prob)."""
+    """The policy std of one step, noise_level being the papers' a; 0 means the step is
+    deterministic (no log-prob)."""
     t, t_next = torch.as_tensor(t, dtype=torch.float32), torch.as_tensor(t_next, dtype=torch.float32)
     if sampler == "ode":
         return torch.zeros_like(t)
@@ -107,13 +121,15 @@ def step_mean_std(x, v, t, t_next, sampler="flow_grpo", noise_level=0.7, ddim_no
 
     ode        mean = x - dt v, std = 0 (Euler; used for evaluation).
     flow_grpo  Eq. (Flow-GRPO SDE), Euler-Maruyama of the SDE with the ODE's marginals:
-               mean = x - dt (v + sigma_t^2 / (2t) (x + (1 - t) v)),  std = sigma_t sqrt(dt).
+               mean = x - dt (v + sigma_t^2 / (2t) (x + (1 - t) v)),  std = sigma_t sqrt(dt),
+               the drift v - (sigma_t^2 / 2) score: by Fokker-Planck the score term pulls the
+               density back exactly as much as the injected noise spreads it.
     ddim, cps  Eq. (DDIM-inspired SDE): mean = (1 - t') x0_hat + sqrt(t'^2 - s^2) x1_hat,
                std = s. The mean is exact but a step returns at most the marginal variance
                (Cauchy-Schwarz), a deficit more steps do not remove: traded for cleaner images.
     """
     x, v = x.float(), v.float()
-    t, t_next = _like_batch(t, x), _like_batch(t_next, x)
+    t, t_next = _broadcast_time(t, x), _broadcast_time(t_next, x)
     std = step_std(t, t_next, sampler, noise_level, ddim_noise)
     if sampler == "ode":
         return x - (t - t_next) * v, std
@@ -139,7 +155,8 @@ def gaussian_log_prob(x, mean, std):
 
 def kl_divergence(mean, ref_mean, std):
     """Eq. (KL): KL(N(mean, std^2) || N(ref_mean, std^2)) = (mean - ref_mean)^2 / (2 std^2),
-    averaged over non-batch dims -> [B]. The reference code divides by 2 sigma_t^2: its beta is our beta dt."""
+    averaged over non-batch dims -> [B]. The reference code divides by 2 sigma_t^2, without dt, so
+    its KL is ours times dt: our beta is its beta times dt."""
     std = torch.as_tensor(std, dtype=torch.float32, device=mean.device)
     return ((mean.float() - ref_mean.float()) ** 2 / (2 * std**2)).flatten(1).mean(1)
 
@@ -185,14 +202,16 @@ def short_ode_x0(velocity, x, t, substeps=5):
     t = torch.as_tensor(t, dtype=torch.float32, device=x.device)
     for f, f_next in zip(fractions[:-1], fractions[1:]):
         v = velocity(x, t * f)
-        x = (x.float() - _like_batch(t * (f - f_next), x) * v.float()).to(x.dtype)
+        x = (x.float() - _broadcast_time(t * (f - f_next), x) * v.float()).to(x.dtype)
     return x
 
 
 def trained_steps(stds):
-    """Steps that are trained -> bool [T]: the stochastic ones except the last of them. That
-    one lands on the grid's tiny final sigma, so its std is tiny and its log-prob gradient,
-    which scales as 1 / std^2, would swamp every other step."""
+    """Steps that are trained -> bool [T]: the stochastic ones except the last of them. That one
+    starts from (flow_grpo) or lands on (ddim, cps: their step to 0 is deterministic) the grid's
+    tiny last nonzero sigma, so its std is tiny (0.005-0.008 at SD3's 10 steps), and its
+    log-prob, (x' - mean)^2 / (2 std^2), so steep in the mean that its gradient would swamp
+    every other step's. Deterministic steps (std 0) have no log-prob to train."""
     mask = stds > 0
     if mask.any():
         mask[int(mask.nonzero().max())] = False
@@ -209,66 +228,32 @@ def needed_states(stds):
     return needed
 
 
-def _first_of_each_group(groups):
-    """(the first trajectory of each group [K], the group of each trajectory [B])."""
-    _, group_of = torch.unique(torch.as_tensor(groups).cpu(), return_inverse=True)
-    B = len(group_of)
-    return torch.full((int(group_of.max()) + 1,), B).scatter_reduce_(0, group_of, torch.arange(B), "amin"), group_of
-
-
 @torch.no_grad()
-def clean_estimate_passes(velocity, traj, substeps=5, needed=None, groups=None, batch_size=None):
-    """The short-ODE clean estimates of the needed non-final states, `batch_size` (trajectory,
-    state) rows a pass (default: all) -> yields (traj_index [n], state_index [n], x0). A pass
-    mixes trajectories and times: `velocity(x, t, traj_index)` gets one t per row and each
-    row's trajectory. With `groups` [B] (a group shares x_1), state 0 is estimated once a group."""
+def intermediate_rewards(velocity, traj, reward, substeps=5, needed=None, final=None):
+    """Eq. (intermediate rewards): r_k = R(x0_hat_k), x0_hat_k the short-ODE clean estimate of
+    state k of every trajectory, for the `needed` states (default all; the others stay NaN)
+    -> [B, T+1]. r_T is the ordinary reward of the final state: `final` when already known.
+    `reward(x0)` scores a whole batch. sd35/policy.py computes the same values in batched,
+    group-aware passes that it scores while sampling."""
     B, S = traj.xs.shape[:2]
     needed = torch.ones(S, dtype=torch.bool) if needed is None else torch.as_tensor(needed, dtype=torch.bool)
-    first = torch.arange(B) if groups is None else _first_of_each_group(groups)[0]
-    states = needed[:-1].nonzero()[:, 0].tolist()
-    traj_index = torch.cat([first if k == 0 else torch.arange(B) for k in states] or [torch.zeros(0, dtype=torch.long)])
-    state_index = torch.cat([torch.full((len(first) if k == 0 else B,), k) for k in states] or [traj_index])
-    step = batch_size or max(len(traj_index), 1)
-    for i in range(0, len(traj_index), step):
-        b, k = traj_index[i:i + step], state_index[i:i + step]
-        x = traj.xs[b.to(traj.xs.device), k.to(traj.xs.device)]
-        yield b, k, short_ode_x0(lambda x, t: velocity(x, t, b), x, traj.sigmas[k].to(x.device), substeps)
-
-
-def reward_table(num_states, scored, final, groups=None):
-    """The [B, T+1] table of r_k from scored passes [(traj_index, state_index, rewards)] and the
-    final rewards [B]; states never scored stay NaN. With `groups`, r_0 is copied group-wide."""
-    table = torch.full((len(final), num_states), math.nan)
-    table[:, -1] = final.float().cpu()
-    for b, k, r in scored:
-        table[b, k] = torch.as_tensor(r).float().cpu()
-    if groups is not None:
-        first, group_of = _first_of_each_group(groups)
-        table[:, 0] = table[first[group_of], 0]
+    table = torch.full((B, S), math.nan)
+    for k in needed[:-1].nonzero()[:, 0].tolist():
+        table[:, k] = reward(short_ode_x0(velocity, traj.xs[:, k], traj.sigmas[k], substeps)).float().cpu()
+    if final is not None or needed[-1]:
+        table[:, -1] = (reward(traj.xs[:, -1]) if final is None else final).float().cpu()
     return table
-
-
-def intermediate_rewards(velocity, traj, reward, substeps=5, needed=None, final=None, groups=None,
-                         batch_size=None):
-    """Eq. (intermediate rewards): r_k = R(x0_hat_k), x0_hat_k the short-ODE clean estimate of
-    state k, for the `needed` states (default all) -> [B, T+1]. r_T is the ordinary reward of
-    the final state: `final` when already known, else scored here. `reward(x0, traj_index)`."""
-    B, S = traj.xs.shape[:2]
-    if final is None:
-        last_needed = needed is None or bool(torch.as_tensor(needed)[-1])
-        final = reward(traj.xs[:, -1], torch.arange(B)) if last_needed else torch.full((B,), math.nan)
-    passes = clean_estimate_passes(velocity, traj, substeps, needed, groups, batch_size)
-    return reward_table(S, [(b, k, reward(x0, b)) for b, k, x0 in passes], final, groups)
 
 
 # ----------------------------------------------------------------------------------
 # 4. Advantages
 
 
-def _group_span(values, gid, K):
-    """max - min of each group's values [B, T], NaN entries left out -> [K] (NaN if none)."""
-    hi = torch.full((K,), -math.inf).scatter_reduce_(0, gid, values.nan_to_num(-math.inf).amax(1), "amax")
-    lo = torch.full((K,), math.inf).scatter_reduce_(0, gid, values.nan_to_num(math.inf).amin(1), "amin")
+def _group_span(values, group_ids, num_groups):
+    """max - min of each group's values [B, T] (row b in group group_ids[b]), NaN entries left
+    out -> [num_groups] (NaN if none)."""
+    hi = torch.full((num_groups,), -math.inf).scatter_reduce_(0, group_ids, values.nan_to_num(-math.inf).amax(1), "amax")
+    lo = torch.full((num_groups,), math.inf).scatter_reduce_(0, group_ids, values.nan_to_num(math.inf).amin(1), "amin")
     return hi - lo
 
 
@@ -276,14 +261,13 @@ def _groupwise_standardise(values, group_ids, weight, eps, clip):
     """(values - group mean) / (group std + eps), clipped, over the weighted entries of each
     group (values and weight [B, T], groups by row). Groups whose weighted values are all
     equal get exactly 0: they carry no learning signal and are skipped in training."""
-    K, gid = int(group_ids.max()) + 1, group_ids.long()
-    w = weight.float()
-    count = torch.zeros(K).index_add_(0, gid, w.sum(1))
-    mean = torch.zeros(K).index_add_(0, gid, (values * w).sum(1)) / count
-    centred = values - mean[gid, None]
-    std = (torch.zeros(K).index_add_(0, gid, (centred**2 * w).sum(1)) / count).sqrt()
-    informative = (_group_span(values.masked_fill(w == 0, math.nan), gid, K) > 0)[gid, None]
-    return torch.where(informative, centred / (std[gid, None] + eps), 0.0).clamp(-clip, clip) * w
+    num_groups, group_ids, w = int(group_ids.max()) + 1, group_ids.long(), weight.float()
+    count = torch.zeros(num_groups).index_add_(0, group_ids, w.sum(1))
+    mean = torch.zeros(num_groups).index_add_(0, group_ids, (values * w).sum(1)) / count
+    centred = values - mean[group_ids, None]
+    std = (torch.zeros(num_groups).index_add_(0, group_ids, (centred**2 * w).sum(1)) / count).sqrt()
+    informative = (_group_span(values.masked_fill(w == 0, math.nan), group_ids, num_groups) > 0)[group_ids, None]
+    return torch.where(informative, centred / (std[group_ids, None] + eps), 0.0).clamp(-clip, clip) * w
 
 
 def group_advantages(rewards, group_ids, std="group", eps=1e-4, clip=5.0):
@@ -297,26 +281,27 @@ def group_advantages(rewards, group_ids, std="group", eps=1e-4, clip=5.0):
     if std != "global":
         raise ValueError(f"unknown advantage std {std!r}; expected 'group' or 'global'")
     # Re-scale the group-centred values by the batch std instead of each group's.
-    K, gid = int(group_ids.max()) + 1, group_ids.long()
-    mean = torch.zeros(K).index_add_(0, gid, rewards) / torch.bincount(gid, minlength=K)
-    centred = torch.where(a != 0, rewards - mean[gid], 0.0)
+    num_groups, group_ids = int(group_ids.max()) + 1, group_ids.long()
+    mean = torch.zeros(num_groups).index_add_(0, group_ids, rewards) / torch.bincount(group_ids, minlength=num_groups)
+    centred = torch.where(a != 0, rewards - mean[group_ids], 0.0)
     return (centred / (rewards.std(unbiased=False) + eps)).clamp(-clip, clip)
 
 
 def zero_std_fraction(rewards, group_ids):
     """The share of groups whose rewards are all equal (the peers log it as zero_std_ratio)."""
-    gid = group_ids.long().cpu()
-    return float((_group_span(rewards.float().cpu()[:, None], gid, int(gid.max()) + 1) == 0).float().mean())
+    group_ids = group_ids.long().cpu()
+    return float((_group_span(rewards.float().cpu()[:, None], group_ids, int(group_ids.max()) + 1) == 0).float().mean())
 
 
-def gain_advantages(rewards_along, group_ids, eps=1e-4, clip=5.0, mask=None, per_step=False):
-    """Eq. (gain advantage): g_k = r_{k+1} - r_k, the reward after a step minus before it
-    (gains telescope: sum_k g_k = r_T - r_0), then A_{i,k} = (g_{i,k} - mean) / (std + eps)
+def gain_advantages(state_rewards, group_ids, eps=1e-4, clip=5.0, mask=None, per_step=False):
+    """Eq. (gain advantage): from the rewards of the states r_k [B, T+1], the gains
+    g_k = r_{k+1} - r_k, the reward after a step minus before it (gains telescope:
+    sum_k g_k = r_T - r_0), then A_{i,k} = clip((g_{i,k} - mean) / (std + eps), -clip, clip)
     normalised jointly over all G x T gains of the group -> [B, T]. Joint, since early gains
     are larger and should count more (`per_step=True`: each step's G gains apart, the variant
     the paper compares against); no discounting or sums of future gains (no better in its
     ablations). With `mask` [T] or [B, T], only those steps count (the others get 0)."""
-    gains = (rewards_along[:, 1:] - rewards_along[:, :-1]).float().cpu()
+    gains = (state_rewards[:, 1:] - state_rewards[:, :-1]).float().cpu()
     weight = torch.ones_like(gains) if mask is None else torch.as_tensor(mask).float().expand_as(gains)
     # Masked gains may be NaN (states no trained gain needs are not estimated): zero them, or
     # NaN * 0 would spread into the statistics.
@@ -446,8 +431,8 @@ def grpo_loss(log_prob, old_log_prob, advantage, clip_range, weight=None):
     """Eq. (PPO-clip): mean of max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps)) -> (loss, stats).
 
     With `weight` [N], the weighted sum instead: a data-parallel trainer weights each row by
-    1 / (rows in the global batch), so gradients summed over ranks equal one big batch's, and
-    padding rows by 0. stats over the real rows: the ratio's mean, clipfrac (share outside the
+    1 / (rows in the global batch) and padding rows by 0, so that the gradients summed (not
+    averaged) over the ranks equal one big batch's mean gradient. stats over the real rows: the ratio's mean, clipfrac (share outside the
     clip range), approx_kl = mean(log_ratio^2) / 2, the usual estimate of KL(old || new)."""
     log_ratio = log_prob - old_log_prob
     ratio = torch.exp(log_ratio)
@@ -460,20 +445,23 @@ def grpo_loss(log_prob, old_log_prob, advantage, clip_range, weight=None):
     return loss, stats
 
 
-def policy_loss(velocity, rows, policy, clip_range, beta=0.0, ref_velocity=None, weight=None):
-    """The training loss of stored transitions `rows` (a dict of x, x_next, t, t_next,
-    old_log_prob and advantage, as `transitions` makes them): the policy's log-prob of x_next
-    under `policy` (anything with sampler, noise_level and ddim_noise, e.g. an Algorithm),
-    PPO-clip, plus beta times the exact KL to the reference policy (`ref_velocity`, e.g. the
-    model with its LoRA switched off). `weight` as in grpo_loss."""
-    x, t, t_next, x_next = rows["x"], rows["t"], rows["t_next"], rows["x_next"]
-    step = (policy.sampler, policy.noise_level, policy.ddim_noise)
-    mean, std = step_mean_std(x, velocity(x, t), t, t_next, *step)
-    loss, stats = grpo_loss(gaussian_log_prob(x_next, mean, std), rows["old_log_prob"], rows["advantage"],
+def policy_loss(velocity, batch, algo, clip_range, beta=0.0, ref_velocity=None, weight=None):
+    """The training loss of a `batch` of stored transitions (a dict of x, x_next, t, t_next,
+    old_log_prob and advantage, as `transitions` makes them): the log-prob of x_next under the
+    current `velocity` and `algo`'s sampler (anything with sampler, noise_level and ddim_noise,
+    e.g. an Algorithm), PPO-clip, plus beta times the exact KL to the reference policy
+    (`ref_velocity`, e.g. the model with its LoRA switched off). `weight` as in grpo_loss."""
+    x, t, t_next, x_next = batch["x"], batch["t"], batch["t_next"], batch["x_next"]
+
+    def step(v):  # the Gaussian policy of each row's step under the velocity v
+        return step_mean_std(x, v, t, t_next, algo.sampler, algo.noise_level, algo.ddim_noise)
+
+    mean, std = step(velocity(x, t))
+    loss, stats = grpo_loss(gaussian_log_prob(x_next, mean, std), batch["old_log_prob"], batch["advantage"],
                             clip_range, weight)
     if beta > 0:
         with torch.no_grad():
-            ref_mean, _ = step_mean_std(x, ref_velocity(x, t), t, t_next, *step)
+            ref_mean, _ = step(ref_velocity(x, t))
         kl = kl_divergence(mean, ref_mean, std)
         loss = loss + beta * (kl.mean() if weight is None else (kl * weight).sum())
         stats["kl"] = (kl.mean() if weight is None else kl[weight != 0].mean()).item()
@@ -482,92 +470,40 @@ def policy_loss(velocity, rows, policy, clip_range, beta=0.0, ref_velocity=None,
 
 # ----------------------------------------------------------------------------------
 # 7. The algorithms as presets over the axes
-#
-# Each settings field declares what it accepts next to its default: an interval "[lo, hi)"
-# (inf allowed), a tuple of values, or a function value -> None if accepted, else what is
-# expected. Construction checks it: "--rho=1.0: expected a number in [0, 1)".
 
 
-class FlagError(ValueError):
-    """A setting outside its declared range; the message is one line: --name=value: expected ..."""
-
-
-def flag(default, accepts):
-    """A settings field with its declared range, read by `check_flags`."""
+def declared(default, accepts):
+    """A settings field with its default and the values it accepts, kept as the field's metadata:
+    an interval "[lo, hi)" (inf allowed), a tuple of values, or a function value -> None if
+    accepted, else what is expected. cli.py checks them where flags and files are read."""
     return field(default=default, metadata={"accepts": accepts})
-
-
-def show(value):
-    return str(value).lower() if isinstance(value, bool) else str(value)
-
-
-def describe(accepts, kind):
-    """A declared range in words: "an integer >= 1", "a number in [0, 1)", "one of a, b"."""
-    if callable(accepts):
-        return accepts(None)
-    if isinstance(accepts, tuple):
-        return "one of " + ", ".join(map(show, accepts))
-    noun, (lo, hi) = "an integer" if kind is int else "a number", (s.strip() for s in accepts[1:-1].split(","))
-    return f"{noun} {'>=' if accepts[0] == '[' else '>'} {lo}" if hi == "inf" else f"{noun} in {accepts}"
-
-
-def accepted(value, accepts, kind):
-    if callable(accepts):
-        return accepts(value) is None
-    if isinstance(accepts, tuple):
-        return type(value) is type(accepts[0]) and value in accepts
-    lo, hi = (float(s) for s in accepts[1:-1].split(","))
-    if isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)) or not math.isfinite(value):
-        return False
-    return (lo < value or (accepts[0] == "[" and value == lo)) and (value < hi or (accepts[-1] == "]" and value == hi))
-
-
-def field_type(f):  # the declared type, or the default's where annotations are strings
-    return f.type if isinstance(f.type, type) else type(f.default)
-
-
-def check_flags(settings):
-    """Check every field against its declared range, then the class's RELATIONS (name,
-    holds(settings), expected); raise FlagError on the first bad one, TypeError if undeclared."""
-    for f in fields(settings):
-        if "accepts" not in f.metadata:
-            raise TypeError(f"{type(settings).__name__}.{f.name} declares no range; declare it with flag()")
-        value, kind = getattr(settings, f.name), field_type(f)
-        if not accepted(value, f.metadata["accepts"], kind):
-            raise FlagError(f"--{f.name}={show(value)}: expected {describe(f.metadata['accepts'], kind)}")
-    for name, holds, expected in getattr(settings, "RELATIONS", ()):
-        if not holds(settings):
-            values = {f.name: show(getattr(settings, f.name)) for f in fields(settings)}
-            raise FlagError(f"--{name}={values[name]}: expected {expected.format(**values)}")
 
 
 @dataclass(frozen=True)
 class Algorithm:
-    sampler: str = flag("flow_grpo", SAMPLERS[1:])  # the SDE that makes each step a Gaussian policy (section 2)
-    noise_level: float = flag(0.7, "[0, 2]")  # a in the samplers' noise schedules (CPS's authors use 0.8)
-    ddim_noise: str = flag("literal", DDIM_NOISE)  # the DDIM-inspired SDE's schedule: as the notes write it, or stochastic at t = 1
-    shared_noise: bool = flag(False, (False, True))  # all trajectories of a group start from one x_1 (Stepwise)
-    prompt_sampling: str = flag("uniform", ("uniform", "variance"))  # which pool prompts an iteration draws: "variance" favours uncertain ones
-    group_sizing: str = flag("fixed", ("fixed", "bins"))  # how the budget splits over the prompts: evenly, or SuperFlow's uncertainty bins
-    baseline: str = flag("group", ("group", "tracker"))  # "group" mean (GRPO) or the tracker's value (SuperFlow, SPO)
-    advantage_std: str = flag("group", ("group", "global"))  # GRPO's scale: "group" std (paper) or "global" (ref. code)
-    step_credit: str = flag("uniform", ("uniform", "gains", "noise"))  # per-step credit: same A, reward gains, injected noise
-    gain_norm: str = flag("joint", ("joint", "per_step"))  # gains normalised over the group's G x T, or per step
-    substeps: int = flag(5, "[1, 100]")  # T': Euler substeps per intermediate clean estimate (gains only)
-    bins: int = flag(4, "[1, 64]")  # K uncertainty bins for group_sizing=bins
-    group_max: int = flag(24, "[1, 10000]")  # the most uncertain bin's size before scaling to the budget (M_max)
-    group_min: int = flag(21, "[1, 10000]")  # the least uncertain bin's size before scaling (M_max - K + 1 in the source)
-    rho: float = flag(0.9, "[0, 1)")  # forgetting factor of the per-prompt tracker, per visit
-    sampling_eps: float = flag(0.05, "(0, 10]")  # eps in sqrt(v (1 - v)) + eps: every prompt keeps a chance
+    sampler: str = declared("flow_grpo", SDE_SAMPLERS)  # the SDE that makes each step a Gaussian policy (section 2)
+    noise_level: float = declared(0.7, "[0, 2]")  # a in the samplers' noise schedules (CPS's authors use 0.8)
+    ddim_noise: str = declared("literal", DDIM_NOISE)  # the DDIM-inspired SDE's schedule: as the notes write it, or stochastic at t = 1
+    shared_noise: bool = declared(False, (False, True))  # all trajectories of a group start from one x_1 (Stepwise)
+    prompt_sampling: str = declared("uniform", ("uniform", "variance"))  # which pool prompts an iteration draws: "variance" favours uncertain ones
+    group_sizing: str = declared("fixed", ("fixed", "bins"))  # how the budget splits over the prompts: evenly, or SuperFlow's uncertainty bins
+    baseline: str = declared("group", ("group", "tracker"))  # "group" mean (GRPO) or the tracker's value (SuperFlow, SPO)
+    advantage_std: str = declared("group", ("group", "global"))  # GRPO's scale: "group" std (paper) or "global" (ref. code)
+    step_credit: str = declared("uniform", ("uniform", "gains", "noise"))  # per-step credit: same A, reward gains, injected noise
+    gain_norm: str = declared("joint", ("joint", "per_step"))  # gains normalised over the group's G x T, or per step
+    substeps: int = declared(5, "[1, 100]")  # T': Euler substeps per intermediate clean estimate (gains only)
+    bins: int = declared(4, "[1, 64]")  # K uncertainty bins for group_sizing=bins
+    group_max: int = declared(24, "[1, 10000]")  # the most uncertain bin's size before scaling to the budget (M_max)
+    group_min: int = declared(21, "[1, 10000]")  # the least uncertain bin's size before scaling (M_max - K + 1 in the source)
+    rho: float = declared(0.9, "[0, 1)")  # forgetting factor of the per-prompt tracker, per visit
+    sampling_eps: float = declared(0.05, "(0, 10]")  # eps in sqrt(v (1 - v)) + eps: every prompt keeps a chance
 
+    # What must hold between fields: (the field a refusal names, the test, what it expects).
     RELATIONS = (
         ("baseline", lambda a: a.step_credit != "gains" or a.baseline == "group", "group with --step_credit=gains "
          "(gains are normalised within each group)"),
         ("group_min", lambda a: a.group_min <= a.group_max, "at most --group_max={group_max}"),
     )
-
-    def __post_init__(self):
-        check_flags(self)
 
     @property
     def uses_tracker(self):
@@ -589,9 +525,10 @@ PRESETS = {
 
 
 def check_trains_something(algo, sigmas):
-    """Refuse, in one line and before any work, a sampler and grid on which no step is trained."""
+    """Refuse, in one line and before any work, a sampler and grid on which no step is trained
+    (a ValueError that names the flag)."""
     if not trained_steps(step_std(sigmas[:-1], sigmas[1:], algo.sampler, algo.noise_level, algo.ddim_noise)).any():
-        raise FlagError(f"--sampler={algo.sampler}: expected a sampler with a trained step on this "
+        raise ValueError(f"--sampler={algo.sampler}: expected a sampler with a trained step on this "
                         f"{len(sigmas) - 1}-step grid (a stochastic step before the last stochastic one)")
 
 
@@ -627,12 +564,13 @@ def initial_noise(sizes, shape, shared, generator=None, device=None):
     return x.repeat_interleave(sizes.to(x.device), 0) if shared else x
 
 
-def step_advantages(algo, rewards, group_ids, stds, rewards_along=None, baseline=None, eps=1e-4, clip=5.0):
-    """The advantage of every (trajectory, step) -> [B, T], 0 on untrained steps. Gains need
-    `rewards_along` [B, T+1], the tracker baseline `baseline` [B] (the value before the update)."""
+def step_advantages(algo, rewards, group_ids, stds, state_rewards=None, baseline=None, eps=1e-4, clip=5.0):
+    """The advantage of every (trajectory, step) -> [B, T], 0 on untrained steps. Gains need the
+    intermediate rewards `state_rewards` [B, T+1], the tracker baseline `baseline` [B] (the
+    value before the update)."""
     trained = trained_steps(stds.cpu())
     if algo.step_credit == "gains":
-        return gain_advantages(rewards_along, group_ids, eps, clip, trained, algo.gain_norm == "per_step")
+        return gain_advantages(state_rewards, group_ids, eps, clip, trained, algo.gain_norm == "per_step")
     if algo.baseline == "tracker":
         a = baseline_advantages(rewards, baseline, eps, clip)
     else:
@@ -644,7 +582,61 @@ def step_advantages(algo, rewards, group_ids, stds, rewards_along=None, baseline
 
 def transitions(traj, adv, mask=None):
     """Flatten (trajectory, step) pairs into training rows (x, x_next, t, t_next, old_log_prob,
-    advantage, sample): those of `mask` [B, T], by default those with nonzero advantage."""
+    advantage, and sample, the row's trajectory): those of `mask` [B, T], by default those with
+    nonzero advantage."""
     b, k = torch.nonzero(adv != 0 if mask is None else mask, as_tuple=True)
     return {"x": traj.xs[b, k], "x_next": traj.xs[b, k + 1], "t": traj.sigmas[k], "t_next": traj.sigmas[k + 1],
             "old_log_prob": traj.log_probs[b, k], "advantage": adv[b, k], "sample": b}
+
+
+# ----------------------------------------------------------------------------------
+# 8. One iteration, every algorithm: the functions above in the order a trainer calls them
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What every iteration of a run shares."""
+    reward: object  # R(x0 [B, ...], prompt ids [B]) -> [B], the reward of clean samples
+    pool_size: int  # the prompts are the ids 0 .. pool_size - 1
+    sample_shape: tuple  # one sample's shape: (2,) in the toy, SD3.5's latent (16, 64, 64) at 512 px
+    sigmas: torch.Tensor  # the training time grid (section 1)
+    prompts_per_iter: int  # prompts drawn an iteration, one group each
+    trajectories: int  # the iteration's budget, over all its groups
+    minibatches: int = 1  # optimiser steps an iteration, each over a share of the transitions
+    clip_range: float = 1e-4  # PPO's eps
+    beta: float = 0.0  # weight of the KL to the reference policy
+
+
+def iteration(algo, setup, velocity, optimiser_step, ref_velocity=None, tracker=None, generator=None):
+    """One iteration of `algo`: draw, sample, score, credit, train, then update the tracker ->
+    {prompt_ids, group_sizes, rewards, zero_std_ratio}. `velocity(x, t, prompt_ids)` is the model
+    being trained, each row with its prompt; `ref_velocity` the same for the KL term's reference;
+    `optimiser_step(loss)` backpropagates the loss and steps the optimiser."""
+    prompt_ids = choose_prompts(algo, setup.pool_size, setup.prompts_per_iter, tracker, generator)
+    sizes = allocate_groups(algo, len(prompt_ids), setup.trajectories, tracker, prompt_ids)
+    group_ids = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
+    prompts = prompt_ids[group_ids]  # the prompt of each trajectory
+    x1 = initial_noise(sizes, setup.sample_shape, algo.shared_noise, generator)
+    traj = rollout(lambda x, t: velocity(x, t, prompts), x1, setup.sigmas, algo.sampler, algo.noise_level, generator,
+                   ddim_noise=algo.ddim_noise)
+    with torch.no_grad():
+        rewards, state_rewards = setup.reward(traj.xs[:, -1], prompts), None
+        if algo.step_credit == "gains":  # r_k at the states that some trained gain needs
+            state_rewards = intermediate_rewards(lambda x, t: velocity(x, t, prompts), traj,
+                                                 lambda x0: setup.reward(x0, prompts), algo.substeps,
+                                                 needed_states(traj.stds), rewards)
+    # The tracker's value from before this iteration's update, so that the baseline does not
+    # depend on the rewards it is subtracted from.
+    baseline = tracker.baseline(prompts) if algo.baseline == "tracker" else None
+    adv = step_advantages(algo, rewards, group_ids, traj.stds, state_rewards, baseline)
+    batch = transitions(traj, adv)  # the trained steps whose advantage is not 0
+    for rows in torch.randperm(len(batch["advantage"]), generator=generator).chunk(setup.minibatches):
+        part, part_prompts = {k: v[rows] for k, v in batch.items()}, prompts[batch["sample"][rows]]
+        reference = None if ref_velocity is None else lambda x, t: ref_velocity(x, t, part_prompts)
+        loss, _ = policy_loss(lambda x, t: velocity(x, t, part_prompts), part, algo, setup.clip_range, setup.beta,
+                              reference)
+        optimiser_step(loss)
+    if tracker is not None:
+        tracker.update(prompts, rewards)
+    return {"prompt_ids": prompt_ids, "group_sizes": sizes, "rewards": rewards,
+            "zero_std_ratio": zero_std_fraction(rewards, group_ids)}

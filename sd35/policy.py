@@ -1,7 +1,9 @@
 """The SD3.5 policy as minflow sees it, a velocity function: a peft LoRA on the transformer's
 joint-attention projections is the trainable policy, the adapter switched off the reference for the
-KL term. Model plumbing only; the RL math stays in minflow.py."""
+KL term. Model plumbing, and the batching that lets scoring overlap sampling: the rollout in chunks
+and the intermediate rewards in passes. The RL math stays in minflow.py."""
 import gc
+import math
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -192,3 +194,45 @@ def rollout_in_chunks(velocity, x, sigmas, algo, generator, chunk, score):
         scores.append((rows, score(part.xs[:, -1], rows)))
     xs, log_probs = torch.cat([p.xs for p in parts]), torch.cat([p.log_probs for p in parts])
     return minflow.Trajectory(xs, log_probs, parts[0].stds, parts[0].sigmas), scores
+
+
+def _first_of_each_group(groups):
+    """(the first trajectory of each group [num_groups], the group of each trajectory [B])."""
+    _, group_of = torch.unique(torch.as_tensor(groups).cpu(), return_inverse=True)
+    B = len(group_of)
+    return torch.full((int(group_of.max()) + 1,), B).scatter_reduce_(0, group_of, torch.arange(B), "amin"), group_of
+
+
+@torch.no_grad()
+def clean_estimate_passes(velocity, traj, substeps=5, needed=None, groups=None, batch_size=None):
+    """minflow.intermediate_rewards' short-ODE clean estimates, batched for the trainer: every
+    needed non-final state of every trajectory, `batch_size` (trajectory, state) rows a pass
+    (default: all) -> yields (traj_index [n], state_index [n], x0), to be scored while the next
+    pass runs. A pass mixes trajectories and times, so `velocity(x, t, traj_index)` gets one t
+    per row and each row's trajectory (its prompt). With `groups` [B] (a group shares x_1),
+    state 0 is estimated once a group."""
+    B, S = traj.xs.shape[:2]
+    needed = torch.ones(S, dtype=torch.bool) if needed is None else torch.as_tensor(needed, dtype=torch.bool)
+    first = torch.arange(B) if groups is None else _first_of_each_group(groups)[0]
+    states = needed[:-1].nonzero()[:, 0].tolist()
+    traj_index = torch.cat([first if k == 0 else torch.arange(B) for k in states] or [torch.zeros(0, dtype=torch.long)])
+    state_index = torch.cat([torch.full((len(first) if k == 0 else B,), k) for k in states] or [traj_index])
+    rows_per_pass = batch_size or max(len(traj_index), 1)
+    for i in range(0, len(traj_index), rows_per_pass):
+        b, k = traj_index[i:i + rows_per_pass], state_index[i:i + rows_per_pass]
+        x = traj.xs[b.to(traj.xs.device), k.to(traj.xs.device)]
+        yield b, k, minflow.short_ode_x0(lambda x, t: velocity(x, t, b), x, traj.sigmas[k].to(x.device), substeps)
+
+
+def reward_table(num_states, scored, final, groups=None):
+    """The [B, T+1] table of r_k, as minflow.intermediate_rewards returns it, from the scored
+    passes [(traj_index, state_index, rewards)] and the final rewards [B]; states never scored
+    stay NaN. With `groups`, r_0 is copied group-wide."""
+    table = torch.full((len(final), num_states), math.nan)
+    table[:, -1] = final.float().cpu()
+    for b, k, r in scored:
+        table[b, k] = torch.as_tensor(r).float().cpu()
+    if groups is not None:
+        first, group_of = _first_of_each_group(groups)
+        table[:, 0] = table[first[group_of], 0]
+    return table

@@ -121,7 +121,7 @@ def parse_args(argv):
     algo = cli.read_flags(minflow.Algorithm, axis_flags, base=cli.make_algorithm(cfg.algo))
     try:
         minflow.check_trains_something(algo, minflow.sd3_sigmas(cfg.num_steps))
-    except cli.FlagError as error:  # any of the three flags may be the one to change
+    except ValueError as error:  # any of the three flags may be the one to change
         raise cli.FlagError(f"{error} (with --noise_level={algo.noise_level} and --num_steps={cfg.num_steps})") from None
     try:
         train_prompts, test_prompts = load_prompts(cfg.prompts)
@@ -257,14 +257,14 @@ def sample_and_score(run, it, tracker):
         logs["seconds_sampling"], timer = time.perf_counter() - timer, time.perf_counter()
         groups = group_ids[mine] if run.algo.shared_noise else None
         if run.algo.step_credit == "gains":  # each pass is scored while the next runs, as are the finals
-            along = [(b, k, score(x0, b, total_only=True)) for b, k, x0 in minflow.clean_estimate_passes(
+            along = [(b, k, score(x0, b, total_only=True)) for b, k, x0 in policy.clean_estimate_passes(
                 velocity, traj, run.algo.substeps, minflow.needed_states(traj.stds), groups, cfg.sample_batch)]
         results = [pending.result() for _, pending in finals]  # the chunks in order
         local = {"reward": torch.cat([total for total, _ in results]),
                  **{f"reward_{k}": torch.cat([terms[k] for _, terms in results]) for k in results[0][1]},
                  **{k: torch.cat([s[k] for s in images_seen]) for k in images_seen[0]}}
         if along is not None:
-            along = minflow.reward_table(traj.xs.shape[1], [(b, k, p.result()) for b, k, p in along],
+            along = policy.reward_table(traj.xs.shape[1], [(b, k, p.result()) for b, k, p in along],
                                          local["reward"], groups)
     if not torch.equal(ranks.gather(index, budget), prompt_ids[group_ids]):
         raise RunError("ranks disagree on the iteration's prompts; check that every rank runs the same flags")

@@ -178,7 +178,7 @@ def test_the_largest_and_smallest_accepted_values_run_one_iteration(flag):
 
 # Each axis's declared values and bounds, on a preset where the axis matters: accepted, and one
 # iteration runs.
-AXIS_VALUES = [f"flow_grpo:sampler={s}" for s in minflow.SAMPLERS[1:]] + [
+AXIS_VALUES = [f"flow_grpo:sampler={s}" for s in minflow.SDE_SAMPLERS] + [
     "flow_grpo:noise_level=2", "stepwise:noise_level=2", "stepwise_ddim:noise_level=2", "superflow:sampler=ddim",
     "superflow:sampler=cps", "flow_grpo:sampler=ddim:ddim_noise=posterior", "stepwise_ddim:ddim_noise=posterior",
     "flow_grpo:shared_noise=true", "flow_grpo:prompt_sampling=variance", "flow_grpo:group_sizing=bins",

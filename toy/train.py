@@ -97,7 +97,7 @@ class Config:
         for entry, algo in algos.items():
             try:
                 minflow.check_trains_something(algo, sigmas)
-            except FlagError as e:
+            except ValueError as e:
                 raise FlagError(f"--algos={self.algos}: {entry} trains nothing with --noise_level="
                                 f"{algo.noise_level:g}, --ddim_noise={algo.ddim_noise} and "
                                 f"--num_steps={self.num_steps} ({e})") from None
@@ -128,8 +128,9 @@ def tuned_settings(cfg, algos, path=TUNED):
         try:
             if source is not None:
                 level = algo.noise_level if "noise_level=" in entry else chosen[source]["noise_level"]
+                cli.check_flags(replace(algo, noise_level=level))  # a level from the file, checked as a flag
                 settings[entry] = {"lr": replace(cfg, lr=chosen[source]["lr"]).lr, "source": f"tuned as {source}",
-                                   "noise_level": replace(algo, noise_level=level).noise_level}
+                                   "noise_level": level}
         except (FlagError, KeyError, TypeError) as e:
             raise FlagError(f"--tuned=true: {path} has a bad setting for {source} ({e})") from None
     return settings
@@ -150,18 +151,6 @@ class Evaluation:
         return r.mean().item(), r.view(flow.NUM_PROMPTS, -1).mean(1).tolist(), x
 
 
-def optimise(model, ref, opt, rows, labels, algo, cfg, gen):
-    """The iteration's optimiser steps over its transitions with nonzero advantage."""
-    for chunk in torch.randperm(len(rows["advantage"]), generator=gen).chunk(cfg.minibatches):
-        part, chunk_labels = {k: v[chunk] for k, v in rows.items()}, labels[rows["sample"][chunk]]
-        loss, _ = minflow.policy_loss(lambda x, t: model(x, t, chunk_labels), part, algo, cfg.clip_range, cfg.beta,
-                                      lambda x, t: ref(x, t, chunk_labels))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-
-
 def train(base, algo, cfg, seed, progress=None):
     """One RL run from the base model -> its evaluation curves, per-iteration logs and final samples."""
     sigmas = minflow.sd3_sigmas(cfg.num_steps, cfg.shift)
@@ -170,6 +159,15 @@ def train(base, algo, cfg, seed, progress=None):
     gen = torch.Generator().manual_seed(seed)
     model = copy.deepcopy(base).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
+
+    def optimiser_step(loss):
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+
+    setup = minflow.Setup(lambda x0, prompts: flow.reward(x0, prompts, cfg.reward), flow.NUM_PROMPTS, (2,), sigmas,
+                          cfg.prompts_per_iter, cfg.trajectories, cfg.minibatches, cfg.clip_range, cfg.beta)
     evaluate = Evaluation(cfg)
     tracker = minflow.new_tracker(algo, flow.NUM_PROMPTS, (0.0, 1.0))  # both toy rewards lie in [0, 1]
     score, per_prompt, samples = evaluate(model)
@@ -177,30 +175,11 @@ def train(base, algo, cfg, seed, progress=None):
     elapsed = 0.0
     for it in range(cfg.iters):
         start = time.perf_counter()
-        prompt_ids = minflow.choose_prompts(algo, flow.NUM_PROMPTS, cfg.prompts_per_iter, tracker, gen)
-        sizes = minflow.allocate_groups(algo, len(prompt_ids), cfg.trajectories, tracker, prompt_ids)
-        group_ids = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
-        labels = prompt_ids[group_ids]
-        with torch.no_grad():  # the iteration's rollouts and their rewards (for gains, each step's too)
-            x1 = minflow.initial_noise(sizes, (2,), algo.shared_noise, gen)
-            traj = minflow.rollout(lambda x, t: model(x, t, labels), x1, sigmas, algo.sampler, algo.noise_level, gen,
-                                   ddim_noise=algo.ddim_noise)
-            rewards, along = flow.reward(traj.xs[:, -1], labels, cfg.reward), None
-            if algo.step_credit == "gains":
-                along = minflow.intermediate_rewards(
-                    lambda x, t, b: model(x, t, labels[b]), traj, lambda x0, b: flow.reward(x0, labels[b], cfg.reward),
-                    algo.substeps, minflow.needed_states(traj.stds), rewards, group_ids if algo.shared_noise else None)
-        # The tracker's value from before this iteration's update, so the baseline does not
-        # depend on the rewards it is subtracted from.
-        baseline = tracker.baseline(labels) if algo.baseline == "tracker" else None
-        adv = minflow.step_advantages(algo, rewards, group_ids, traj.stds, along, baseline)
-        optimise(model, base, opt, minflow.transitions(traj, adv), labels, algo, cfg, gen)
-        if tracker is not None:
-            tracker.update(labels, rewards)
+        drawn = minflow.iteration(algo, setup, model, optimiser_step, base, tracker, gen)
         elapsed += time.perf_counter() - start
-        log["prompts"].append(prompt_ids.tolist())
-        log["group_sizes"].append(sizes.tolist())
-        log["zero_std_ratio"].append(minflow.zero_std_fraction(rewards, group_ids))
+        log["prompts"].append(drawn["prompt_ids"].tolist())
+        log["group_sizes"].append(drawn["group_sizes"].tolist())
+        log["zero_std_ratio"].append(drawn["zero_std_ratio"])
         if (it + 1) % cfg.eval_every == 0 or it + 1 == cfg.iters:
             score, per_prompt, samples = evaluate(model)
             log["curves"].append([(it + 1) * cfg.trajectories, score])
