@@ -8,9 +8,9 @@
     advantages weighted by the noise each step injected.
 
 A model enters as `velocity(x, t) -> v`, t a 0-d tensor or [B], one time per row (a batch
-of training rows mixes steps). `iteration` takes it with a third argument,
-`velocity(x, t, prompt_ids)`, each row's prompt, and closes over the rows' prompts wherever
-it passes the model on; sd35/ adds each row's trajectory the same way for its batched passes.
+of training rows mixes steps). A third argument tells the model which prompt a row has:
+`iteration` takes `velocity(x, t, prompt_ids)` and passes on closures over the rows' prompts,
+and `intermediate_rewards`, whose batch mixes trajectories, calls `velocity(x, t, traj_index)`.
 Conventions (SD3 / diffusers; the toy uses them too)
   t in [0, 1] is the scheduler's sigma: t = 1 is pure noise, t = 0 is data.
   forward process     x_t = (1 - t) x0 + t eps,          eps ~ N(0, I)
@@ -31,10 +31,10 @@ defined before it: the time grid (1), one step as a policy (2), rollouts and int
 rewards (3), advantages (4), SuperFlow's sampling (5), the loss (6), the axes as presets (7).
 Equation labels, Eq. (name), are those of docs/methods.md.
 Choices the sources leave open are marked [recon] and are options of `Algorithm`, except
-these, fixed: the tracker's uniform prior (it keeps unvisited prompts uncertain), the tracker
-baseline's batch-wide scale (a group of one has no std), the smallest group (two to compare
-under a group mean, one under the tracker), and eps = 1e-4 and the clip at 5, the reference
-code's GRPO constants, kept for every advantage so the algorithms differ only in their axes.
+these, fixed: the tracker's uniform prior (a prompt that only scored 0 stays uncertain), the
+tracker baseline's batch-wide scale (a group of one has no std), the smallest group (two to
+compare under a group mean, one under the tracker), and eps = 1e-4 and the clip at 5 (the
+reference code's), kept for every advantage so that the algorithms differ only in their axes.
 """
 import math
 from dataclasses import dataclass, field, replace
@@ -188,7 +188,8 @@ def rollout(velocity, x, sigmas, sampler="flow_grpo", noise_level=0.7, generator
             torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
         x_next, mean, std = sde_step(x, velocity(x, t), t, t_next, sampler, noise_level, z, ddim_noise)
         stochastic = float(std) > 0
-        log_probs.append(gaussian_log_prob(x_next, mean, std) if stochastic else torch.zeros(x.shape[0], device=x.device))
+        log_probs.append(gaussian_log_prob(x_next, mean, std) if stochastic else
+                         torch.zeros(x.shape[0], device=x.device))
         stds.append(std.reshape(()))
         x = x_next.to(x.dtype)
         xs.append(x)
@@ -209,7 +210,7 @@ def short_ode_x0(velocity, x, t, substeps=5):
 def trained_steps(stds):
     """Steps that are trained -> bool [T]: the stochastic ones except the last of them. That one
     starts from (flow_grpo) or lands on (ddim, cps: their step to 0 is deterministic) the grid's
-    tiny last nonzero sigma, so its std is tiny (0.005-0.008 at SD3's 10 steps), and its
+    tiny last nonzero sigma, so its std is tiny (0.005 to 0.008 on SD3's 10 steps), and its
     log-prob, (x' - mean)^2 / (2 std^2), so steep in the mean that its gradient would swamp
     every other step's. Deterministic steps (std 0) have no log-prob to train."""
     mask = stds > 0
@@ -231,17 +232,22 @@ def needed_states(stds):
 @torch.no_grad()
 def intermediate_rewards(velocity, traj, reward, substeps=5, needed=None, final=None):
     """Eq. (intermediate rewards): r_k = R(x0_hat_k), x0_hat_k the short-ODE clean estimate of
-    state k of every trajectory, for the `needed` states (default all; the others stay NaN)
+    state k, for every trajectory and the `needed` states (default all; the others stay NaN)
     -> [B, T+1]. r_T is the ordinary reward of the final state: `final` when already known.
-    `reward(x0)` scores a whole batch. sd35/policy.py computes the same values in batched,
-    group-aware passes that it scores while sampling."""
+    The needed states of all trajectories run through the short ODE as one batch, state after
+    state, so `velocity(x, t, traj_index)` and `reward(x0, traj_index)` get each row's
+    trajectory (its prompt), and t one time per row. sd35/policy.py splits the same batch into
+    passes that it scores while sampling."""
     B, S = traj.xs.shape[:2]
     needed = torch.ones(S, dtype=torch.bool) if needed is None else torch.as_tensor(needed, dtype=torch.bool)
+    states = needed[:-1].nonzero()[:, 0]
+    traj_index = torch.arange(B).repeat(len(states))  # row i * B + b is state states[i] of trajectory b
+    x = traj.xs[:, states].transpose(0, 1).flatten(0, 1)
+    x0 = short_ode_x0(lambda x, t: velocity(x, t, traj_index), x, traj.sigmas[states].repeat_interleave(B), substeps)
     table = torch.full((B, S), math.nan)
-    for k in needed[:-1].nonzero()[:, 0].tolist():
-        table[:, k] = reward(short_ode_x0(velocity, traj.xs[:, k], traj.sigmas[k], substeps)).float().cpu()
+    table[:, states] = reward(x0, traj_index).float().cpu().view(len(states), B).T
     if final is not None or needed[-1]:
-        table[:, -1] = (reward(traj.xs[:, -1]) if final is None else final).float().cpu()
+        table[:, -1] = (reward(traj.xs[:, -1], torch.arange(B)) if final is None else final).float().cpu()
     return table
 
 
@@ -252,7 +258,8 @@ def intermediate_rewards(velocity, traj, reward, substeps=5, needed=None, final=
 def _group_span(values, group_ids, num_groups):
     """max - min of each group's values [B, T] (row b in group group_ids[b]), NaN entries left
     out -> [num_groups] (NaN if none)."""
-    hi = torch.full((num_groups,), -math.inf).scatter_reduce_(0, group_ids, values.nan_to_num(-math.inf).amax(1), "amax")
+    hi = torch.full((num_groups,), -math.inf).scatter_reduce_(0, group_ids, values.nan_to_num(-math.inf).amax(1),
+                                                              "amax")
     lo = torch.full((num_groups,), math.inf).scatter_reduce_(0, group_ids, values.nan_to_num(math.inf).amin(1), "amin")
     return hi - lo
 
@@ -432,8 +439,9 @@ def grpo_loss(log_prob, old_log_prob, advantage, clip_range, weight=None):
 
     With `weight` [N], the weighted sum instead: a data-parallel trainer weights each row by
     1 / (rows in the global batch) and padding rows by 0, so that the gradients summed (not
-    averaged) over the ranks equal one big batch's mean gradient. stats over the real rows: the ratio's mean, clipfrac (share outside the
-    clip range), approx_kl = mean(log_ratio^2) / 2, the usual estimate of KL(old || new)."""
+    averaged) over the ranks equal one big batch's mean gradient. stats over the real rows:
+    the ratio's mean, clipfrac (share outside the clip range), approx_kl = mean(log_ratio^2) / 2,
+    the usual estimate of KL(old || new)."""
     log_ratio = log_prob - old_log_prob
     ratio = torch.exp(log_ratio)
     per_row = torch.maximum(-advantage * ratio, -advantage * ratio.clamp(1 - clip_range, 1 + clip_range))
@@ -482,19 +490,19 @@ def declared(default, accepts):
 @dataclass(frozen=True)
 class Algorithm:
     sampler: str = declared("flow_grpo", SDE_SAMPLERS)  # the SDE that makes each step a Gaussian policy (section 2)
-    noise_level: float = declared(0.7, "[0, 2]")  # a in the samplers' noise schedules (CPS's authors use 0.8)
-    ddim_noise: str = declared("literal", DDIM_NOISE)  # the DDIM-inspired SDE's schedule: as the notes write it, or stochastic at t = 1
+    noise_level: float = declared(0.7, "[0, 2]")  # a, the papers' scale of each sampler's std (CPS's authors use 0.8)
+    ddim_noise: str = declared("literal", DDIM_NOISE)  # the DDIM-inspired SDE's schedule; posterior: random at t = 1
     shared_noise: bool = declared(False, (False, True))  # all trajectories of a group start from one x_1 (Stepwise)
-    prompt_sampling: str = declared("uniform", ("uniform", "variance"))  # which pool prompts an iteration draws: "variance" favours uncertain ones
-    group_sizing: str = declared("fixed", ("fixed", "bins"))  # how the budget splits over the prompts: evenly, or SuperFlow's uncertainty bins
-    baseline: str = declared("group", ("group", "tracker"))  # "group" mean (GRPO) or the tracker's value (SuperFlow, SPO)
-    advantage_std: str = declared("group", ("group", "global"))  # GRPO's scale: "group" std (paper) or "global" (ref. code)
-    step_credit: str = declared("uniform", ("uniform", "gains", "noise"))  # per-step credit: same A, reward gains, injected noise
+    prompt_sampling: str = declared("uniform", ("uniform", "variance"))  # the prompt draw; variance: uncertain ones
+    group_sizing: str = declared("fixed", ("fixed", "bins"))  # the budget split: even, or SuperFlow's uncertainty bins
+    baseline: str = declared("group", ("group", "tracker"))  # group mean (GRPO) or the tracker's value (SuperFlow, SPO)
+    advantage_std: str = declared("group", ("group", "global"))  # GRPO's scale: group std (paper), global (ref. code)
+    step_credit: str = declared("uniform", ("uniform", "gains", "noise"))  # same A, reward gains, or injected noise
     gain_norm: str = declared("joint", ("joint", "per_step"))  # gains normalised over the group's G x T, or per step
     substeps: int = declared(5, "[1, 100]")  # T': Euler substeps per intermediate clean estimate (gains only)
     bins: int = declared(4, "[1, 64]")  # K uncertainty bins for group_sizing=bins
     group_max: int = declared(24, "[1, 10000]")  # the most uncertain bin's size before scaling to the budget (M_max)
-    group_min: int = declared(21, "[1, 10000]")  # the least uncertain bin's size before scaling (M_max - K + 1 in the source)
+    group_min: int = declared(21, "[1, 10000]")  # the least uncertain bin's before scaling (the source's M_max - K + 1)
     rho: float = declared(0.9, "[0, 1)")  # forgetting factor of the per-prompt tracker, per visit
     sampling_eps: float = declared(0.05, "(0, 10]")  # eps in sqrt(v (1 - v)) + eps: every prompt keeps a chance
 
@@ -622,8 +630,8 @@ def iteration(algo, setup, velocity, optimiser_step, ref_velocity=None, tracker=
     with torch.no_grad():
         rewards, state_rewards = setup.reward(traj.xs[:, -1], prompts), None
         if algo.step_credit == "gains":  # r_k at the states that some trained gain needs
-            state_rewards = intermediate_rewards(lambda x, t: velocity(x, t, prompts), traj,
-                                                 lambda x0: setup.reward(x0, prompts), algo.substeps,
+            state_rewards = intermediate_rewards(lambda x, t, b: velocity(x, t, prompts[b]), traj,
+                                                 lambda x0, b: setup.reward(x0, prompts[b]), algo.substeps,
                                                  needed_states(traj.stds), rewards)
     # The tracker's value from before this iteration's update, so that the baseline does not
     # depend on the rewards it is subtracted from.

@@ -332,6 +332,8 @@ def test_prioritised_sampling_follows_the_weights():
 
 
 def test_presets_are_axis_choices_and_mix():
+    for preset in minflow.PRESETS.values():
+        cli.check_flags(preset)  # an Algorithm does not check itself: the presets are checked here
     assert cli.make_algorithm("flow_grpo") == minflow.Algorithm()
     mix = cli.make_algorithm("stepwise:group_sizing=bins:bins=2")
     assert (mix.sampler, mix.shared_noise, mix.step_credit, mix.group_sizing, mix.bins) == ("flow_grpo", True, "gains", "bins", 2)
@@ -404,16 +406,21 @@ def test_short_ode_estimate_is_tweedie_at_one_substep_and_exact_for_straight_flo
     torch.testing.assert_close(minflow.short_ode_x0(velocity, xt, 0.6, 5), m.expand(5, 2))
 
 
-def test_intermediate_rewards_score_every_state_and_reuse_the_final_reward():
+def test_intermediate_rewards_are_the_reward_of_each_states_short_ode_estimate():
     net, velocity = toy_velocity(2)
     traj = minflow.rollout(velocity, torch.randn(4, 2), minflow.sd3_sigmas(6), "ddim", 0.7)
-    calls = []
-    reward = lambda x: calls.append(1) or -x.pow(2).sum(1)  # noqa: E731
-    r = minflow.intermediate_rewards(velocity, traj, reward, substeps=2, final=reward(traj.xs[:, -1]))
-    assert r.shape == (4, 7) and len(calls) == 7  # 6 estimates + the one final reward
-    torch.testing.assert_close(r[:, -1], -traj.xs[:, -1].pow(2).sum(1))
-    some = minflow.intermediate_rewards(velocity, traj, reward, 2, needed=torch.tensor([False, True] * 3 + [False]))
-    assert len(calls) == 10 and some[:, [0, 2, 4, 6]].isnan().all() and torch.equal(some[:, [1, 3, 5]], r[:, [1, 3, 5]])
+    scored = []
+    reward = lambda x, rows: scored.append(len(rows)) or -x.pow(2).sum(1) * (1 + rows)  # noqa: E731  (per trajectory)
+    r = minflow.intermediate_rewards(lambda x, t, rows: velocity(x, t), traj, reward, substeps=2,
+                                     final=reward(traj.xs[:, -1], torch.arange(4)))
+    assert r.shape == (4, 7) and scored == [4, 6 * 4]  # the final reward, then every other state in one batch
+    one_by_one = [reward(minflow.short_ode_x0(velocity, traj.xs[:, k], traj.sigmas[k], 2), torch.arange(4))
+                  for k in range(6)] + [reward(traj.xs[:, -1], torch.arange(4))]
+    torch.testing.assert_close(r, torch.stack(one_by_one, 1), rtol=1e-6, atol=1e-6)
+    some = minflow.intermediate_rewards(lambda x, t, rows: velocity(x, t), traj, reward, 2,
+                                        needed=torch.tensor([False, True] * 3 + [False]))
+    assert some[:, [0, 2, 4, 6]].isnan().all()
+    torch.testing.assert_close(some[:, [1, 3, 5]], r[:, [1, 3, 5]], rtol=1e-6, atol=1e-6)
 
 
 def gaussian_markov_posterior_std(t, t_next):
