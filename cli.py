@@ -6,9 +6,8 @@ Every settings dataclass declares what each field accepts next to its default, o
 and `read_flags` checks every field and the class's RELATIONS before any work starts; a bad
 value is refused in one line that names the flag, the value and what is expected:
     --eval_every=0: expected an integer in [1, 100000]
-minflow.Algorithm declares its axes the same way (minflow.declared) but, the core being torch
-only, does not check itself: whatever builds one from outside input checks it here
-(`make_algorithm` and `read_flags` do, and `check_flags` for one changed in code).
+minflow.Algorithm declares its axes the same way but, the core being torch only, does not check
+itself: `make_algorithm` and `read_flags` check it here, `check_flags` one changed in code.
 """
 import inspect
 import math

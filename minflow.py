@@ -7,10 +7,10 @@
   SuperFlow (Chen et al. 2025): variance-aware prompt draws and group sizes, and step-level
     advantages weighted by the noise each step injected.
 
-A model enters as `velocity(x, t) -> v`, t a 0-d tensor or [B], one time per row (a batch
-of training rows mixes steps). A third argument tells the model which prompt a row has:
-`iteration` takes `velocity(x, t, prompt_ids)` and passes on closures over the rows' prompts,
-and `intermediate_rewards`, whose batch mixes trajectories, calls `velocity(x, t, traj_index)`.
+A model enters as `velocity(x, t) -> v`, t a 0-d tensor or [B], one time per row. A third
+argument, where there is one, says what each row belongs to: `iteration` takes the model as
+`velocity(x, t, prompt_ids)`, and `intermediate_rewards`, whose batch mixes trajectories, as
+`velocity(x, t, traj_index)`.
 Conventions (SD3 / diffusers; the toy uses them too)
   t in [0, 1] is the scheduler's sigma: t = 1 is pure noise, t = 0 is data.
   forward process     x_t = (1 - t) x0 + t eps,          eps ~ N(0, I)
@@ -101,8 +101,7 @@ def ddim_std(t, t_next, noise_level, schedule="literal"):
 
 
 def step_std(t, t_next, sampler="flow_grpo", noise_level=0.7, ddim_noise="literal"):
-    """The policy std of one step, noise_level being the papers' a; 0 means the step is
-    deterministic (no log-prob)."""
+    """The policy std of one step (noise_level is a); 0 means the step is deterministic (no log-prob)."""
     t, t_next = torch.as_tensor(t, dtype=torch.float32), torch.as_tensor(t_next, dtype=torch.float32)
     if sampler == "ode":
         return torch.zeros_like(t)
@@ -155,8 +154,7 @@ def gaussian_log_prob(x, mean, std):
 
 def kl_divergence(mean, ref_mean, std):
     """Eq. (KL): KL(N(mean, std^2) || N(ref_mean, std^2)) = (mean - ref_mean)^2 / (2 std^2),
-    averaged over non-batch dims -> [B]. The reference code divides by 2 sigma_t^2, without dt, so
-    its KL is ours times dt: our beta is its beta times dt."""
+    averaged over non-batch dims -> [B]. The reference code's is ours times dt: our beta is its beta dt."""
     std = torch.as_tensor(std, dtype=torch.float32, device=mean.device)
     return ((mean.float() - ref_mean.float()) ** 2 / (2 * std**2)).flatten(1).mean(1)
 
@@ -208,11 +206,10 @@ def short_ode_x0(velocity, x, t, substeps=5):
 
 
 def trained_steps(stds):
-    """Steps that are trained -> bool [T]: the stochastic ones except the last of them. That one
-    starts from (flow_grpo) or lands on (ddim, cps: their step to 0 is deterministic) the grid's
-    tiny last nonzero sigma, so its std is tiny (0.005 to 0.008 on SD3's 10 steps), and its
-    log-prob, (x' - mean)^2 / (2 std^2), so steep in the mean that its gradient would swamp
-    every other step's. Deterministic steps (std 0) have no log-prob to train."""
+    """Steps that are trained -> bool [T]: the stochastic ones (std > 0) except the last of them,
+    which starts from (flow_grpo) or lands on (ddim, cps) the grid's tiny last nonzero sigma: its
+    std is tiny (0.005 to 0.008 on SD3's 10 steps), its log-prob (x' - mean)^2 / (2 std^2) so
+    steep in the mean that its gradient would swamp every other step's."""
     mask = stds > 0
     if mask.any():
         mask[int(mask.nonzero().max())] = False
@@ -232,12 +229,9 @@ def needed_states(stds):
 @torch.no_grad()
 def intermediate_rewards(velocity, traj, reward, substeps=5, needed=None, final=None):
     """Eq. (intermediate rewards): r_k = R(x0_hat_k), x0_hat_k the short-ODE clean estimate of
-    state k, for every trajectory and the `needed` states (default all; the others stay NaN)
-    -> [B, T+1]. r_T is the ordinary reward of the final state: `final` when already known.
-    The needed states of all trajectories run through the short ODE as one batch, state after
-    state, so `velocity(x, t, traj_index)` and `reward(x0, traj_index)` get each row's
-    trajectory (its prompt), and t one time per row. sd35/policy.py splits the same batch into
-    passes that it scores while sampling."""
+    state k, for the `needed` states (default all; the others stay NaN) -> [B, T+1]; r_T is the
+    final reward, `final` when known. All of them form one batch, so `velocity(x, t, traj_index)`
+    and `reward(x0, traj_index)` get each row's trajectory; sd35/policy.py splits it into passes."""
     B, S = traj.xs.shape[:2]
     needed = torch.ones(S, dtype=torch.bool) if needed is None else torch.as_tensor(needed, dtype=torch.bool)
     states = needed[:-1].nonzero()[:, 0]
@@ -402,17 +396,17 @@ def apportion(weights, budget, n_min=2, ties=None):
     """Integer sizes proportional to `weights`, at least n_min, summing exactly to `budget`,
     monotone in the weights -> LongTensor. max(lam w, n_min) grows with lam: bisection finds
     lam, largest remainders round, ties go to the larger `ties` (default: the weight)."""
-    w, K = weights.double().cpu(), weights.numel()
+    w, num_prompts = weights.double().cpu(), weights.numel()
     ties = w if ties is None else ties.double().cpu()
-    if n_min * K > budget:
-        raise ValueError(f"budget {budget} cannot be split over {K} prompts with at least {n_min} each")
+    if n_min * num_prompts > budget:
+        raise ValueError(f"budget {budget} cannot be split over {num_prompts} prompts with at least {n_min} each")
     lo, hi = 0.0, budget / float(w.min())
     for _ in range(200):
         lam = (lo + hi) / 2
         lo, hi = (lam, hi) if (lam * w).clamp_min(n_min).sum() < budget else (lo, lam)
     ideal = (hi * w).clamp_min(n_min)
     sizes = ideal.floor().long()
-    order = sorted(range(K), key=lambda c: (-(ideal[c] - sizes[c]), -w[c], -ties[c]))
+    order = sorted(range(num_prompts), key=lambda c: (-(ideal[c] - sizes[c]), -w[c], -ties[c]))
     for c in order[: budget - int(sizes.sum())]:
         sizes[c] += 1
     return sizes
@@ -423,11 +417,11 @@ def bin_group_sizes(uncertainty, budget, bins=4, largest=24, smallest=21, n_min=
     `bins` equal bins, the most uncertain first, sized evenly from `largest` down to `smallest`
     (the source's m = M_max - bin + 1: 24 to 21 in 4 bins), scaled to sum to `budget`, each at
     least n_min -> LongTensor. The source's narrow range never starves a prompt."""
-    u, K = uncertainty.double().cpu(), uncertainty.numel()
-    rank = torch.empty(K, dtype=torch.long)
-    rank[torch.argsort(-u, stable=True)] = torch.arange(K)
+    u, num_prompts = uncertainty.double().cpu(), uncertainty.numel()
+    rank = torch.empty(num_prompts, dtype=torch.long)
+    rank[torch.argsort(-u, stable=True)] = torch.arange(num_prompts)
     spacing = (largest - smallest) / max(bins - 1, 1)
-    return apportion(largest - (rank * bins // K).double() * spacing, budget, n_min, ties=u)
+    return apportion(largest - (rank * bins // num_prompts).double() * spacing, budget, n_min, ties=u)
 
 
 # ----------------------------------------------------------------------------------
@@ -460,16 +454,13 @@ def policy_loss(velocity, batch, algo, clip_range, beta=0.0, ref_velocity=None, 
     e.g. an Algorithm), PPO-clip, plus beta times the exact KL to the reference policy
     (`ref_velocity`, e.g. the model with its LoRA switched off). `weight` as in grpo_loss."""
     x, t, t_next, x_next = batch["x"], batch["t"], batch["t_next"], batch["x_next"]
-
-    def step(v):  # the Gaussian policy of each row's step under the velocity v
-        return step_mean_std(x, v, t, t_next, algo.sampler, algo.noise_level, algo.ddim_noise)
-
-    mean, std = step(velocity(x, t))
+    sampler_settings = (algo.sampler, algo.noise_level, algo.ddim_noise)
+    mean, std = step_mean_std(x, velocity(x, t), t, t_next, *sampler_settings)
     loss, stats = grpo_loss(gaussian_log_prob(x_next, mean, std), batch["old_log_prob"], batch["advantage"],
                             clip_range, weight)
     if beta > 0:
         with torch.no_grad():
-            ref_mean, _ = step(ref_velocity(x, t))
+            ref_mean, _ = step_mean_std(x, ref_velocity(x, t), t, t_next, *sampler_settings)
         kl = kl_divergence(mean, ref_mean, std)
         loss = loss + beta * (kl.mean() if weight is None else (kl * weight).sum())
         stats["kl"] = (kl.mean() if weight is None else kl[weight != 0].mean()).item()
@@ -533,8 +524,7 @@ PRESETS = {
 
 
 def check_trains_something(algo, sigmas):
-    """Refuse, in one line and before any work, a sampler and grid on which no step is trained
-    (a ValueError that names the flag)."""
+    """Refuse (ValueError), in one line naming the flag, a sampler and grid on which no step is trained."""
     if not trained_steps(step_std(sigmas[:-1], sigmas[1:], algo.sampler, algo.noise_level, algo.ddim_noise)).any():
         raise ValueError(f"--sampler={algo.sampler}: expected a sampler with a trained step on this "
                         f"{len(sigmas) - 1}-step grid (a stochastic step before the last stochastic one)")
@@ -574,8 +564,7 @@ def initial_noise(sizes, shape, shared, generator=None, device=None):
 
 def step_advantages(algo, rewards, group_ids, stds, state_rewards=None, baseline=None, eps=1e-4, clip=5.0):
     """The advantage of every (trajectory, step) -> [B, T], 0 on untrained steps. Gains need the
-    intermediate rewards `state_rewards` [B, T+1], the tracker baseline `baseline` [B] (the
-    value before the update)."""
+    intermediate rewards `state_rewards` [B, T+1], the tracker `baseline` [B] (read before its update)."""
     trained = trained_steps(stds.cpu())
     if algo.step_credit == "gains":
         return gain_advantages(state_rewards, group_ids, eps, clip, trained, algo.gain_norm == "per_step")
@@ -590,8 +579,7 @@ def step_advantages(algo, rewards, group_ids, stds, state_rewards=None, baseline
 
 def transitions(traj, adv, mask=None):
     """Flatten (trajectory, step) pairs into training rows (x, x_next, t, t_next, old_log_prob,
-    advantage, and sample, the row's trajectory): those of `mask` [B, T], by default those with
-    nonzero advantage."""
+    advantage, sample: the trajectory): those of `mask` [B, T], by default those with nonzero advantage."""
     b, k = torch.nonzero(adv != 0 if mask is None else mask, as_tuple=True)
     return {"x": traj.xs[b, k], "x_next": traj.xs[b, k + 1], "t": traj.sigmas[k], "t_next": traj.sigmas[k + 1],
             "old_log_prob": traj.log_probs[b, k], "advantage": adv[b, k], "sample": b}
@@ -638,8 +626,8 @@ def iteration(algo, setup, velocity, optimiser_step, ref_velocity=None, tracker=
     baseline = tracker.baseline(prompts) if algo.baseline == "tracker" else None
     adv = step_advantages(algo, rewards, group_ids, traj.stds, state_rewards, baseline)
     batch = transitions(traj, adv)  # the trained steps whose advantage is not 0
-    for rows in torch.randperm(len(batch["advantage"]), generator=generator).chunk(setup.minibatches):
-        part, part_prompts = {k: v[rows] for k, v in batch.items()}, prompts[batch["sample"][rows]]
+    for share in torch.randperm(len(batch["advantage"]), generator=generator).chunk(setup.minibatches):
+        part, part_prompts = {k: v[share] for k, v in batch.items()}, prompts[batch["sample"][share]]
         reference = None if ref_velocity is None else lambda x, t: ref_velocity(x, t, part_prompts)
         loss, _ = policy_loss(lambda x, t: velocity(x, t, part_prompts), part, algo, setup.clip_range, setup.beta,
                               reference)

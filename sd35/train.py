@@ -265,7 +265,7 @@ def sample_and_score(run, it, tracker):
                  **{k: torch.cat([s[k] for s in images_seen]) for k in images_seen[0]}}
         if along is not None:
             along = policy.reward_table(traj.xs.shape[1], [(b, k, p.result()) for b, k, p in along],
-                                         local["reward"], groups)
+                                        local["reward"], groups)
     if not torch.equal(ranks.gather(index, budget), prompt_ids[group_ids]):
         raise RunError("ranks disagree on the iteration's prompts; check that every rank runs the same flags")
     gathered = {key: ranks.gather(value.float().cpu(), budget) for key, value in local.items()}
