@@ -49,7 +49,8 @@ def accepted(value, accepts, kind):
     if isinstance(accepts, tuple):
         return type(value) is type(accepts[0]) and value in accepts
     lo, hi = (float(s) for s in accepts[1:-1].split(","))
-    if isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)) or not math.isfinite(value):
+    numeric = int if kind is int else (int, float)
+    if isinstance(value, bool) or not isinstance(value, numeric) or not math.isfinite(value):
         return False
     return (lo < value or (accepts[0] == "[" and value == lo)) and (value < hi or (accepts[-1] == "]" and value == hi))
 

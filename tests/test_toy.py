@@ -136,7 +136,7 @@ def test_a_configuration_that_trains_nothing_is_refused_before_any_work(argv, tm
     assert "trains nothing" in stop.value.code and "\n" not in stop.value.code and "--algos=" in stop.value.code
     assert not (tmp_path / "never").exists()
     algo = cli.make_algorithm("stepwise_ddim")
-    with pytest.raises(ValueError, match="^--sampler=ddim: expected"):  # the loop refuses it too, without the command line
+    with pytest.raises(ValueError, match="^--sampler=ddim: expected"):  # the loop refuses it too, without a command
         train.train(flow.ToyVelocity(), algo, Config(tuned=False, num_steps=3, algos="flow_grpo"), 0)
 
 
