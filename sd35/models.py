@@ -159,7 +159,7 @@ def build_parts(configs, device, dtype, seed=None):
 
 def load_pipeline(model, dtype, device) -> StableDiffusion3Pipeline:
     """A model described in code (CONFIGS) with random weights, else a local diffusers folder or a
-    hub id through from_pretrained; every part frozen, eval, in `dtype`. tiny is built on the CPU
+    hub id through from_pretrained; every part frozen, eval, in `dtype`, but the VAE in float32. tiny is built on the CPU
     from seed 0, so every device and run gets the same weights; sd35m-random is made on `device`.
     Those described in code get the per-character tokenizers and SD3.5's scheduler."""
     if model in CONFIGS:
@@ -173,6 +173,9 @@ def load_pipeline(model, dtype, device) -> StableDiffusion3Pipeline:
     else:
         pipe = StableDiffusion3Pipeline.from_pretrained(model, torch_dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
+    # SD3's VAE can decode silent garbage in half precision, and every reward would score it
+    # (Flow-GRPO keeps its VAE in float32 too); it is a small share of the memory.
+    pipe.vae.to(dtype=torch.float32)
     for name in PARTS:
         freeze(getattr(pipe, name), dtype)
     return pipe

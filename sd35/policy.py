@@ -156,11 +156,13 @@ def guided_velocity(model, cond, guidance_scale, dtype, batch_size=None, autocas
 
 @torch.no_grad()
 def decode(vae, latents, batch_size=None):
-    """Latents -> images [B, 3, H, W] in [0, 1], float32, in chunks of `batch_size`."""
+    """Latents -> images [B, 3, H, W] in [0, 1], float32, in chunks of `batch_size`, in the VAE's
+    own dtype (float32, see models.load_pipeline) even inside an autocast region."""
     images = []
-    for chunk in latents.split(batch_size or latents.shape[0]):
-        z = chunk.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
-        images.append((vae.decode(z, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1))
+    with torch.autocast(latents.device.type, enabled=False):
+        for chunk in latents.split(batch_size or latents.shape[0]):
+            z = chunk.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+            images.append((vae.decode(z, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1))
     return torch.cat(images)
 
 

@@ -36,6 +36,7 @@ from sd35 import checkpoint, curves, models, policy  # noqa: E402
 from sd35.data import SHIPPED_SETS, load_prompts  # noqa: E402
 from sd35.rewards import (REWARDS, RewardError, RewardMix, RewardOptions, encoded, parse_reward_spec,  # noqa: E402
                           reward_range)
+from sd35.workers import default_worker_count  # noqa: E402
 
 PRESET = text_range(f"a preset ({', '.join(minflow.PRESETS)}), optionally with :axis=value overrides",
                     parses(cli.make_algorithm))
@@ -411,8 +412,7 @@ def build(cfg, algo, train_prompts, test_prompts, ranks):
             torch.cuda.get_device_properties(ranks.device).total_memory if ranks.device.type == "cuda" else None))
     torch.manual_seed(cfg.seed)  # only the LoRA's initial weights draw from the global generator
     autocast = (lambda: torch.autocast(ranks.device.type, dtype=dtype)) if dtype != torch.float32 else None
-    workers = cfg.reward_workers if cfg.reward_workers >= 0 else \
-        max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    workers = cfg.reward_workers if cfg.reward_workers >= 0 else default_worker_count()
     reward = RewardMix(cfg.reward, RewardOptions(device=str(ranks.device), remote_url=cfg.reward_url or None), workers)
     pipe = models.load_pipeline(cfg.model, dtype, ranks.device)
     prompts = policy.PromptBank(pipe, [p for p, _ in train_prompts + test_prompts], cfg.guidance_scale, ranks.device,

@@ -7,9 +7,11 @@ folder, so the real loading code still runs.
 
 import base64
 import http.server
+import importlib.metadata
 import inspect
 import io
 import json
+import re
 import socket
 import threading
 import time
@@ -23,7 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
 import minflow
-from sd35 import data, models, policy, rewards
+from sd35 import data, models, pixel_rewards, policy, rewards
 from sd35.rewards import RewardError, RewardMix, RewardOptions, RewardServerError, RemoteReward
 
 
@@ -99,12 +101,12 @@ def image_with_text(text: str, size=(320, 128)) -> torch.Tensor:
 
 
 def test_levenshtein_and_ocr_similarity():
-    assert rewards.levenshtein("kitten", "sitting") == 3
-    assert rewards.levenshtein("", "abc") == rewards.levenshtein("abc", "") == 3
-    assert rewards.levenshtein("same", "same") == 0
-    assert rewards.ocr_similarity("Open  late", "OPEN LATE") == 1.0  # case and spaces ignored
-    assert rewards.ocr_similarity("OPEN", "OPEN LATE") == 0.5  # 4 of 8 characters missing
-    assert rewards.ocr_similarity("a completely different long text", "OPEN") == 0.0  # clipped at 0
+    assert pixel_rewards.levenshtein("kitten", "sitting") == 3
+    assert pixel_rewards.levenshtein("", "abc") == pixel_rewards.levenshtein("abc", "") == 3
+    assert pixel_rewards.levenshtein("same", "same") == 0
+    assert pixel_rewards.ocr_similarity("Open  late", "OPEN LATE") == 1.0  # case and spaces ignored
+    assert pixel_rewards.ocr_similarity("OPEN", "OPEN LATE") == 0.5  # 4 of 8 characters missing
+    assert pixel_rewards.ocr_similarity("a completely different long text", "OPEN") == 0.0  # clipped at 0
 
 
 def test_to_pil_round_trips_pixels():
@@ -118,9 +120,17 @@ def test_to_pil_round_trips_pixels():
 # --------------------------------------------------------------------------- OCR
 
 
+def test_the_installed_opencv_is_the_headless_build():
+    # GPU servers seldom have libGL, which the desktop build links and needs to import at all.
+    import cv2
+    assert re.search(r"GUI:\s+NONE", cv2.getBuildInformation())
+    with pytest.raises(importlib.metadata.PackageNotFoundError):
+        importlib.metadata.version("opencv-python")
+
+
 @pytest.fixture(scope="module")
 def ocr():
-    return rewards.OcrReward()
+    return rewards.REWARDS["ocr"](RewardOptions())
 
 
 def test_ocr_reads_rendered_word_and_not_a_blank_image(ocr):
@@ -137,9 +147,10 @@ def test_ocr_reads_rendered_word_and_not_a_blank_image(ocr):
     assert scores[2] < 0.1
 
 
-def test_ocr_without_target_text_names_the_prompt(ocr):
-    with pytest.raises(RewardError, match="'ocr'.*'a cat without quotes'"):
-        ocr(torch.ones(1, 3, 32, 32), ["a cat without quotes"], [{}])
+def test_ocr_without_target_text_names_the_prompt(ocr, monkeypatch):
+    monkeypatch.setitem(rewards.REWARDS, "ocr", lambda options: ocr)
+    with pytest.raises(RewardError, match="^reward 'ocr' failed on prompt 'a cat without quotes': no target text"):
+        RewardMix("ocr")(torch.ones(1, 3, 32, 32), ["a cat without quotes"], [{}])
 
 
 def test_an_ocr_failure_in_the_mix_names_the_prompt(ocr, monkeypatch):
@@ -213,7 +224,7 @@ def test_mix_is_the_weighted_sum_of_its_terms(monkeypatch):
 
     total, terms = RewardMix("jpeg_compressibility=0.5,brightness=2")(images, prompts)
 
-    jpeg = rewards.jpeg_compressibility(images, prompts, [{}, {}])
+    jpeg = rewards.REWARDS["jpeg_compressibility"](RewardOptions())(images, prompts, [{}, {}])
     assert set(terms) == {"jpeg_compressibility", "brightness"}
     assert torch.equal(terms["jpeg_compressibility"], jpeg)
     assert torch.allclose(terms["brightness"], images.mean(dim=(1, 2, 3)))
@@ -264,11 +275,14 @@ def test_pooled_scores_equal_serial_scores_and_a_dead_worker_stops_cleanly():
         # Kill a worker while it has work: the pool breaks, and the caller gets a RewardError
         # naming the reward and a prompt instead of waiting forever.
         pending = mix.submit(images.repeat(8, 1, 1, 1), prompts * 8)
-        next(iter(mix.pool._processes.values())).kill()
+        mix.pool.processes[0].kill()
         started = time.monotonic()
         with pytest.raises(RewardError, match=r"reward 'ocr' failed on prompt .*worker process died"):
             pending.result()
         assert time.monotonic() - started < 60
+        # Work submitted after the death gets the same error from its result, not from submitting.
+        with pytest.raises(RewardError, match=r"reward 'ocr' failed on prompt 'a sign that says \"hello\"'.*died"):
+            mix.submit(images, prompts).result()
     finally:
         mix.close()
 
