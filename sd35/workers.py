@@ -1,13 +1,10 @@
 """Worker processes that score the CPU-bound rewards of sd35/pixel_rewards.py beside the trainer.
 
-Each worker is a fresh Python running this file (`python -m sd35.workers TRAINER_PID NAME...`):
-it imports numpy, PIL and the OCR engine, never torch or the trainer, and speaks over its stdin
-and stdout in messages of two little-endian uint32 lengths, a JSON header and raw uint8 pixels
-(no pickle). A thread of the trainer per worker feeds it one task at a time from a shared queue
-and completes the task's Future. A worker ignores SIGINT and SIGTERM, which a terminal or a
-scheduler sends to the whole process group: the trainer decides when to stop, and closes its
-stdin. It ends when the trainer dies at any moment, start-up included: the kernel kills it with
-the trainer (PR_SET_PDEATHSIG), and it ends at once if the trainer was gone before that was set.
+Each is a fresh `python -m sd35.workers TRAINER_PID NAME...` importing numpy, PIL and the OCR
+engine, never torch or the trainer, that reads JSON headers and raw uint8 pixels from its stdin
+and writes JSON replies to its stdout (length-prefixed messages, no pickle). It ignores SIGINT and
+SIGTERM, which a terminal or a scheduler sends to the whole process group: the trainer decides
+when to stop, and closes its stdin. The kernel kills it when the trainer dies (PR_SET_PDEATHSIG).
 """
 import ctypes
 import ctypes.util
@@ -15,11 +12,11 @@ import json
 import os
 import queue
 import signal
-import struct
 import subprocess
 import sys
 import threading
 from concurrent.futures import Future
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import numpy as np
@@ -33,83 +30,60 @@ class WorkerError(RuntimeError):
     """A worker could not score a task: its reward raised (the message says why), or it died."""
 
 
-def default_worker_count(cores=None, local_ranks=None):
+def default_worker_count(local_ranks=None):
     """Workers per rank: this machine's cores shared among the ranks on it (torchrun's
     LOCAL_WORLD_SIZE), at least one."""
-    cores = len(os.sched_getaffinity(0)) if cores is None else cores
-    return max(1, cores // (local_ranks or int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-
-
-def send(stream, header, payload=b""):
-    data = json.dumps(header).encode()
-    stream.write(struct.pack("<II", len(data), len(payload)))
-    stream.write(data)
-    stream.write(payload)
-    stream.flush()
-
-
-def receive(stream):
-    """The next (header, payload), or None at end of file (the other side is gone)."""
-    lengths = stream.read(8)
-    if len(lengths) < 8:
-        return None
-    header_length, payload_length = struct.unpack("<II", lengths)
-    data = stream.read(header_length + payload_length)
-    if len(data) < header_length + payload_length:
-        return None
-    return json.loads(data[:header_length]), data[header_length:]
+    return max(1, len(os.sched_getaffinity(0)) // (local_ranks or int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
 
 
 class ScoringWorkers:
-    """`count` worker processes scoring the pixel rewards `names`; `submit` returns a Future of
-    one batch's scores. Once a worker has died, every task fails with the same WorkerError."""
+    """`count` workers scoring the pixel rewards `names`: `submit` queues a batch and returns a
+    Future of its scores, which a thread per worker completes, one task at a time."""
 
     def __init__(self, names, count):
-        self.tasks, self.failure = queue.SimpleQueue(), None
-        command = [sys.executable, "-m", "sd35.workers", str(os.getpid()), *names]
-        # The signal mask survives fork and exec: each worker starts with these signals blocked and
-        # ignores them before it unblocks them, so none can end it early. Blocked in this thread
-        # only, they still reach the trainer (Python runs its handlers in the main thread). The
-        # kernel's parent-death signal follows the thread that starts a worker: the main one.
+        self.tasks = queue.SimpleQueue()
+        # The signal mask survives fork and exec: a worker starts with these signals blocked and
+        # ignores them before unblocking them, so none ends it early. Blocked in this thread only,
+        # they still reach the trainer, whose handlers Python runs in the main thread. The
+        # parent-death signal follows the thread that starts a worker: construct in the main one.
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
-            self.processes = [subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT)
+            self.processes = [subprocess.Popen([sys.executable, "-m", "sd35.workers", str(os.getpid()), *names],
+                                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT)
                               for _ in range(count)]
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        self.threads = [threading.Thread(target=self._feed, args=(process,), daemon=True)
-                        for process in self.processes]
+        self.threads = [threading.Thread(target=self._feed, args=(p,), daemon=True) for p in self.processes]
         for thread in self.threads:
             thread.start()
 
     def submit(self, name, pixels, prompts, metadata):
         """Score uint8 pixels [B, H, W, 3] with reward `name` -> a Future of B floats."""
         future = Future()
-        self.tasks.put((future, {"name": name, "prompts": prompts, "metadata": metadata,
-                                 "shape": pixels.shape}, pixels.tobytes()))
+        header = {"name": name, "prompts": prompts, "metadata": metadata, "shape": pixels.shape}
+        self.tasks.put((future, json.dumps(header).encode(), pixels.tobytes()))
         return future
 
     def _feed(self, process):
-        """Hand `process` one task at a time until close() queues None; then close its stdin."""
+        """Hand `process` one task at a time until close() queues None, then end it."""
+        to_worker, from_worker = (Connection(os.dup(pipe.fileno())) for pipe in (process.stdin, process.stdout))
+        process.stdin.close()  # the Connections hold the pipes now
+        process.stdout.close()
         while (task := self.tasks.get()) is not None:
-            future, header, payload = task
+            future, header, pixels = task
             if not future.set_running_or_notify_cancel():
                 continue
-            reply = None
-            if self.failure is None:
-                try:
-                    send(process.stdin, header, payload)
-                    reply = receive(process.stdout)
-                except OSError:  # a broken pipe: the worker is gone
-                    pass
-            if reply is None:
-                self.failure = self.failure or f"a scoring worker process died (exit code {process.wait()})"
-                future.set_exception(WorkerError(self.failure))
-            elif "error" in reply[0]:
-                future.set_exception(WorkerError(reply[0]["error"]))
+            try:
+                to_worker.send_bytes(header)
+                to_worker.send_bytes(pixels)
+                reply = json.loads(from_worker.recv_bytes())
+            except (OSError, EOFError):  # every task this worker takes from now on fails alike
+                reply = {"error": f"a scoring worker process died (exit code {process.wait()})"}
+            if "error" in reply:
+                future.set_exception(WorkerError(reply["error"]))
             else:
-                future.set_result(reply[0]["scores"])
-        process.stdin.close()  # the worker reads end of file and exits
+                future.set_result(reply["scores"])
+        to_worker.close()  # the worker reads end of file and exits
         try:
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:  # stuck in a library call
@@ -143,30 +117,33 @@ def keep_freed_memory():
 
 
 def serve(trainer, names):
-    """A worker's life: score each request from stdin onto the original stdout until end of file."""
+    """A worker's life: score each request from stdin, reply on the original stdout, until end of file."""
     for number in STOP_SIGNALS:
         signal.signal(number, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-    try:  # Linux: SIGKILL when the trainer dies from now on; elsewhere end of file must do
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    try:  # Linux; elsewhere the end of file that follows the trainer's death must do
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):
         pass
     if os.getppid() != trainer:  # it died before the line above
         return
-    replies = os.fdopen(os.dup(1), "wb")
+    inbox, replies = Connection(0, writable=False), Connection(os.dup(1), readable=False)
     os.dup2(2, 1)  # a library's print goes to stderr, not into the replies
     keep_freed_memory()
-    from sd35.pixel_rewards import PIXEL_REWARDS  # after the watch on the trainer: it takes a moment
+    from sd35.pixel_rewards import PIXEL_REWARDS  # once the trainer is watched: it takes a moment
     rewards = {name: PIXEL_REWARDS[name](1) for name in names}  # one thread each: the workers are the parallelism
-    while (request := receive(sys.stdin.buffer)) is not None:
-        header, payload = request
+    while True:
+        try:
+            header, payload = json.loads(inbox.recv_bytes()), inbox.recv_bytes()
+        except EOFError:
+            return
         pixels = np.frombuffer(payload, np.uint8).reshape(header["shape"])
         try:
             reply = {"scores": [float(s) for s in rewards[header["name"]](pixels, header["prompts"],
                                                                             header["metadata"])]}
         except Exception as error:  # noqa: BLE001 - the trainer names the reward and the prompt
             reply = {"error": str(error) or type(error).__name__}
-        send(replies, reply)
+        replies.send_bytes(json.dumps(reply).encode())
 
 
 if __name__ == "__main__":
