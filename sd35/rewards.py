@@ -138,6 +138,7 @@ class RewardOptions:
     pickscore_model: str = "yuvalkirstain/PickScore_v1"
     pickscore_processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # PickScore was tuned from CLIP-H
     threads: int = 0  # threads of a CPU-bound reward's engine; 0 = its library's default
+    remote_range: tuple | None = None  # the server's scores' (lo, hi), if known
 
 
 # name -> constructor; constructors may load models, so call them only once the spec is checked.
@@ -149,18 +150,39 @@ REWARDS = {
     "remote": lambda o: RemoteReward(o.remote_url),
 }
 
-# Each reward's range, for the prompt tracker that maps rewards into [0, 1]; one missing here (CLIP
-# cosines, JPEG sizes, a server's scores) is tracked by the running min..max it shows.
-REWARD_RANGES = {"ocr": (0.0, 1.0), "pickscore": (0.0, 1.0)}
+# The range that the real model's scores fill, for the prompt tracker, which maps each reward
+# into [0, 1] by it: too wide a range and every prompt looks alike to it. JPEG sizes (which
+# depend on the resolution) and a server's scores (unless declared) have none: the tracker
+# follows the running min..max they show.
+REWARD_RANGES = {
+    "ocr": (0.0, 1.0),  # a similarity, by construction
+    # PickScore as Flow-GRPO scales it (100 cos / 26): SD3.5-M's images score about 0.9 on their
+    # prompts (Stepwise-Flow-GRPO, arXiv:2603.28718, fig. 1), and RL moves that by hundredths.
+    "pickscore": (0.7, 1.0),
+    # CLIP ViT-L/14 cosines of images and their captions: CLIPScore's rescaling, 2.5 max(cos, 0),
+    # maps them into [0, 1] (Hessel et al., EMNLP 2021), so they lie within [0, 0.4].
+    "clipscore": (0.0, 0.4),
+}
 
 
-def reward_range(weights):
+def parse_range(text):
+    """"lo,hi" (--remote_range) -> (lo, hi), "" -> None; a ValueError unless both are finite and lo < hi."""
+    if not text:
+        return None
+    lo, hi = (float(end) for end in text.split(","))
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise ValueError(f"{text!r} is not lo,hi with finite lo < hi")
+    return lo, hi
+
+
+def reward_range(weights, remote_range=None):
     """The range of a mix {name: weight}: the weighted sum of its terms' ranges (a negative weight
     swaps a term's ends), or None if a weighted term has none."""
+    ranges = {**REWARD_RANGES, **({"remote": remote_range} if remote_range else {})}
     terms = [(name, weight) for name, weight in weights.items() if weight != 0]
-    if any(name not in REWARD_RANGES for name, _ in terms):
+    if any(name not in ranges for name, _ in terms):
         return None
-    ends = [sorted((weight * REWARD_RANGES[name][0], weight * REWARD_RANGES[name][1])) for name, weight in terms]
+    ends = [sorted((weight * ranges[name][0], weight * ranges[name][1])) for name, weight in terms]
     return sum(lo for lo, _ in ends), sum(hi for _, hi in ends)
 
 
@@ -202,6 +224,7 @@ class RewardMix:
     def __init__(self, spec, options=None, workers=0):
         self.weights = parse_reward_spec(spec)
         options = options or RewardOptions()
+        self.range = reward_range(self.weights, options.remote_range)  # for the prompt tracker
         if "remote" in self.weights and not options.remote_url:  # before the others take minutes to load
             raise ValueError("reward 'remote' needs a reward server URL (RewardOptions.remote_url)")
         self.pooled = [name for name in self.weights if name in CPU_BOUND] if workers > 0 else []

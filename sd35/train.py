@@ -34,8 +34,8 @@ import minflow  # noqa: E402
 from cli import flag, parses, text_range  # noqa: E402
 from sd35 import checkpoint, curves, models, policy  # noqa: E402
 from sd35.data import SHIPPED_SETS, load_prompts  # noqa: E402
-from sd35.rewards import (REWARDS, RewardError, RewardMix, RewardOptions, encoded, parse_reward_spec,  # noqa: E402
-                          reward_range)
+from sd35.rewards import (REWARDS, RewardError, RewardMix, RewardOptions, encoded, parse_range,  # noqa: E402
+                          parse_reward_spec)
 from sd35.workers import default_worker_count  # noqa: E402
 
 PRESET = text_range(f"a preset ({', '.join(minflow.PRESETS)}), optionally with :axis=value overrides",
@@ -53,6 +53,7 @@ class Config:
     algo: str = flag("flow_grpo", PRESET)  # stepwise runs on Flow-GRPO's SDE, stepwise_ddim on the DDIM-inspired one; axis flags override
     reward: str = flag("ocr", REWARD_SPEC)  # one reward or a weighted mix, e.g. ocr=0.8,pickscore=0.2 (sd35/rewards.py)
     reward_url: str = flag("", URL)  # the reward server, for --reward=remote
+    remote_range: str = flag("", text_range("empty or lo,hi with finite lo < hi", parses(parse_range)))  # the server's score range, for the prompt tracker; "" = its running min..max
     prompts: str = flag("ocr", PROMPT_SET)  # shipped set (ocr, general) or a folder with train/test .txt or .jsonl
     group_size: int = flag(8, "[2, inf)")  # G, trajectories per prompt (the mean size under binned sizes); 24 in the paper
     prompts_per_iter: int = flag(8, "[1, inf)")  # groups per iteration; trajectories per iteration = group_size x this, over all ranks
@@ -76,6 +77,7 @@ class Config:
     mixed_precision: str = flag("auto", models.MIXED_PRECISION)  # auto = fp16 on CUDA (smaller log-prob mismatch), no on CPU
     gradient_checkpointing: bool = flag(False, (False, True))  # recompute activations in backward: less memory, slower
     text_encoders: str = flag("free", ("free", "keep"))  # free: embed every prompt at start-up, then drop the encoders; keep: encode each iteration
+    prompt_cache: str = flag("", "text")  # folder of the prompt-embedding file with --text_encoders=free ("" = --out); runs of one model and prompt set share it
     report_to: str = flag("none", ("none", "tensorboard", "wandb"))  # also mirror the log to tensorboard or wandb (wandb reads its WANDB_* environment)
     device: str = flag("", cli.DEVICE)  # "" = cuda:LOCAL_RANK if CUDA is there, else cpu
     seed: int = flag(0, "[0, 1e18]")  # seeds every random draw, per iteration and rank
@@ -413,10 +415,12 @@ def build(cfg, algo, train_prompts, test_prompts, ranks):
     torch.manual_seed(cfg.seed)  # only the LoRA's initial weights draw from the global generator
     autocast = (lambda: torch.autocast(ranks.device.type, dtype=dtype)) if dtype != torch.float32 else None
     workers = cfg.reward_workers if cfg.reward_workers >= 0 else default_worker_count()
-    reward = RewardMix(cfg.reward, RewardOptions(device=str(ranks.device), remote_url=cfg.reward_url or None), workers)
+    reward = RewardMix(cfg.reward, RewardOptions(device=str(ranks.device), remote_url=cfg.reward_url or None,
+                                                 remote_range=parse_range(cfg.remote_range)), workers)
     pipe = models.load_pipeline(cfg.model, dtype, ranks.device)
     prompts = policy.PromptBank(pipe, [p for p, _ in train_prompts + test_prompts], cfg.guidance_scale, ranks.device,
-                                cfg.text_encoders == "keep", cfg.sample_batch)
+                                cfg.sample_batch, None if cfg.text_encoders == "keep" else cfg.prompt_cache or cfg.out,
+                                cfg.model)
     transformer = pipe.transformer
     params = policy.add_lora(transformer, cfg.lora_rank, cfg.lora_alpha)
     if cfg.gradient_checkpointing:
@@ -424,7 +428,7 @@ def build(cfg, algo, train_prompts, test_prompts, ranks):
     state = checkpoint.TrainState(
         transformer, torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay),
         torch.amp.GradScaler(ranks.device.type, enabled=dtype == torch.float16),
-        minflow.new_tracker(algo, len(train_prompts), reward_range=reward_range(reward.weights)),
+        minflow.new_tracker(algo, len(train_prompts), reward_range=reward.range),
         policy.LoraEMA(params, cfg.ema_decay, cfg.ema_every) if cfg.ema_decay > 0 else None)
     model = DDP(transformer, device_ids=[ranks.device.index] if ranks.device.type == "cuda" else None) \
         if ranks.ddp else transformer
@@ -450,7 +454,7 @@ def describe_run(run, state, start, default_resolution):
     print(f"algorithm: --algo={cfg.algo} samples with the {algo.sampler} SDE"
           f"{f' ({algo.ddim_noise} schedule)' if algo.sampler == 'ddim' else ''} at noise level {algo.noise_level}; {algo}")
     if state.tracker is not None:
-        tracked = reward_range(run.reward.weights)
+        tracked = run.reward.range
         print("prompt tracker: rewards mapped to [0, 1] from " + (
             f"the fixed range [{tracked[0]:g}, {tracked[1]:g}] of --reward={cfg.reward}" if tracked
             else "the running min..max seen (this reward mix declares no range)"))

@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -538,3 +539,36 @@ def test_load_prompts_rejects_bad_input_with_one_line(tmp_path, files, message):
         data.load_prompts(folder)
     assert message in str(error.value)
     assert "\n" not in str(error.value)
+
+
+# --------------------------------------------------------------------------- prompt embeddings
+
+
+def memory_bytes(key):
+    """VmRSS (resident now) or VmHWM (the peak since the last reset) of this process."""
+    return int(re.search(key + r":\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+
+
+def test_prompt_embeddings_are_written_once_read_by_the_row_and_reused(tmp_path):
+    prompts = [f'a sign that reads "{i}" on a {("red", "green", "blue")[i % 3]} wall' for i in range(2000)]
+    pipe, reference = (models.load_pipeline("tiny", torch.float32, "cpu") for _ in range(2))
+    expected = policy.encode_prompts(reference, [prompts[1999], prompts[7], prompts[7]], 4.5, "cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2000 prompts take seconds on one thread, far more on a busy machine's two
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # restart the peak's count
+        before = memory_bytes("VmRSS")
+        bank = policy.PromptBank(pipe, prompts, 4.5, "cpu", 32, tmp_path, "tiny")
+        picked = bank(torch.tensor([1999, 7, 7]))
+        peak, table = memory_bytes("VmHWM") - before, bank.path.stat().st_size
+    finally:
+        torch.set_num_threads(threads)
+    assert table > 80e6 and peak < table / 3, (peak, table)  # 2001 rows of 333 x 32 + 16 floats
+    for name in ("embeds", "pooled", "negative_embeds", "negative_pooled"):
+        torch.testing.assert_close(getattr(picked, name), getattr(expected, name), rtol=0, atol=1e-6)
+    # A second run finds the file: its text encoders are gone, and nothing is written again.
+    written = bank.path.stat().st_mtime_ns
+    again = policy.PromptBank(pipe, prompts, 4.5, "cpu", 32, tmp_path, "tiny")
+    assert torch.equal(again(torch.tensor([7])).embeds, picked.embeds[1:2]) and bank.path.stat().st_mtime_ns == written
+    other = policy.PromptBank(reference, prompts[:10], 4.5, "cpu", 32, tmp_path, "tiny")
+    assert other.path != bank.path and len(list(tmp_path.iterdir())) == 2
