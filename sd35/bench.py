@@ -129,6 +129,7 @@ class Bench:
         self.cond = policy.encode_prompts(pipe, texts, s.guidance_scale, device)
         watch.lap("encode")
         self.seconds, self.transformer, self.vae = watch.seconds, pipe.transformer, pipe.vae
+        self.scheduler = pipe.scheduler
         del pipe  # and with it the text encoders
         self.opt = torch.optim.AdamW(policy.add_lora(self.transformer, LORA_RANK, LORA_ALPHA))
         self.velocity = policy.guided_velocity(self.transformer, self.cond, s.guidance_scale,
@@ -136,7 +137,7 @@ class Bench:
 
     def rollout(self, resolution):
         """Sample and decode a group -> result: the trajectory."""
-        side, sigmas = resolution // 8, minflow.sd3_sigmas(self.s.num_steps)
+        side, sigmas = resolution // 8, policy.sigma_grid(self.scheduler, self.s.num_steps)
         noise = torch.randn((self.s.group_size, self.transformer.config.in_channels, side, side),
                             generator=torch.Generator().manual_seed(self.s.seed)).to(self.device)
 
@@ -221,7 +222,9 @@ def main(argv):
     for library in libraries:
         library.set_verbosity_error()
     try:
-        rows = models.memory_estimate(s.model, resolution, s.train_batch, LORA_RANK, False, amp or torch.float32)
+        plan = models.MemoryPlan(resolution, s.train_batch, LORA_RANK, trajectories=s.group_size,
+                                 num_steps=s.num_steps, decode_batch=s.group_size)
+        rows = models.memory_estimate(s.model, amp or torch.float32, plan)
         print(models.format_memory_table(rows, torch.cuda.get_device_properties(device).total_memory
                                          if "cuda" in device else None))
         bench, out = Bench(s, amp, device), {}

@@ -69,6 +69,11 @@ class LoraEMA:
                 p.copy_(weights)
 
 
+def sigma_grid(scheduler, num_steps):
+    """minflow's sigma grid of `num_steps` steps with the shift of the pipeline's own scheduler."""
+    return minflow.sd3_sigmas(num_steps, scheduler.config.shift, scheduler.config.num_train_timesteps)
+
+
 def reference_velocity(transformer, velocity):
     """The reference policy: `velocity`, a function of `transformer`, with the LoRA switched off."""
     def reference(*args):

@@ -141,6 +141,10 @@ class RewardOptions:
     remote_range: tuple | None = None  # the server's scores' (lo, hi), if known
 
 
+# Parameters of the models that rewards keep on the device, in float32 (as from_pretrained loads
+# them): CLIP ViT-L/14, and the CLIP ViT-H/14 that PickScore tuned, counted on their architectures.
+REWARD_MODEL_PARAMETERS = {"clipscore": 427_616_513, "pickscore": 986_109_441}
+
 # name -> constructor; constructors may load models, so call them only once the spec is checked.
 REWARDS = {
     "clipscore": lambda o: ClipCosine(o.clip_model, o.clip_model, o.device),

@@ -43,6 +43,7 @@ PRESET = text_range(f"a preset ({', '.join(minflow.PRESETS)}), optionally with :
 REWARD_SPEC = text_range(f"rewards from {', '.join(sorted(REWARDS))} with optional weights, e.g. ocr=0.8,pickscore=0.2",
                          parses(parse_reward_spec))
 URL = text_range("empty or an http(s):// URL", lambda v: v == "" or v.startswith(("http://", "https://")))
+RANGE = text_range("empty or lo,hi with finite lo < hi", parses(parse_range))
 PROMPT_SET = text_range(f"a shipped set ({', '.join(SHIPPED_SETS)}) or a folder",
                         lambda v: v in SHIPPED_SETS or (v != "" and Path(v).is_dir()))
 
@@ -53,7 +54,7 @@ class Config:
     algo: str = flag("flow_grpo", PRESET)  # stepwise runs on Flow-GRPO's SDE, stepwise_ddim on the DDIM-inspired one; axis flags override
     reward: str = flag("ocr", REWARD_SPEC)  # one reward or a weighted mix, e.g. ocr=0.8,pickscore=0.2 (sd35/rewards.py)
     reward_url: str = flag("", URL)  # the reward server, for --reward=remote
-    remote_range: str = flag("", text_range("empty or lo,hi with finite lo < hi", parses(parse_range)))  # the server's score range, for the prompt tracker; "" = its running min..max
+    remote_range: str = flag("", RANGE)  # the server's score range, for the prompt tracker; "" = its running min..max
     prompts: str = flag("ocr", PROMPT_SET)  # shipped set (ocr, general) or a folder with train/test .txt or .jsonl
     group_size: int = flag(8, "[2, inf)")  # G, trajectories per prompt (the mean size under binned sizes); 24 in the paper
     prompts_per_iter: int = flag(8, "[1, inf)")  # groups per iteration; trajectories per iteration = group_size x this, over all ranks
@@ -255,7 +256,7 @@ def sample_and_score(run, it, tracker):
     along = None
     with failing_together(ranks), run.reward.leave_cores_to_workers():
         traj, finals = policy.rollout_in_chunks(
-            velocity, noise[mine].to(ranks.device), minflow.sd3_sigmas(cfg.num_steps), run.algo,
+            velocity, noise[mine].to(ranks.device), policy.sigma_grid(run.pipe.scheduler, cfg.num_steps), run.algo,
             generator(cfg.seed, it, "sde", ranks.rank, device=ranks.device), cfg.sample_batch, score)
         logs["seconds_sampling"], timer = time.perf_counter() - timer, time.perf_counter()
         groups = group_ids[mine] if run.algo.shared_noise else None
@@ -360,7 +361,8 @@ def evaluate(run, it, out, mirror):
     noise = torch.randn((per_rank * ranks.world, run.pipe.transformer.config.in_channels, latent, latent),
                         generator=generator(cfg.seed, "eval"))
     velocity = run.velocity(run.pipe.transformer, run.prompts(mine + len(run.train_prompts)), cfg.sample_batch)
-    traj = minflow.rollout(velocity, noise[mine].to(ranks.device), minflow.sd3_sigmas(cfg.eval_num_steps), "ode")
+    sigmas = policy.sigma_grid(run.pipe.scheduler, cfg.eval_num_steps)
+    traj = minflow.rollout(velocity, noise[mine].to(ranks.device), sigmas, "ode")
     images = policy.decode(run.pipe.vae, traj.xs[:, -1], cfg.sample_batch)
     texts, metadata = zip(*[run.test_prompts[i] for i in mine.tolist()])
     with failing_together(ranks):
@@ -409,8 +411,10 @@ def build(cfg, algo, train_prompts, test_prompts, ranks):
     """Load the model, the rewards and the prompt embeddings -> (Run, TrainState before resuming)."""
     dtype = models.autocast_dtype(cfg.mixed_precision, ranks.device) or torch.float32
     if ranks.master:  # what the run will hold on the accelerator, from the model's configs alone
-        print(models.format_memory_table(models.memory_estimate(
-            cfg.model, cfg.resolution, cfg.train_batch, cfg.lora_rank, cfg.text_encoders == "keep", dtype),
+        plan = models.MemoryPlan(cfg.resolution, cfg.train_batch, cfg.lora_rank, cfg.text_encoders == "keep",
+                                 -(-cfg.budget // ranks.world), cfg.num_steps, cfg.sample_batch,
+                                 tuple(parse_reward_spec(cfg.reward)))
+        print(models.format_memory_table(models.memory_estimate(cfg.model, dtype, plan),
             torch.cuda.get_device_properties(ranks.device).total_memory if ranks.device.type == "cuda" else None))
     torch.manual_seed(cfg.seed)  # only the LoRA's initial weights draw from the global generator
     autocast = (lambda: torch.autocast(ranks.device.type, dtype=dtype)) if dtype != torch.float32 else None
@@ -439,7 +443,7 @@ def describe_run(run, state, start, default_resolution):
     """The start-up lines: the batch arithmetic, resolution, algorithm and tracker."""
     cfg, algo, world, budget = run.cfg, run.algo, run.ranks.world, run.cfg.budget
     per, extra = divmod(budget, world)
-    sigmas = minflow.sd3_sigmas(cfg.num_steps)
+    sigmas = policy.sigma_grid(run.pipe.scheduler, cfg.num_steps)
     trained = int(minflow.trained_steps(minflow.step_std(sigmas[:-1], sigmas[1:], algo.sampler, algo.noise_level,
                                                          algo.ddim_noise)).sum())
     spread = f"{per}-{per + 1} ({per + 1} on the first {extra}, {per} on the rest)" if extra else f"{per}"

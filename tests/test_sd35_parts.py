@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import SD3Transformer2DModel
+from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from PIL import Image, ImageDraw, ImageFont
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
@@ -81,6 +81,27 @@ def test_tiny_pipeline_samples_latents_with_cfg(pipe):
     assert latents.shape == (4, 16, 8, 8)
     assert torch.isfinite(latents).all()
     assert torch.equal(latents, sample())  # eval mode: no dropout noise between calls
+
+
+@pytest.mark.parametrize("mixed_precision", models.MIXED_PRECISION)
+def test_the_vae_decodes_in_float32_under_every_mixed_precision(mixed_precision):
+    dtype = models.autocast_dtype(mixed_precision, "cpu") or torch.float32
+    vae = models.load_pipeline("tiny", dtype, "cpu").vae  # as the trainer loads it
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, args, out: seen.append((args[0].dtype, out.dtype)))
+             for m in vae.decoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # even inside the transformer's autocast region
+        images = policy.decode(vae, torch.randn(2, 16, 8, 8), batch_size=1)
+    for hook in hooks:
+        hook.remove()
+    assert seen and set(seen) == {(torch.float32, torch.float32)} and images.dtype == torch.float32
+
+
+@pytest.mark.parametrize("shift", [3.0, 1.0])
+def test_the_sigma_grid_is_the_pipelines_own_scheduler_grid(shift):
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    scheduler.set_timesteps(10)
+    torch.testing.assert_close(policy.sigma_grid(scheduler, 10), scheduler.sigmas, rtol=0, atol=1e-6)
 
 
 def test_char_tokenizer_wraps_with_special_tokens_and_pads():
