@@ -481,6 +481,8 @@ def train_loop(run, state, start, log, save, evaluated):
             break
         timer, done = time.perf_counter(), it + 1
         logs.update(optimise(run, it, state, traj, cond, adv), seconds_training=time.perf_counter() - timer)
+        if ranks.device.type == "cuda":  # the run's peak so far, for sd35/bench.py --trainer
+            logs["peak_memory_bytes"] = torch.cuda.max_memory_allocated(ranks.device)
         for skipped in logs["skipped_steps"]:
             if ema and not skipped:
                 ema.step()
