@@ -139,15 +139,14 @@ class PromptBank:
         torch.cuda.empty_cache()  # a no-op where CUDA never started
 
     def read(self, index):
-        """(embeds, pooled) of the prompts `index` from the file, one read a distinct prompt."""
-        distinct, inverse = torch.as_tensor(index).unique(return_inverse=True)
-        rows = torch.cat([self.rows[i:i + 1] for i in distinct.tolist()])[inverse]
+        """(embeds, pooled) of the prompts `index` from the file, a read a row."""
+        rows = torch.cat([self.rows[i:i + 1] for i in index])
         return rows[:, :self.shape[0] * self.shape[1]].unflatten(1, self.shape), rows[:, self.shape[0] * self.shape[1]:]
 
     def __call__(self, index):
         if self.rows is None:
             return encode_prompts(self.pipe, [self.prompts[i] for i in index.tolist()], self.guidance_scale, self.device)
-        return PromptEmbeddings(*self.read(index.cpu()), *self.negative).apply(lambda t: t.to(self.device))
+        return PromptEmbeddings(*self.read(index.tolist()), *self.negative).apply(lambda t: t.to(self.device))
 
 
 @torch.no_grad()

@@ -36,7 +36,6 @@ from sd35 import checkpoint, curves, models, policy  # noqa: E402
 from sd35.data import SHIPPED_SETS, load_prompts  # noqa: E402
 from sd35.rewards import (REWARDS, RewardError, RewardMix, RewardOptions, encoded, parse_range,  # noqa: E402
                           parse_reward_spec)
-from sd35.workers import default_worker_count  # noqa: E402
 
 PRESET = text_range(f"a preset ({', '.join(minflow.PRESETS)}), optionally with :axis=value overrides",
                     parses(cli.make_algorithm))
@@ -418,7 +417,8 @@ def build(cfg, algo, train_prompts, test_prompts, ranks):
             torch.cuda.get_device_properties(ranks.device).total_memory if ranks.device.type == "cuda" else None))
     torch.manual_seed(cfg.seed)  # only the LoRA's initial weights draw from the global generator
     autocast = (lambda: torch.autocast(ranks.device.type, dtype=dtype)) if dtype != torch.float32 else None
-    workers = cfg.reward_workers if cfg.reward_workers >= 0 else default_worker_count()
+    workers = cfg.reward_workers if cfg.reward_workers >= 0 else \
+        max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     reward = RewardMix(cfg.reward, RewardOptions(device=str(ranks.device), remote_url=cfg.reward_url or None,
                                                  remote_range=parse_range(cfg.remote_range)), workers)
     pipe = models.load_pipeline(cfg.model, dtype, ranks.device)

@@ -30,18 +30,13 @@ class WorkerError(RuntimeError):
     """A worker could not score a task: its reward raised (the message says why), or it died."""
 
 
-def default_worker_count(local_ranks=None):
-    """Workers per rank: this machine's cores shared among the ranks on it (torchrun's
-    LOCAL_WORLD_SIZE), at least one."""
-    return max(1, len(os.sched_getaffinity(0)) // (local_ranks or int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-
-
 class ScoringWorkers:
     """`count` workers scoring the pixel rewards `names`: `submit` queues a batch and returns a
-    Future of its scores, which a thread per worker completes, one task at a time."""
+    Future of its scores, which a thread per worker completes, one task at a time. Once a worker
+    has died, every task fails with the same WorkerError."""
 
     def __init__(self, names, count):
-        self.tasks = queue.SimpleQueue()
+        self.tasks, self.failure = queue.SimpleQueue(), None
         # The signal mask survives fork and exec: a worker starts with these signals blocked and
         # ignores them before unblocking them, so none ends it early. Blocked in this thread only,
         # they still reach the trainer, whose handlers Python runs in the main thread. The
@@ -74,11 +69,14 @@ class ScoringWorkers:
             if not future.set_running_or_notify_cancel():
                 continue
             try:
+                if self.failure:  # since a worker died, every task fails: the run stops rather than slows
+                    raise EOFError
                 to_worker.send_bytes(header)
                 to_worker.send_bytes(pixels)
                 reply = json.loads(from_worker.recv_bytes())
-            except (OSError, EOFError):  # every task this worker takes from now on fails alike
-                reply = {"error": f"a scoring worker process died (exit code {process.wait()})"}
+            except (OSError, EOFError):
+                self.failure = self.failure or f"a scoring worker process died (exit code {process.wait()})"
+                reply = {"error": self.failure}
             if "error" in reply:
                 future.set_exception(WorkerError(reply["error"]))
             else:
