@@ -163,7 +163,7 @@ def test_scoring_in_workers_while_sampling_goes_on_gives_the_run_of_scoring_in_t
 def test_the_tracker_range_of_a_reward_mix():
     assert reward_range({"ocr": 1.0}) == (0.0, 1.0) and reward_range({"pickscore": 1.0}) == (0.7, 1.0)
     assert reward_range({"ocr": 0.8, "pickscore": 0.2}) == pytest.approx((0.14, 1.0))
-    assert reward_range({"ocr": -2.0, "pickscore": 0.5}) == pytest.approx((-1.65, 0.5))  # a negative weight swaps the ends
+    assert reward_range({"ocr": -2.0, "pickscore": 0.5}) == pytest.approx((-1.65, 0.5))  # a negative weight: ends swap
     assert reward_range({"ocr": 1.0, "jpeg_compressibility": 0.0}) == (0.0, 1.0)  # a zero weight adds nothing
     assert reward_range({"ocr": 1.0, "jpeg_compressibility": 0.1}) is None  # a term without a range: a running range
     assert reward_range({"remote": 1.0}) is None and reward_range({"remote": 2.0}, (0.0, 1.0)) == (0.0, 2.0)
