@@ -2,6 +2,7 @@
 
     python sd35/bench.py --model=tiny           # CPU: the tiny random pipeline
     python sd35/bench.py --model=sd35m-random   # GPU: SD3.5-Medium, random weights
+    python sd35/bench.py --model=sd35m-random --trainer=true   # the GPU check: also 2 iterations of each algorithm
 
 One table a question: what will the trainer hold in memory (estimated before loading), and how
 fast are sampling and training, at what share of the device's matmul peak, in how much memory. As
@@ -10,12 +11,16 @@ LoRA under --mixed_precision's autocast. Each measurement runs --warmup times, t
 timed: the median, and on CUDA the peak memory. The trainer's log times the rewards and each
 algorithm's iterations in the real loop.
 """
+import re
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 from diffusers.utils import logging as diffusers_logging
@@ -26,7 +31,9 @@ import cli  # noqa: E402
 import minflow  # noqa: E402
 from cli import flag  # noqa: E402
 from sd35 import models, policy  # noqa: E402
+from sd35.curves import read_log  # noqa: E402
 from sd35.data import load_prompts  # noqa: E402
+from sd35.workers import ScoringWorkers  # noqa: E402
 
 
 @dataclass
@@ -42,9 +49,11 @@ class Settings:
     warmup: int = flag(1, "[0, inf)")  # untimed runs before each (allocator, kernel choice)
     device: str = flag("", cli.DEVICE)  # "" = cuda if available, else cpu
     seed: int = flag(0, "[0, 1e18]")  # seeds the noise, the LoRA and the advantages
+    trainer: bool = flag(False, (False, True))  # also run 2 iterations of each of TRAINER_ALGOS through sd35/train.py
 
 
 LORA_RANK, LORA_ALPHA, DEFAULT_BETA = 32, 64, 0.004  # the trainer's defaults
+TRAINER_ALGOS = ("flow_grpo", "stepwise", "superflow")
 FLOW_GRPO = minflow.PRESETS["flow_grpo"]
 
 
@@ -129,6 +138,7 @@ class Bench:
         self.cond = policy.encode_prompts(pipe, texts, s.guidance_scale, device)
         watch.lap("encode")
         self.seconds, self.transformer, self.vae = watch.seconds, pipe.transformer, pipe.vae
+        self.scheduler = pipe.scheduler
         del pipe  # and with it the text encoders
         self.opt = torch.optim.AdamW(policy.add_lora(self.transformer, LORA_RANK, LORA_ALPHA))
         self.velocity = policy.guided_velocity(self.transformer, self.cond, s.guidance_scale,
@@ -136,7 +146,7 @@ class Bench:
 
     def rollout(self, resolution):
         """Sample and decode a group -> result: the trajectory."""
-        side, sigmas = resolution // 8, minflow.sd3_sigmas(self.s.num_steps)
+        side, sigmas = resolution // 8, policy.sigma_grid(self.scheduler, self.s.num_steps)
         noise = torch.randn((self.s.group_size, self.transformer.config.in_channels, side, side),
                             generator=torch.Generator().manual_seed(self.s.seed)).to(self.device)
 
@@ -205,6 +215,45 @@ def report_speed(bench, out, resolution):
                  for name, sec, n, unit, work, mem in measured])
 
 
+def report_workers(out):
+    """One OCR scoring worker: the seconds from its start to its first score, and its resident memory."""
+    start, workers = time.perf_counter(), ScoringWorkers(["ocr"], 1)
+    workers.submit("ocr", np.full((1, 64, 64, 3), 255, np.uint8), ['"x"'], [{}]).result()
+    seconds, status = time.perf_counter() - start, Path(f"/proc/{workers.processes[0].pid}/status")
+    resident = int(re.search(r"VmRSS:\s+(\d+) kB", status.read_text()).group(1)) * 1024 if status.exists() else None
+    workers.close()
+    out.update(worker_start_s=seconds, worker_resident_bytes=resident)
+    print_table("Scoring workers (--reward_workers, each a process of its own)", ["worker", "start to first score, s",
+                "resident memory"], [["OCR", f"{seconds:.2f}", "n/a" if resident is None else models.size(resident)]])
+
+
+def report_trainer(s, dtype, resolution, out):
+    """Two iterations of each of TRAINER_ALGOS through sd35/train.py at the bench's sizes (a group
+    of --group_size, JPEG rewards): the second iteration's seconds (the first warms up), from its
+    log, and the peak accelerator memory against the trainer's start-up estimate."""
+    flags = [f"--model={s.model}", f"--resolution={resolution}", f"--mixed_precision={s.mixed_precision}",
+             f"--device={s.device}", f"--seed={s.seed}", f"--num_steps={s.num_steps}", f"--group_size={s.group_size}",
+             f"--guidance_scale={s.guidance_scale}", f"--train_batch={s.train_batch}", f"--sample_batch={s.group_size}",
+             "--prompts_per_iter=1", "--reward=jpeg_compressibility", "--prompts=general", "--iters=2",
+             "--eval_every=0", "--save_every=0", "--eval_images=1", "--eval_num_steps=2"]
+    plan = models.MemoryPlan(resolution, s.train_batch, LORA_RANK, False, s.group_size, s.num_steps, s.group_size)
+    estimate, rows = sum(b for _, b in models.memory_estimate(s.model, dtype, plan) or []), []
+    with tempfile.TemporaryDirectory() as folder:
+        for algo in TRAINER_ALGOS:
+            run = subprocess.run([sys.executable, str(Path(__file__).with_name("train.py")), *flags, f"--algo={algo}",
+                                  f"--out={folder}/{algo}"], capture_output=True, text=True)
+            if run.returncode != 0:
+                sys.exit(f"error: sd35/train.py --algo={algo} failed: {(run.stderr.strip().splitlines() or [''])[-1]}")
+            last = [e for e in read_log(Path(folder) / algo / "log.jsonl") if "iteration" in e][-1]
+            seconds, peak = [last[f"seconds_{part}"] for part in ("sampling", "reward", "training")], \
+                last.get("peak_memory_bytes")
+            out[f"trainer_{algo}"] = {"seconds": sum(seconds), "peak_memory_bytes": peak}
+            rows.append([algo, f"{sum(seconds):.2f}", *(f"{t:.2f}" for t in seconds),
+                         "n/a (CPU)" if peak is None else models.size(peak), models.size(estimate)])
+    print_table(f"sd35/train.py, the second of 2 iterations: {s.group_size} trajectories of {s.num_steps} steps",
+                ["algorithm", "s/iteration", "sampling", "reward", "training", "peak memory", "estimated"], rows)
+
+
 def main(argv):
     """Run every measurement and print its table -> the numbers, for tests."""
     try:
@@ -221,7 +270,9 @@ def main(argv):
     for library in libraries:
         library.set_verbosity_error()
     try:
-        rows = models.memory_estimate(s.model, resolution, s.train_batch, LORA_RANK, False, amp or torch.float32)
+        plan = models.MemoryPlan(resolution, s.train_batch, LORA_RANK, trajectories=s.group_size,
+                                 num_steps=s.num_steps, decode_batch=s.group_size)
+        rows = models.memory_estimate(s.model, amp or torch.float32, plan)
         print(models.format_memory_table(rows, torch.cuda.get_device_properties(device).total_memory
                                          if "cuda" in device else None))
         bench, out = Bench(s, amp, device), {}
@@ -229,6 +280,11 @@ def main(argv):
               f"{s.guidance_scale}; built in {bench.seconds['build']:.1f} s, prompts encoded in "
               f"{bench.seconds['encode']:.2f} s; median of {s.repeats} after {s.warmup} warmup")
         report_speed(bench, out, resolution)
+        report_workers(out)
+        if s.trainer:
+            del bench  # its model and the memory it cached leave the device to the trainers
+            torch.cuda.empty_cache()
+            report_trainer(s, amp or torch.float32, resolution, out)
         return out
     finally:
         for library, level in zip(libraries, verbosity):

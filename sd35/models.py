@@ -8,6 +8,7 @@ values). Both tokenize per character: their text encoders have no trained vocabu
 The comments say which sizes must agree."""
 import re
 import string
+from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
 
@@ -21,6 +22,7 @@ from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, PreTraine
 
 from cli import text_range
 from sd35 import policy
+from sd35.rewards import REWARD_MODEL_PARAMETERS
 
 MODEL = text_range("tiny, sd35m-random, a local diffusers folder or a hub id (owner/name)",
                    lambda v: v in ("tiny", "sd35m-random") or v != "" and Path(v).is_dir()
@@ -159,8 +161,9 @@ def build_parts(configs, device, dtype, seed=None):
 
 def load_pipeline(model, dtype, device) -> StableDiffusion3Pipeline:
     """A model described in code (CONFIGS) with random weights, else a local diffusers folder or a
-    hub id through from_pretrained; every part frozen, eval, in `dtype`. tiny is built on the CPU
-    from seed 0, so every device and run gets the same weights; sd35m-random is made on `device`.
+    hub id through from_pretrained; every part frozen, eval, in `dtype`, but the VAE in float32.
+    tiny is built on the CPU from seed 0, so every device and run gets the same weights;
+    sd35m-random is made on `device`.
     Those described in code get the per-character tokenizers and SD3.5's scheduler."""
     if model in CONFIGS:
         seed = 0 if model == "tiny" else None
@@ -173,6 +176,9 @@ def load_pipeline(model, dtype, device) -> StableDiffusion3Pipeline:
     else:
         pipe = StableDiffusion3Pipeline.from_pretrained(model, torch_dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
+    # SD3's VAE can decode silent garbage in half precision, and every reward would score it
+    # (Flow-GRPO keeps its VAE in float32 too); it is a small share of the memory.
+    pipe.vae.to(dtype=torch.float32)
     for name in PARTS:
         freeze(getattr(pipe, name), dtype)
     return pipe
@@ -258,26 +264,68 @@ def weight_bytes(params):
     return sum(p.numel() * p.element_size() for p in params)
 
 
-def memory_estimate(model, resolution, train_batch, lora_rank, keep_text_encoders, dtype):
+@dataclass
+class MemoryPlan:
+    """What a run holds besides the model's weights, for memory_estimate."""
+    resolution: int
+    train_batch: int  # transitions per forward-backward
+    lora_rank: int
+    keep_text_encoders: bool = False
+    trajectories: int = 0  # sampled on this rank per iteration
+    num_steps: int = 10
+    decode_batch: int = 1  # images the VAE decodes at once
+    rewards: tuple = ()  # the reward mix's names: those with a model keep it on the device
+
+
+def widest_forward_bytes(module, forward):
+    """The largest input plus output of any leaf module of `module` while `forward()` runs on the
+    meta device: the working memory of a no-grad pass at its widest point."""
+    widest = []
+
+    def record(leaf, args, out):
+        widest.append(sum(t.nbytes for t in args if torch.is_tensor(t)) + out.nbytes)
+
+    hooks = [m.register_forward_hook(record) for m in module.modules() if not [*m.children()]]
+    with torch.no_grad(), torch.device("meta"):
+        forward()
+    for hook in hooks:
+        hook.remove()
+    return max(widest)
+
+
+def memory_estimate(model, dtype, plan):
     """[(part, bytes)] the trainer holds on the accelerator, from the configs alone (None when
-    they cannot be read without a download): the weights in `dtype` (text encoders only if kept),
-    the float32 LoRA with its gradients and AdamW's two moments, and what one micro-batch saves for
-    backward (2 x train_batch rows: CFG's two branches). Not counted: sampling's and decoding's
-    transient buffers, backward's temporaries, gradient checkpointing, fragmentation, the CUDA context."""
+    they cannot be read without a download): the weights in `dtype` (text encoders only if kept)
+    with the transformer's position-embedding buffer, the float32 VAE and reward models, the float32
+    LoRA with its gradients, AdamW's two moments and autocast's copies, the sampled trajectories,
+    what one micro-batch saves for backward (2 x train_batch rows: CFG's two branches) and the VAE
+    decode's working memory. Not counted: sampling's transient buffers, backward's temporaries,
+    gradient checkpointing, fragmentation, the CUDA context and NCCL's buffers."""
     configs = part_configs(model)
     if configs is None:
         return None
     parts = build_parts(configs, "meta", dtype)
-    rows = [(f"transformer weights ({str(dtype)[6:]})", weight_bytes(parts["transformer"].parameters()))]
+    transformer, vae, latent = parts["transformer"], parts["vae"].float(), plan.resolution // 8
+    rows = [(f"transformer weights ({str(dtype)[6:]})", weight_bytes(transformer.parameters())),
+            ("transformer position-embedding buffer", weight_bytes(transformer.buffers()))]
     rows += [(f"{label} text encoder weights", weight_bytes(parts[name].parameters()))
-             for name, label in TEXT_ENCODERS.items() if keep_text_encoders]
-    rows.append(("VAE weights", weight_bytes(parts["vae"].parameters())))
-    lora = policy.add_lora(parts["transformer"], lora_rank, lora_rank)
-    rows.append((f"LoRA r{lora_rank}: fp32 weights, gradients, AdamW moments", 4 * weight_bytes(lora)))
+             for name, label in TEXT_ENCODERS.items() if plan.keep_text_encoders]
+    rows.append(("VAE weights (float32)", weight_bytes(vae.parameters())))
+    rows += [(f"{name} reward model (float32)", 4 * REWARD_MODEL_PARAMETERS[name])
+             for name in plan.rewards if name in REWARD_MODEL_PARAMETERS]
+    lora, half = policy.add_lora(transformer, plan.lora_rank, plan.lora_rank), dtype != torch.float32
+    rows.append((f"LoRA r{plan.lora_rank}: fp32 weights, gradients, AdamW moments" + ", half copies" * half,
+                 int((4 + half / 2) * weight_bytes(lora))))
+    channels = transformer.config.in_channels
+    rows.append((f"trajectories: {plan.trajectories} x {plan.num_steps} steps (states, noise)",
+                 (2 * plan.num_steps + 1) * plan.trajectories * channels * latent**2 * 4))
     for p in lora:  # on the accelerator autocast runs them in `dtype`
         p.data = p.data.to(dtype)
-    activations = activation_bytes(parts["transformer"], resolution, 2 * train_batch, dtype)
-    return rows + [(f"activations: micro-batch {train_batch} x 2 (CFG), {resolution} px", activations)]
+    activations = activation_bytes(transformer, plan.resolution, 2 * plan.train_batch, dtype)
+    rows.append((f"activations: micro-batch {plan.train_batch} x 2 (CFG), {plan.resolution} px", activations))
+    latents = (plan.decode_batch, channels, latent, latent)
+    return rows + [(f"VAE decode of {plan.decode_batch} images, at its widest",
+                    widest_forward_bytes(vae, lambda: vae.decode(torch.empty(latents))))]
 
 
 def size(n):

@@ -3,13 +3,22 @@ joint-attention projections is the trainable policy, the adapter switched off th
 KL term. Model plumbing, and the batching that lets scoring overlap sampling: the rollout in chunks
 and the intermediate rewards in passes. The RL math stays in minflow.py."""
 import gc
+import hashlib
+import json
 import math
+import os
+import socket
+import struct
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from peft import LoraConfig
+from safetensors import safe_open
 
+import cli
 import minflow
 
 # The joint-attention projections of every MMDiT block: image-stream q/k/v/out and the text
@@ -17,6 +26,8 @@ import minflow
 LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                 "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+T5_TOKENS = 256  # T5 tokens a prompt, as Flow-GRPO (CLIP's 77 come on top)
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
 def add_lora(transformer, rank, alpha):
@@ -60,6 +71,11 @@ class LoraEMA:
                 p.copy_(weights)
 
 
+def sigma_grid(scheduler, num_steps):
+    """minflow's sigma grid of `num_steps` steps with the shift of the pipeline's own scheduler."""
+    return minflow.sd3_sigmas(num_steps, scheduler.config.shift, scheduler.config.num_train_timesteps)
+
+
 def reference_velocity(transformer, velocity):
     """The reference policy: `velocity`, a function of `transformer`, with the LoRA switched off."""
     def reference(*args):
@@ -89,7 +105,7 @@ class PromptEmbeddings:
 
 
 @torch.no_grad()
-def encode_prompts(pipe, prompts, guidance_scale, device, max_sequence_length=256):
+def encode_prompts(pipe, prompts, guidance_scale, device, max_sequence_length=T5_TOKENS):
     """Embed the prompts without gradients; the empty negative prompt only with CFG."""
     cfg = guidance_scale > 1
     embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
@@ -99,29 +115,64 @@ def encode_prompts(pipe, prompts, guidance_scale, device, max_sequence_length=25
 
 
 class PromptBank:
-    """The conditioning of a fixed list of prompts, `bank(index) -> PromptEmbeddings` on `device`. With
-    `keep` the text encoders encode each request; otherwise every prompt is encoded once here, kept
-    on the CPU (pinned with CUDA, for fast copies), and the encoders leave the accelerator."""
+    """The conditioning of a fixed list of prompts, `bank(index) -> PromptEmbeddings` on `device`.
+    Without a `folder` the text encoders encode each request. With one, every prompt is embedded
+    once into a safetensors file there, named by a hash of the model, the prompts and the dtype:
+    local rank 0 of each node writes it unless an earlier run did, every rank reads the rows it
+    needs, and the text encoders leave the accelerator. Host memory holds a batch of rows at a
+    time, however many prompts there are; nothing is pinned, since nothing is copied asynchronously."""
 
-    def __init__(self, pipe, prompts, guidance_scale, device, keep, batch_size):
-        self.pipe, self.prompts, self.guidance_scale, self.device, self.table = pipe, prompts, guidance_scale, device, None
-        if keep:
+    def __init__(self, pipe, prompts, guidance_scale, device, batch_size, folder=None, model=""):
+        self.pipe, self.prompts, self.guidance_scale, self.device, self.rows = pipe, prompts, guidance_scale, device, None
+        if folder is None:
             return
-        parts = [encode_prompts(pipe, prompts[i:i + batch_size], guidance_scale, device).apply(lambda t: t.cpu())
-                 for i in range(0, len(prompts), batch_size)]
-        self.table = PromptEmbeddings(torch.cat([p.embeds for p in parts]), torch.cat([p.pooled for p in parts]),
-                                      parts[0].negative_embeds, parts[0].negative_pooled)
-        if torch.cuda.is_available():
-            self.table = self.table.apply(lambda t: t.pin_memory())
+        key = json.dumps([model, prompts, str(pipe.transformer.dtype), T5_TOKENS]).encode()
+        self.path = Path(folder) / f"prompt-embeddings-{hashlib.sha256(key).hexdigest()[:16]}.safetensors"
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0 and not self.path.exists():
+            write_embeddings(pipe, prompts + [""], device, batch_size, self.path)  # "": CFG's negative prompt
+        if dist.is_initialized():
+            dist.barrier()  # the other ranks wait for the file
+        table = safe_open(self.path, "pt")
+        self.rows, self.shape = table.get_slice("rows"), [int(n) for n in table.metadata()["embeds"].split(",")]
+        self.negative = self.read([len(prompts)]) if guidance_scale > 1 else (None, None)
         for name in TEXT_ENCODERS:
             setattr(pipe, name, None)
         gc.collect()
         torch.cuda.empty_cache()  # a no-op where CUDA never started
 
+    def read(self, index):
+        """(embeds, pooled) of the prompts `index` from the file, a read a row."""
+        rows = torch.cat([self.rows[i:i + 1] for i in index])
+        return rows[:, :self.shape[0] * self.shape[1]].unflatten(1, self.shape), rows[:, self.shape[0] * self.shape[1]:]
+
     def __call__(self, index):
-        if self.table is None:
+        if self.rows is None:
             return encode_prompts(self.pipe, [self.prompts[i] for i in index.tolist()], self.guidance_scale, self.device)
-        return self.table.select(index.cpu()).apply(lambda t: t.to(self.device, non_blocking=True))
+        return PromptEmbeddings(*self.read(index.tolist()), *self.negative).apply(lambda t: t.to(self.device))
+
+
+@torch.no_grad()
+def write_embeddings(pipe, prompts, device, batch_size, path):
+    """Embed `prompts` batch by batch into a safetensors file of one row a prompt (its token
+    embeddings, then its pooled embedding), under a temporary name renamed once complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")  # nodes may share the folder
+    with open(temporary, "wb") as f:
+        for start in range(0, len(prompts), batch_size):
+            part = encode_prompts(pipe, prompts[start:start + batch_size], 1.0, device)
+            rows = torch.cat([part.embeds.flatten(1), part.pooled], 1).cpu()
+            if start == 0:  # the header: the shape of the whole table, known from the first batch
+                table = {"dtype": SAFETENSORS_DTYPES[rows.dtype], "shape": [len(prompts), rows.shape[1]],
+                         "data_offsets": [0, len(prompts) * rows[0].nbytes]}
+                embeds = ",".join(map(str, part.embeds.shape[1:]))
+                header = json.dumps({"__metadata__": {"embeds": embeds}, "rows": table}).encode()
+                header += b" " * (-len(header) % 8)
+                f.write(struct.pack("<Q", len(header)) + header)
+            f.write(rows.view(torch.uint8).numpy().tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+    cli.fsync_dir(path.parent)
 
 
 def guided_velocity(model, cond, guidance_scale, dtype, batch_size=None, autocast=None):
@@ -158,11 +209,13 @@ def guided_velocity(model, cond, guidance_scale, dtype, batch_size=None, autocas
 
 @torch.no_grad()
 def decode(vae, latents, batch_size=None):
-    """Latents -> images [B, 3, H, W] in [0, 1], float32, in chunks of `batch_size`."""
+    """Latents -> images [B, 3, H, W] in [0, 1], float32, in chunks of `batch_size`, in the VAE's
+    own dtype (float32, see models.load_pipeline) even inside an autocast region."""
     images = []
-    for chunk in latents.split(batch_size or latents.shape[0]):
-        z = chunk.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
-        images.append((vae.decode(z, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1))
+    with torch.autocast(latents.device.type, enabled=False):
+        for chunk in latents.split(batch_size or latents.shape[0]):
+            z = chunk.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+            images.append((vae.decode(z, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1))
     return torch.cat(images)
 
 

@@ -6,27 +6,22 @@ Every reward is `reward(images, prompts, metadata) -> float32 tensor [B] on the 
 returns the weighted total with every term, so each can be logged. None need be differentiable.
 """
 import base64
-import ctypes
-import ctypes.util
 import http.client
-import io
 import json
 import math
-import multiprocessing
-import os
-import re
-import threading
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
 from PIL import Image
+
+from sd35 import pixel_rewards
+from sd35.pixel_rewards import encoded
+from sd35.workers import ScoringWorkers, WorkerError
 
 
 class RewardError(RuntimeError):
@@ -44,59 +39,10 @@ def to_pil(images):
     return [Image.fromarray(p) for p in to_pixels(images).numpy()]
 
 
-def encoded(image, **options):
-    """The bytes of a PIL image saved with `options` (format=..., quality=...)."""
-    buffer = io.BytesIO()
-    image.save(buffer, **options)
-    return buffer.getvalue()
-
-
-def levenshtein(a, b):
-    """Edit distance: the fewest single-character insertions, deletions and substitutions turning a into b."""
-    previous = list(range(len(b) + 1))  # previous[j] = distance(a[:i-1], b[:j])
-    for i, char_a in enumerate(a, start=1):
-        current = [i]
-        for j, char_b in enumerate(b, start=1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b)))
-        previous = current
-    return previous[-1]
-
-
-def ocr_target(prompt, metadata):
-    """The text an image should show: metadata["text"] if present, else the first "double-quoted" span."""
-    if "text" in metadata:
-        return str(metadata["text"])
-    quoted = re.search(r'"([^"]*)"', prompt)
-    if quoted is None:
-        raise RewardError(f"reward 'ocr': no target text for prompt {prompt!r}; "
-                          'put the text in double quotes or set metadata["text"]')
-    return quoted.group(1)
-
-
-def ocr_similarity(recognised, target):
-    """max(0, 1 - edit_distance / len(target)) on the strings lowercased without whitespace (case
-    and spacing are the least reliable parts of OCR output): 1 for a perfect match."""
-    recognised, target = ("".join(text.lower().split()) for text in (recognised, target))
-    if not target:
-        raise ValueError("the target text is empty after removing whitespace")
-    return max(0.0, 1.0 - levenshtein(recognised, target) / len(target))
-
-
-class OcrReward:
-    """How well the text in each image matches the text the prompt asks for, in [0, 1], as RapidOCR
-    (PP-OCR's ONNX models inside its wheel, offline on the CPU) reads it."""
-
-    def __init__(self, threads=0):
-        from rapidocr_onnxruntime import RapidOCR  # here: building the ONNX sessions takes a moment
-        self.engine = RapidOCR(**({"intra_op_num_threads": threads} if threads else {}))  # 0: every core
-
-    def __call__(self, images, prompts, metadata):
-        scores = []
-        for image, prompt, meta in zip(to_pil(images), prompts, metadata):
-            target = ocr_target(prompt, meta)
-            lines, _timings = self.engine(image)  # [[box, text, confidence], ...] or None
-            scores.append(ocr_similarity("".join(text for _box, text, _conf in lines or []), target))
-        return torch.tensor(scores, dtype=torch.float32)
+def on_pixels(reward):
+    """A reward of sd35/pixel_rewards.py (uint8 pixels in, floats out) as a reward of images."""
+    return lambda images, prompts, metadata: torch.tensor(reward(to_pixels(images).numpy(), prompts, metadata),
+                                                          dtype=torch.float32)
 
 
 class ClipCosine:
@@ -119,12 +65,6 @@ class ClipCosine:
         outputs = self.model(**inputs)  # embeddings come out projected and L2-normalised
         scale = self.model.logit_scale.exp().item() / 26 if self.pickscore else 1.0
         return scale * (outputs.image_embeds * outputs.text_embeds).sum(dim=-1).float().cpu()
-
-
-def jpeg_compressibility(images, prompts, metadata):
-    """Minus the JPEG size (quality 95) in kB: DDPO's toy reward, cheap and easy to hack (flat
-    images win), so reward hacking shows quickly."""
-    return -torch.tensor([len(encoded(i, format="JPEG", quality=95)) / 1000 for i in to_pil(images)])
 
 
 class RewardServerError(RuntimeError):
@@ -198,29 +138,55 @@ class RewardOptions:
     pickscore_model: str = "yuvalkirstain/PickScore_v1"
     pickscore_processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # PickScore was tuned from CLIP-H
     threads: int = 0  # threads of a CPU-bound reward's engine; 0 = its library's default
+    remote_range: tuple | None = None  # the server's scores' (lo, hi), if known
 
+
+# Parameters of the models that rewards keep on the device, in float32 (as from_pretrained loads
+# them): CLIP ViT-L/14, and the CLIP ViT-H/14 that PickScore tuned, counted on their architectures.
+REWARD_MODEL_PARAMETERS = {"clipscore": 427_616_513, "pickscore": 986_109_441}
 
 # name -> constructor; constructors may load models, so call them only once the spec is checked.
 REWARDS = {
     "clipscore": lambda o: ClipCosine(o.clip_model, o.clip_model, o.device),
-    "jpeg_compressibility": lambda o: jpeg_compressibility,
-    "ocr": lambda o: OcrReward(o.threads),
+    "jpeg_compressibility": lambda o: on_pixels(pixel_rewards.jpeg_compressibility),
+    "ocr": lambda o: on_pixels(pixel_rewards.OcrReward(o.threads)),
     "pickscore": lambda o: ClipCosine(o.pickscore_model, o.pickscore_processor, o.device, pickscore=True),
     "remote": lambda o: RemoteReward(o.remote_url),
 }
 
-# Each reward's range, for the prompt tracker that maps rewards into [0, 1]; one missing here (CLIP
-# cosines, JPEG sizes, a server's scores) is tracked by the running min..max it shows.
-REWARD_RANGES = {"ocr": (0.0, 1.0), "pickscore": (0.0, 1.0)}
+# The range that the real model's scores fill, for the prompt tracker, which maps each reward
+# into [0, 1] by it: too wide a range and every prompt looks alike to it. JPEG sizes (which
+# depend on the resolution) and a server's scores (unless declared) have none: the tracker
+# follows the running min..max they show.
+REWARD_RANGES = {
+    "ocr": (0.0, 1.0),  # a similarity, by construction
+    # PickScore as Flow-GRPO scales it (100 cos / 26): SD3.5-M's images score about 0.9 on their
+    # prompts (Stepwise-Flow-GRPO, arXiv:2603.28718, fig. 1), and RL moves that by hundredths.
+    "pickscore": (0.7, 1.0),
+    # CLIP ViT-L/14 cosines of images and their captions: CLIPScore's rescaling, 2.5 max(cos, 0),
+    # maps them into [0, 1] (Hessel et al., EMNLP 2021), so they lie within [0, 0.4].
+    "clipscore": (0.0, 0.4),
+}
 
 
-def reward_range(weights):
+def parse_range(text):
+    """"lo,hi" (--remote_range) -> (lo, hi), "" -> None; a ValueError unless both are finite and lo < hi."""
+    if not text:
+        return None
+    lo, hi = (float(end) for end in text.split(","))
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise ValueError(f"{text!r} is not lo,hi with finite lo < hi")
+    return lo, hi
+
+
+def reward_range(weights, remote_range=None):
     """The range of a mix {name: weight}: the weighted sum of its terms' ranges (a negative weight
     swaps a term's ends), or None if a weighted term has none."""
+    ranges = {**REWARD_RANGES, **({"remote": remote_range} if remote_range else {})}
     terms = [(name, weight) for name, weight in weights.items() if weight != 0]
-    if any(name not in REWARD_RANGES for name, _ in terms):
+    if any(name not in ranges for name, _ in terms):
         return None
-    ends = [sorted((weight * REWARD_RANGES[name][0], weight * REWARD_RANGES[name][1])) for name, weight in terms]
+    ends = [sorted((weight * ranges[name][0], weight * ranges[name][1])) for name, weight in terms]
     return sum(lo for lo, _ in ends), sum(hi for _, hi in ends)
 
 
@@ -248,8 +214,9 @@ def parse_reward_spec(spec):
     return weights
 
 
-# Rewards that spend long on the CPU per image: with workers, RewardMix scores them in a pool of
+# Rewards that spend long on the CPU per image: with workers, RewardMix scores them in worker
 # processes so that OCR never keeps the accelerator waiting. JPEG is cheaper than a round trip.
+# Each must be one of pixel_rewards.PIXEL_REWARDS, which the workers can build.
 CPU_BOUND = ("ocr",)
 
 
@@ -261,14 +228,13 @@ class RewardMix:
     def __init__(self, spec, options=None, workers=0):
         self.weights = parse_reward_spec(spec)
         options = options or RewardOptions()
+        self.range = reward_range(self.weights, options.remote_range)  # for the prompt tracker
         if "remote" in self.weights and not options.remote_url:  # before the others take minutes to load
             raise ValueError("reward 'remote' needs a reward server URL (RewardOptions.remote_url)")
         self.pooled = [name for name in self.weights if name in CPU_BOUND] if workers > 0 else []
         self.rewards = {name: REWARDS[name](options) for name in self.weights if name not in self.pooled}
-        self.workers, self.pool = workers, None
-        if self.pooled:  # spawn, not fork: forking while torch's and ONNX's thread pools run can deadlock
-            self.pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"),
-                                            initializer=_start_worker, initargs=(self.pooled,))
+        self.workers = workers
+        self.pool = ScoringWorkers(self.pooled, workers) if self.pooled else None
 
     def __call__(self, images, prompts, metadata=None):
         return self.submit(images, prompts, metadata).result()
@@ -281,11 +247,10 @@ class RewardMix:
         if images.shape[0] != n or len(metadata) != n:
             raise ValueError(f"got {images.shape[0]} images, {n} prompts and {len(metadata)} metadata dicts; "
                              "expected equal counts")
-        # Plain uint8 arrays through the executor's pipe between our own processes (nothing read
-        # from a file or the network). One image a task: OCR time varies between images, and
-        # small tasks keep every worker busy to the end of the batch.
+        # One image a task: OCR time varies between images, and small tasks keep every worker busy
+        # to the end of the batch.
         pixels = to_pixels(images).numpy() if self.pooled else None
-        terms = {name: [self.pool.submit(_score_in_worker, name, pixels[i], prompts[i:i + 1], metadata[i:i + 1])
+        terms = {name: [self.pool.submit(name, pixels[i:i + 1], prompts[i:i + 1], metadata[i:i + 1])
                         for i in range(n)] for name in self.pooled}
         terms.update({name: _score(name, reward, images, prompts, metadata) for name, reward in self.rewards.items()})
 
@@ -309,7 +274,7 @@ class RewardMix:
 
     def close(self):
         if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool.close()
 
 
 def _collected(name, term, prompts):
@@ -317,12 +282,11 @@ def _collected(name, term, prompts):
     if isinstance(term, torch.Tensor):
         return term
     scores = []
-    try:
-        for future in term:
+    for prompt, future in zip(prompts, term):
+        try:
             scores += future.result()
-    except BrokenProcessPool as error:  # a worker died: the pool is unusable
-        raise RewardError(f"reward {name!r} failed on prompt {prompts[len(scores)]!r}: a scoring worker process "
-                          f"died ({error or 'no message'})") from error
+        except WorkerError as error:
+            raise RewardError(f"reward {name!r} failed on prompt {prompt!r}: {error}") from None
     return torch.tensor(scores)
 
 
@@ -347,40 +311,3 @@ def _score(name, reward, images, prompts, metadata):
     if scores.shape != (len(prompts),):
         raise RewardError(f"reward {name!r} returned shape {list(scores.shape)} {where}; expected [{len(prompts)}]")
     return scores  # non-finite scores pass: the trainer drops those samples and counts them
-
-
-_worker_rewards = {}
-
-
-def _start_worker(names):
-    """Make this process a scoring worker that exits once orphaned (nothing tells a worker blocked on
-    its queue that the trainer was SIGKILLed) and builds the rewards `names` single-threaded."""
-    parent = os.getppid()
-
-    def exit_when_orphaned():
-        while os.getppid() == parent:
-            time.sleep(1)
-        os._exit(1)
-
-    threading.Thread(target=exit_when_orphaned, daemon=True).start()
-    torch.set_num_threads(1)
-    keep_freed_memory()
-    _worker_rewards.update({name: REWARDS[name](RewardOptions(threads=1)) for name in names})
-
-
-def keep_freed_memory():
-    """Make glibc keep large freed blocks for reuse: RapidOCR turns ONNX Runtime's arena off, so each
-    detection allocates its feature maps afresh, from new pages the kernel must zero-fill. The peak
-    memory is unchanged. Without glibc there is no mallopt and this does nothing."""
-    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h> parameter numbers
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        libc.mallopt(m_mmap_threshold, 256 << 20)  # large enough for the detector's feature maps
-        libc.mallopt(m_trim_threshold, 1 << 30)
-    except (OSError, AttributeError, TypeError):
-        pass
-
-
-def _score_in_worker(name, pixels, prompts, metadata):
-    image = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255
-    return _score(name, _worker_rewards[name], image, prompts, metadata).tolist()

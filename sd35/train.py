@@ -34,14 +34,15 @@ import minflow  # noqa: E402
 from cli import flag, parses, text_range  # noqa: E402
 from sd35 import checkpoint, curves, models, policy  # noqa: E402
 from sd35.data import SHIPPED_SETS, load_prompts  # noqa: E402
-from sd35.rewards import (REWARDS, RewardError, RewardMix, RewardOptions, encoded, parse_reward_spec,  # noqa: E402
-                          reward_range)
+from sd35.rewards import (REWARDS, RewardError, RewardMix, RewardOptions, encoded, parse_range,  # noqa: E402
+                          parse_reward_spec)
 
 PRESET = text_range(f"a preset ({', '.join(minflow.PRESETS)}), optionally with :axis=value overrides",
                     parses(cli.make_algorithm))
 REWARD_SPEC = text_range(f"rewards from {', '.join(sorted(REWARDS))} with optional weights, e.g. ocr=0.8,pickscore=0.2",
                          parses(parse_reward_spec))
 URL = text_range("empty or an http(s):// URL", lambda v: v == "" or v.startswith(("http://", "https://")))
+RANGE = text_range("empty or lo,hi with finite lo < hi", parses(parse_range))
 PROMPT_SET = text_range(f"a shipped set ({', '.join(SHIPPED_SETS)}) or a folder",
                         lambda v: v in SHIPPED_SETS or (v != "" and Path(v).is_dir()))
 
@@ -52,6 +53,7 @@ class Config:
     algo: str = flag("flow_grpo", PRESET)  # stepwise runs on Flow-GRPO's SDE, stepwise_ddim on the DDIM-inspired one; axis flags override
     reward: str = flag("ocr", REWARD_SPEC)  # one reward or a weighted mix, e.g. ocr=0.8,pickscore=0.2 (sd35/rewards.py)
     reward_url: str = flag("", URL)  # the reward server, for --reward=remote
+    remote_range: str = flag("", RANGE)  # the server's score range, for the prompt tracker; "" = its running min..max
     prompts: str = flag("ocr", PROMPT_SET)  # shipped set (ocr, general) or a folder with train/test .txt or .jsonl
     group_size: int = flag(8, "[2, inf)")  # G, trajectories per prompt (the mean size under binned sizes); 24 in the paper
     prompts_per_iter: int = flag(8, "[1, inf)")  # groups per iteration; trajectories per iteration = group_size x this, over all ranks
@@ -75,6 +77,7 @@ class Config:
     mixed_precision: str = flag("auto", models.MIXED_PRECISION)  # auto = fp16 on CUDA (smaller log-prob mismatch), no on CPU
     gradient_checkpointing: bool = flag(False, (False, True))  # recompute activations in backward: less memory, slower
     text_encoders: str = flag("free", ("free", "keep"))  # free: embed every prompt at start-up, then drop the encoders; keep: encode each iteration
+    prompt_cache: str = flag("", "text")  # folder of the prompt-embedding file with --text_encoders=free ("" = --out); runs of one model and prompt set share it
     report_to: str = flag("none", ("none", "tensorboard", "wandb"))  # also mirror the log to tensorboard or wandb (wandb reads its WANDB_* environment)
     device: str = flag("", cli.DEVICE)  # "" = cuda:LOCAL_RANK if CUDA is there, else cpu
     seed: int = flag(0, "[0, 1e18]")  # seeds every random draw, per iteration and rank
@@ -252,7 +255,7 @@ def sample_and_score(run, it, tracker):
     along = None
     with failing_together(ranks), run.reward.leave_cores_to_workers():
         traj, finals = policy.rollout_in_chunks(
-            velocity, noise[mine].to(ranks.device), minflow.sd3_sigmas(cfg.num_steps), run.algo,
+            velocity, noise[mine].to(ranks.device), policy.sigma_grid(run.pipe.scheduler, cfg.num_steps), run.algo,
             generator(cfg.seed, it, "sde", ranks.rank, device=ranks.device), cfg.sample_batch, score)
         logs["seconds_sampling"], timer = time.perf_counter() - timer, time.perf_counter()
         groups = group_ids[mine] if run.algo.shared_noise else None
@@ -357,7 +360,8 @@ def evaluate(run, it, out, mirror):
     noise = torch.randn((per_rank * ranks.world, run.pipe.transformer.config.in_channels, latent, latent),
                         generator=generator(cfg.seed, "eval"))
     velocity = run.velocity(run.pipe.transformer, run.prompts(mine + len(run.train_prompts)), cfg.sample_batch)
-    traj = minflow.rollout(velocity, noise[mine].to(ranks.device), minflow.sd3_sigmas(cfg.eval_num_steps), "ode")
+    sigmas = policy.sigma_grid(run.pipe.scheduler, cfg.eval_num_steps)
+    traj = minflow.rollout(velocity, noise[mine].to(ranks.device), sigmas, "ode")
     images = policy.decode(run.pipe.vae, traj.xs[:, -1], cfg.sample_batch)
     texts, metadata = zip(*[run.test_prompts[i] for i in mine.tolist()])
     with failing_together(ranks):
@@ -406,17 +410,21 @@ def build(cfg, algo, train_prompts, test_prompts, ranks):
     """Load the model, the rewards and the prompt embeddings -> (Run, TrainState before resuming)."""
     dtype = models.autocast_dtype(cfg.mixed_precision, ranks.device) or torch.float32
     if ranks.master:  # what the run will hold on the accelerator, from the model's configs alone
-        print(models.format_memory_table(models.memory_estimate(
-            cfg.model, cfg.resolution, cfg.train_batch, cfg.lora_rank, cfg.text_encoders == "keep", dtype),
+        plan = models.MemoryPlan(cfg.resolution, cfg.train_batch, cfg.lora_rank, cfg.text_encoders == "keep",
+                                 -(-cfg.budget // ranks.world), cfg.num_steps, cfg.sample_batch,
+                                 tuple(parse_reward_spec(cfg.reward)))
+        print(models.format_memory_table(models.memory_estimate(cfg.model, dtype, plan),
             torch.cuda.get_device_properties(ranks.device).total_memory if ranks.device.type == "cuda" else None))
     torch.manual_seed(cfg.seed)  # only the LoRA's initial weights draw from the global generator
     autocast = (lambda: torch.autocast(ranks.device.type, dtype=dtype)) if dtype != torch.float32 else None
     workers = cfg.reward_workers if cfg.reward_workers >= 0 else \
         max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    reward = RewardMix(cfg.reward, RewardOptions(device=str(ranks.device), remote_url=cfg.reward_url or None), workers)
+    reward = RewardMix(cfg.reward, RewardOptions(device=str(ranks.device), remote_url=cfg.reward_url or None,
+                                                 remote_range=parse_range(cfg.remote_range)), workers)
     pipe = models.load_pipeline(cfg.model, dtype, ranks.device)
     prompts = policy.PromptBank(pipe, [p for p, _ in train_prompts + test_prompts], cfg.guidance_scale, ranks.device,
-                                cfg.text_encoders == "keep", cfg.sample_batch)
+                                cfg.sample_batch, None if cfg.text_encoders == "keep" else cfg.prompt_cache or cfg.out,
+                                cfg.model)
     transformer = pipe.transformer
     params = policy.add_lora(transformer, cfg.lora_rank, cfg.lora_alpha)
     if cfg.gradient_checkpointing:
@@ -424,7 +432,7 @@ def build(cfg, algo, train_prompts, test_prompts, ranks):
     state = checkpoint.TrainState(
         transformer, torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay),
         torch.amp.GradScaler(ranks.device.type, enabled=dtype == torch.float16),
-        minflow.new_tracker(algo, len(train_prompts), reward_range=reward_range(reward.weights)),
+        minflow.new_tracker(algo, len(train_prompts), reward_range=reward.range),
         policy.LoraEMA(params, cfg.ema_decay, cfg.ema_every) if cfg.ema_decay > 0 else None)
     model = DDP(transformer, device_ids=[ranks.device.index] if ranks.device.type == "cuda" else None) \
         if ranks.ddp else transformer
@@ -435,7 +443,7 @@ def describe_run(run, state, start, default_resolution):
     """The start-up lines: the batch arithmetic, resolution, algorithm and tracker."""
     cfg, algo, world, budget = run.cfg, run.algo, run.ranks.world, run.cfg.budget
     per, extra = divmod(budget, world)
-    sigmas = minflow.sd3_sigmas(cfg.num_steps)
+    sigmas = policy.sigma_grid(run.pipe.scheduler, cfg.num_steps)
     trained = int(minflow.trained_steps(minflow.step_std(sigmas[:-1], sigmas[1:], algo.sampler, algo.noise_level,
                                                          algo.ddim_noise)).sum())
     spread = f"{per}-{per + 1} ({per + 1} on the first {extra}, {per} on the rest)" if extra else f"{per}"
@@ -450,7 +458,7 @@ def describe_run(run, state, start, default_resolution):
     print(f"algorithm: --algo={cfg.algo} samples with the {algo.sampler} SDE"
           f"{f' ({algo.ddim_noise} schedule)' if algo.sampler == 'ddim' else ''} at noise level {algo.noise_level}; {algo}")
     if state.tracker is not None:
-        tracked = reward_range(run.reward.weights)
+        tracked = run.reward.range
         print("prompt tracker: rewards mapped to [0, 1] from " + (
             f"the fixed range [{tracked[0]:g}, {tracked[1]:g}] of --reward={cfg.reward}" if tracked
             else "the running min..max seen (this reward mix declares no range)"))
@@ -473,6 +481,8 @@ def train_loop(run, state, start, log, save, evaluated):
             break
         timer, done = time.perf_counter(), it + 1
         logs.update(optimise(run, it, state, traj, cond, adv), seconds_training=time.perf_counter() - timer)
+        if ranks.device.type == "cuda":  # the run's peak so far, for sd35/bench.py --trainer
+            logs["peak_memory_bytes"] = torch.cuda.max_memory_allocated(ranks.device)
         for skipped in logs["skipped_steps"]:
             if ema and not skipped:
                 ema.step()

@@ -15,7 +15,8 @@ from sd35 import bench, models
 
 TINY = ["--model=tiny", "--resolution=64", "--num_steps=4", "--repeats=1", "--warmup=0", "--group_size=2",
         "--train_batch=2"]
-TABLES = ["Estimated accelerator memory", "Speed: a rollout of 2"]
+TABLES = ["Estimated accelerator memory", "Speed: a rollout of 2", "Scoring workers",
+          "sd35/train.py, the second of 2 iterations: 2 trajectories of 4 steps"]
 
 
 def run_quietly(argv):
@@ -27,7 +28,7 @@ def run_quietly(argv):
 
 @pytest.fixture(scope="module")
 def tiny_run():
-    return run_quietly(TINY)
+    return run_quietly([*TINY, "--trainer=true"])  # the GPU check's CPU form
 
 
 def test_bench_prints_every_table_with_positive_finite_numbers(tiny_run):
@@ -40,6 +41,9 @@ def test_bench_prints_every_table_with_positive_finite_numbers(tiny_run):
             "rollout, sampling", "training, checkpointing on, beta 0.004"} <= set(rates)
     for name, value in rates.items():
         assert math.isfinite(value) and value > 0, (name, value)
+    assert 0 < results["worker_start_s"] < 120 and 50 * 2**20 < results["worker_resident_bytes"] < 2**31
+    for algo in bench.TRAINER_ALGOS:  # the trainer's own log's seconds; no peak memory on a CPU
+        assert results[f"trainer_{algo}"]["seconds"] > 0 and results[f"trainer_{algo}"]["peak_memory_bytes"] is None
     estimate = printed[printed.index("Estimated"):printed.index("tiny on cpu")]
     assert "activations: micro-batch 2 x 2 (CFG), 64 px" in estimate and "text encoder" not in estimate
 

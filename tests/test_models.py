@@ -3,7 +3,9 @@ meta device, nothing allocated), the memory estimate equals the bytes of a real 
 its LoRA and its optimiser state, and --mixed_precision is decided in one place."""
 import pytest
 import torch
+from transformers import CLIPConfig, CLIPModel
 
+import minflow
 from sd35 import models, policy
 
 M = 1e6
@@ -37,15 +39,26 @@ def test_float16_keeps_t5_feed_forward_outputs_in_float32_as_from_pretrained_doe
         "text_encoder_3"].parameters()} == {torch.bfloat16}
 
 
+def estimate(resolution=64, train_batch=1, keep=False, dtype=torch.float32, **plan):
+    return dict(models.memory_estimate("tiny", dtype, models.MemoryPlan(resolution, train_batch, 4, keep, **plan)))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_memory_estimate_equals_the_bytes_of_the_real_tiny_model(dtype):
-    rows = dict(models.memory_estimate("tiny", 64, 2, 4, True, dtype))
+    rows = estimate(64, 2, True, dtype, trajectories=3, num_steps=4, rewards=("pickscore", "ocr"))
     pipe = models.load_pipeline("tiny", dtype, "cpu")
     real = {name: sum(p.numel() * p.element_size() for p in getattr(pipe, name).parameters())
             for name in models.PARTS}
     weights = {k: v for k, v in rows.items() if "weights" in k and "LoRA" not in k}
     assert sorted(weights.values()) == sorted(real.values())
     assert rows[f"transformer weights ({str(dtype).removeprefix('torch.')})"] == real["transformer"]
+    assert rows["VAE weights (float32)"] == real["vae"]  # whatever the dtype: it decodes in float32
+    assert rows["transformer position-embedding buffer"] == models.weight_bytes(pipe.transformer.buffers()) > 0
+    assert rows["pickscore reward model (float32)"] == 4 * 986_109_441 and not any("ocr" in k for k in rows)
+    # The states of 3 trajectories of 4 steps as a rollout keeps them, and the noise of each step.
+    x = torch.randn(3, 16, 8, 8)
+    traj = minflow.rollout(lambda x, t: -x, x, minflow.sd3_sigmas(4), "flow_grpo", 0.7)
+    assert rows["trajectories: 3 x 4 steps (states, noise)"] == traj.xs.nbytes + 4 * x.nbytes
     # LoRA, gradients and AdamW's moments, counted on the real optimiser after one step.
     lora = policy.add_lora(pipe.transformer, 4, 8)
     opt = torch.optim.AdamW(lora)
@@ -53,16 +66,35 @@ def test_memory_estimate_equals_the_bytes_of_the_real_tiny_model(dtype):
     opt.step()
     state = sum(t.numel() * t.element_size() for s in opt.state.values() for k, t in s.items() if k != "step")
     grads = sum(p.grad.numel() * p.grad.element_size() for p in lora)
-    assert rows["LoRA r4: fp32 weights, gradients, AdamW moments"] == models.weight_bytes(lora) + grads + state
+    copies = models.weight_bytes(lora) // 2 if dtype == torch.float16 else 0  # autocast's half copies
+    lora_row = [v for k, v in rows.items() if k.startswith("LoRA r4: fp32 weights, gradients, AdamW moments")]
+    assert lora_row == [models.weight_bytes(lora) + grads + state + copies]
 
 
-def test_text_encoders_are_left_out_when_freed_and_activations_grow_linearly():
-    kept, freed = (models.memory_estimate("tiny", 64, 1, 4, keep, torch.float32) for keep in (True, False))
-    assert len(kept) == len(freed) + 3 and not any("text encoder" in name for name, _ in freed)
-    activations = [models.memory_estimate("tiny", 64, b, 4, False, torch.float32)[-1][1] for b in (1, 2, 3)]
+def test_the_reward_models_parameter_counts_are_their_architectures():
+    # openai/clip-vit-large-patch14 and laion/CLIP-ViT-H-14-laion2B-s32B-b79K (PickScore's base), from
+    # their config.json files; the counts must not drift from what the rewards load.
+    def count(text, vision, projection):
+        with torch.device("meta"):
+            model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection))
+        return sum(p.numel() for p in model.parameters())
+
+    layers = lambda width, depth, heads: dict(hidden_size=width, intermediate_size=4 * width,  # noqa: E731
+                                              num_hidden_layers=depth, num_attention_heads=heads)
+    vision = dict(patch_size=14, image_size=224)
+    assert models.REWARD_MODEL_PARAMETERS == {
+        "clipscore": count(layers(768, 12, 12), {**layers(1024, 24, 16), **vision}, 768),
+        "pickscore": count(layers(1024, 24, 16), {**layers(1280, 32, 16), **vision}, 1024)}
+
+
+def test_text_encoders_are_left_out_when_freed_and_activations_and_decoding_grow_linearly():
+    kept, freed = estimate(keep=True), estimate(keep=False)
+    assert len(kept) == len(freed) + 3 and not any("text encoder" in name for name in freed)
+    activations = [estimate(64, b)[f"activations: micro-batch {b} x 2 (CFG), 64 px"] for b in (1, 2, 3)]
     assert activations[0] > 0 and activations[2] - activations[1] == activations[1] - activations[0] > 0
-    larger = models.memory_estimate("tiny", 128, 1, 4, False, torch.float32)[-1][1]
-    assert larger > activations[0]  # 4x the image tokens (the 333 text tokens stay)
+    assert estimate(128)["activations: micro-batch 1 x 2 (CFG), 128 px"] > activations[0]  # 4x the image tokens
+    decoding = [estimate(decode_batch=n)[f"VAE decode of {n} images, at its widest"] for n in (1, 2)]
+    assert decoding[1] == 2 * decoding[0] > 64 * 64 * 3 * 4  # wider than the float32 image it makes
 
 
 def test_activations_count_fused_attention_not_the_attention_matrix():
@@ -79,12 +111,13 @@ def test_activations_count_fused_attention_not_the_attention_matrix():
 
 
 def test_memory_estimate_of_an_uncached_hub_id_is_none_and_a_folder_is_read(tmp_path):
-    assert models.memory_estimate("nobody-here/no-such-model", 512, 1, 32, False, torch.float16) is None
-    assert models.memory_estimate(str(tmp_path), 512, 1, 32, False, torch.float16) is None
+    plan = models.MemoryPlan(64, 1, 4, True)
+    assert models.memory_estimate("nobody-here/no-such-model", torch.float16, plan) is None
+    assert models.memory_estimate(str(tmp_path), torch.float16, plan) is None
     pipe = models.load_pipeline("tiny", torch.float32, "cpu")
     pipe.save_pretrained(tmp_path, safe_serialization=True)
-    from_folder = models.memory_estimate(str(tmp_path), 64, 1, 4, True, torch.float32)
-    assert from_folder == models.memory_estimate("tiny", 64, 1, 4, True, torch.float32)
+    from_folder = models.memory_estimate(str(tmp_path), torch.float32, plan)
+    assert from_folder == models.memory_estimate("tiny", torch.float32, plan)
 
 
 def test_memory_table_totals_the_rows_against_the_device():

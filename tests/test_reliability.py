@@ -1,11 +1,13 @@
 """What happens when things go wrong: crashes, kills, bad flags, bad rewards, bad gradients,
 unsafe files. One test per case of the README's failure table; all on CPU with the tiny model."""
 import os
+import random
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -83,6 +85,62 @@ def test_sigint_and_sigterm_save_before_exiting(tmp_path, sig):
     reached = read_log(out / "log.jsonl")[-1]["iteration"]
     assert f"stopped by signal {int(sig)} after iteration {reached}" in stdout
     assert checkpoint.newest(out).name == f"iter_{reached:06d}"
+
+
+def test_ctrl_c_with_ocr_workers_saves_exits_0_and_leaves_no_process(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "sd35" / "train.py"), *TINY, "--prompts=ocr", "--reward=ocr",
+                             "--group_size=2", "--reward_workers=2", "--iters=1000", "--save_every=0",
+                             f"--out={out}"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while not ((out / "log.jsonl").exists() and read_log(out / "log.jsonl")):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its first iteration"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C at a terminal: the whole process group, workers included
+    _, stderr = proc.communicate(timeout=120)  # the output ends once every process holding it has
+    assert proc.returncode == 0, stderr[-2000:]
+    reached = read_log(out / "log.jsonl")[-1]["iteration"]
+    assert checkpoint.newest(out).name == f"iter_{reached:06d}"
+    with pytest.raises(ProcessLookupError):
+        os.killpg(proc.pid, 0)
+
+
+def process_states():
+    """{pid: (parent pid, state letter)} of every process, from /proc."""
+    states = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, parent = stat.read_text().rsplit(")", 1)[1].split()[:2]
+        except OSError:  # ended while we looked
+            continue
+        states[int(stat.parent.name)] = (int(parent), state)
+    return states
+
+
+def test_workers_end_with_a_trainer_killed_while_they_start(tmp_path):
+    # The reward mix's owner stands in for the trainer: it starts two OCR workers, has them score
+    # one image and is SIGKILLed at random moments of their start-up (a second or more of imports).
+    trainer = ("import torch\nfrom sd35.rewards import RewardMix\nmix = RewardMix('ocr', workers=2)\n"
+               "mix.submit(torch.zeros(1, 3, 32, 32), ['\"x\"'])\nprint('started', flush=True)\ninput()")
+    rng = random.Random(0)
+    for delay in [0.0] + [rng.uniform(0.0, 1.5) for _ in range(2)]:
+        proc = subprocess.Popen([sys.executable, "-c", trainer], cwd=ROOT, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        assert proc.stdout.readline() == b"started\n"
+        children = [pid for pid, (parent, _) in process_states().items() if parent == proc.pid]
+        time.sleep(delay)
+        proc.kill()
+        proc.wait()
+        reader = threading.Thread(target=proc.stdout.read, daemon=True)  # returns at end of file
+        reader.start()
+        reader.join(timeout=5)
+        assert not reader.is_alive(), f"killed after {delay:.2f} s: its output stayed open"
+        deadline = time.time() + 5
+        while (left := [pid for pid in children if process_states().get(pid, (0, "Z"))[1] != "Z"]) and \
+                time.time() < deadline:  # a zombie holds no memory and no files
+            time.sleep(0.05)
+        assert children and not left, f"killed after {delay:.2f} s: processes {left} outlived the trainer"
 
 
 # ---------------------------------------------------------------------------------- bad input

@@ -7,23 +7,26 @@ folder, so the real loading code still runs.
 
 import base64
 import http.server
+import importlib.metadata
 import inspect
 import io
 import json
+import re
 import socket
 import threading
 import time
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from diffusers import SD3Transformer2DModel
+from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from PIL import Image, ImageDraw, ImageFont
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
 import minflow
-from sd35 import data, models, policy, rewards
+from sd35 import data, models, pixel_rewards, policy, rewards
 from sd35.rewards import RewardError, RewardMix, RewardOptions, RewardServerError, RemoteReward
 
 
@@ -80,6 +83,27 @@ def test_tiny_pipeline_samples_latents_with_cfg(pipe):
     assert torch.equal(latents, sample())  # eval mode: no dropout noise between calls
 
 
+@pytest.mark.parametrize("mixed_precision", models.MIXED_PRECISION)
+def test_the_vae_decodes_in_float32_under_every_mixed_precision(mixed_precision):
+    dtype = models.autocast_dtype(mixed_precision, "cpu") or torch.float32
+    vae = models.load_pipeline("tiny", dtype, "cpu").vae  # as the trainer loads it
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, args, out: seen.append((args[0].dtype, out.dtype)))
+             for m in vae.decoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # even inside the transformer's autocast region
+        images = policy.decode(vae, torch.randn(2, 16, 8, 8), batch_size=1)
+    for hook in hooks:
+        hook.remove()
+    assert seen and set(seen) == {(torch.float32, torch.float32)} and images.dtype == torch.float32
+
+
+@pytest.mark.parametrize("shift", [3.0, 1.0])
+def test_the_sigma_grid_is_the_pipelines_own_scheduler_grid(shift):
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    scheduler.set_timesteps(10)
+    torch.testing.assert_close(policy.sigma_grid(scheduler, 10), scheduler.sigmas, rtol=0, atol=1e-6)
+
+
 def test_char_tokenizer_wraps_with_special_tokens_and_pads():
     clip_tok = models.char_tokenizer(77, add_bos=True)
     ids = clip_tok("Hi!", padding="max_length", max_length=77).input_ids
@@ -99,12 +123,12 @@ def image_with_text(text: str, size=(320, 128)) -> torch.Tensor:
 
 
 def test_levenshtein_and_ocr_similarity():
-    assert rewards.levenshtein("kitten", "sitting") == 3
-    assert rewards.levenshtein("", "abc") == rewards.levenshtein("abc", "") == 3
-    assert rewards.levenshtein("same", "same") == 0
-    assert rewards.ocr_similarity("Open  late", "OPEN LATE") == 1.0  # case and spaces ignored
-    assert rewards.ocr_similarity("OPEN", "OPEN LATE") == 0.5  # 4 of 8 characters missing
-    assert rewards.ocr_similarity("a completely different long text", "OPEN") == 0.0  # clipped at 0
+    assert pixel_rewards.levenshtein("kitten", "sitting") == 3
+    assert pixel_rewards.levenshtein("", "abc") == pixel_rewards.levenshtein("abc", "") == 3
+    assert pixel_rewards.levenshtein("same", "same") == 0
+    assert pixel_rewards.ocr_similarity("Open  late", "OPEN LATE") == 1.0  # case and spaces ignored
+    assert pixel_rewards.ocr_similarity("OPEN", "OPEN LATE") == 0.5  # 4 of 8 characters missing
+    assert pixel_rewards.ocr_similarity("a completely different long text", "OPEN") == 0.0  # clipped at 0
 
 
 def test_to_pil_round_trips_pixels():
@@ -118,9 +142,17 @@ def test_to_pil_round_trips_pixels():
 # --------------------------------------------------------------------------- OCR
 
 
+def test_the_installed_opencv_is_the_headless_build():
+    # GPU servers seldom have libGL, which the desktop build links and needs to import at all.
+    import cv2
+    assert re.search(r"GUI:\s+NONE", cv2.getBuildInformation())
+    with pytest.raises(importlib.metadata.PackageNotFoundError):
+        importlib.metadata.version("opencv-python")
+
+
 @pytest.fixture(scope="module")
 def ocr():
-    return rewards.OcrReward()
+    return rewards.REWARDS["ocr"](RewardOptions())
 
 
 def test_ocr_reads_rendered_word_and_not_a_blank_image(ocr):
@@ -137,9 +169,10 @@ def test_ocr_reads_rendered_word_and_not_a_blank_image(ocr):
     assert scores[2] < 0.1
 
 
-def test_ocr_without_target_text_names_the_prompt(ocr):
-    with pytest.raises(RewardError, match="'ocr'.*'a cat without quotes'"):
-        ocr(torch.ones(1, 3, 32, 32), ["a cat without quotes"], [{}])
+def test_ocr_without_target_text_names_the_prompt(ocr, monkeypatch):
+    monkeypatch.setitem(rewards.REWARDS, "ocr", lambda options: ocr)
+    with pytest.raises(RewardError, match="^reward 'ocr' failed on prompt 'a cat without quotes': no target text"):
+        RewardMix("ocr")(torch.ones(1, 3, 32, 32), ["a cat without quotes"], [{}])
 
 
 def test_an_ocr_failure_in_the_mix_names_the_prompt(ocr, monkeypatch):
@@ -213,7 +246,7 @@ def test_mix_is_the_weighted_sum_of_its_terms(monkeypatch):
 
     total, terms = RewardMix("jpeg_compressibility=0.5,brightness=2")(images, prompts)
 
-    jpeg = rewards.jpeg_compressibility(images, prompts, [{}, {}])
+    jpeg = rewards.REWARDS["jpeg_compressibility"](RewardOptions())(images, prompts, [{}, {}])
     assert set(terms) == {"jpeg_compressibility", "brightness"}
     assert torch.equal(terms["jpeg_compressibility"], jpeg)
     assert torch.allclose(terms["brightness"], images.mean(dim=(1, 2, 3)))
@@ -264,11 +297,14 @@ def test_pooled_scores_equal_serial_scores_and_a_dead_worker_stops_cleanly():
         # Kill a worker while it has work: the pool breaks, and the caller gets a RewardError
         # naming the reward and a prompt instead of waiting forever.
         pending = mix.submit(images.repeat(8, 1, 1, 1), prompts * 8)
-        next(iter(mix.pool._processes.values())).kill()
+        mix.pool.processes[0].kill()
         started = time.monotonic()
         with pytest.raises(RewardError, match=r"reward 'ocr' failed on prompt .*worker process died"):
             pending.result()
         assert time.monotonic() - started < 60
+        # Work submitted after the death gets the same error from its result, not from submitting.
+        with pytest.raises(RewardError, match=r"reward 'ocr' failed on prompt 'a sign that says \"hello\"'.*died"):
+            mix.submit(images, prompts).result()
     finally:
         mix.close()
 
@@ -524,3 +560,36 @@ def test_load_prompts_rejects_bad_input_with_one_line(tmp_path, files, message):
         data.load_prompts(folder)
     assert message in str(error.value)
     assert "\n" not in str(error.value)
+
+
+# --------------------------------------------------------------------------- prompt embeddings
+
+
+def memory_bytes(key):
+    """VmRSS (resident now) or VmHWM (the peak since the last reset) of this process."""
+    return int(re.search(key + r":\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+
+
+def test_prompt_embeddings_are_written_once_read_by_the_row_and_reused(tmp_path):
+    prompts = [f'a sign that reads "{i}" on a {("red", "green", "blue")[i % 3]} wall' for i in range(2000)]
+    pipe, reference = (models.load_pipeline("tiny", torch.float32, "cpu") for _ in range(2))
+    expected = policy.encode_prompts(reference, [prompts[1999], prompts[7], prompts[7]], 4.5, "cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2000 prompts take seconds on one thread, far more on a busy machine's two
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # restart the peak's count
+        before = memory_bytes("VmRSS")
+        bank = policy.PromptBank(pipe, prompts, 4.5, "cpu", 32, tmp_path, "tiny")
+        picked = bank(torch.tensor([1999, 7, 7]))
+        peak, table = memory_bytes("VmHWM") - before, bank.path.stat().st_size
+    finally:
+        torch.set_num_threads(threads)
+    assert table > 80e6 and peak < table / 3, (peak, table)  # 2001 rows of 333 x 32 + 16 floats
+    for name in ("embeds", "pooled", "negative_embeds", "negative_pooled"):
+        torch.testing.assert_close(getattr(picked, name), getattr(expected, name), rtol=0, atol=1e-6)
+    # A second run finds the file: its text encoders are gone, and nothing is written again.
+    written = bank.path.stat().st_mtime_ns
+    again = policy.PromptBank(pipe, prompts, 4.5, "cpu", 32, tmp_path, "tiny")
+    assert torch.equal(again(torch.tensor([7])).embeds, picked.embeds[1:2]) and bank.path.stat().st_mtime_ns == written
+    other = policy.PromptBank(reference, prompts[:10], 4.5, "cpu", 32, tmp_path, "tiny")
+    assert other.path != bank.path and len(list(tmp_path.iterdir())) == 2

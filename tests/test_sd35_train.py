@@ -161,11 +161,27 @@ def test_scoring_in_workers_while_sampling_goes_on_gives_the_run_of_scoring_in_t
 
 
 def test_the_tracker_range_of_a_reward_mix():
-    assert reward_range({"ocr": 1.0}) == (0.0, 1.0) and reward_range({"pickscore": 1.0}) == (0.0, 1.0)
-    assert reward_range({"ocr": 0.8, "pickscore": 0.2}) == pytest.approx((0.0, 1.0))
-    assert reward_range({"ocr": -2.0, "pickscore": 0.5}) == (-2.0, 0.5)  # a negative weight swaps the ends
+    assert reward_range({"ocr": 1.0}) == (0.0, 1.0) and reward_range({"pickscore": 1.0}) == (0.7, 1.0)
+    assert reward_range({"ocr": 0.8, "pickscore": 0.2}) == pytest.approx((0.14, 1.0))
+    assert reward_range({"ocr": -2.0, "pickscore": 0.5}) == pytest.approx((-1.65, 0.5))  # a negative weight: ends swap
     assert reward_range({"ocr": 1.0, "jpeg_compressibility": 0.0}) == (0.0, 1.0)  # a zero weight adds nothing
-    assert reward_range({"ocr": 1.0, "clipscore": 0.1}) is None  # one term without a range: a running range
+    assert reward_range({"ocr": 1.0, "jpeg_compressibility": 0.1}) is None  # a term without a range: a running range
+    assert reward_range({"remote": 1.0}) is None and reward_range({"remote": 2.0}, (0.0, 1.0)) == (0.0, 2.0)
+    assert rewards.RewardMix("remote", rewards.RewardOptions(remote_url="http://x", remote_range=(0.0, 1.0))).range \
+        == (0.0, 1.0)
+
+
+def test_the_tracker_tells_easy_from_hard_prompts_on_pickscores_range():
+    # Three prompts scored where SD3.5-M's PickScores lie (hard, middling, easy), 8 samples each.
+    means, ids, noise = torch.tensor([0.82, 0.88, 0.94]), torch.arange(3).repeat_interleave(8), torch.Generator()
+    trackers = [minflow.PromptTracker(3, reward_range=r) for r in (reward_range({"pickscore": 1.0}), (0.0, 1.0))]
+    for step in range(10):
+        scores = means[ids] + 0.01 * torch.randn(len(ids), generator=noise.manual_seed(step))
+        for tracker in trackers:
+            tracker.update(ids, scores)
+    declared, unit = (tracker.value(torch.arange(3)) for tracker in trackers)
+    assert declared[2] - declared[0] > 0.3 and unit[2] - unit[0] < 0.15  # (0, 1) sees them nearly alike
+    assert trackers[0].clipped == 0
 
 
 def test_lora_ema_averages_every_few_steps_and_swaps_back():
