@@ -220,8 +220,8 @@ def test_nan_rewards_are_dropped_and_counted(tmp_path, monkeypatch):
         return scores
     register(monkeypatch, "sometimes_nan", sometimes_nan)
     entries = main(tmp_path / "run", "--iters=2", "--reward=sometimes_nan")
-    assert [e["dropped_samples"] for e in entries[:2]] == [2, 2]
-    assert all(torch.isfinite(torch.tensor(e["reward_mean"])) for e in entries[:2])
+    assert [e["dropped_samples"] for e in entries[1:3]] == [2, 2]  # entry 0: the base model's evaluation
+    assert all(torch.isfinite(torch.tensor(e["reward_mean"])) for e in entries[1:3])
 
 
 def test_an_iteration_of_only_nan_rewards_stops_the_run(tmp_path, monkeypatch, capsys):
@@ -290,7 +290,7 @@ def test_a_reward_failing_on_one_rank_ends_every_rank_cleanly(tmp_path):
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 1, stderr[-3000:]
     assert re.search(r"^error: rank 1: reward 'fails_on_rank_1' failed on prompt '.+': rank 1 lost its reward "
-                     r"server \(traceback: .+error-rank1.txt\) \(newest checkpoint: none\)$", stderr, re.M)
+                     r"server \(newest checkpoint: none\)$", stderr, re.M)
     assert 'sd35/train.py", line' not in stderr  # no traceback from a rank
     ended_cleanly(records)
 
@@ -306,7 +306,7 @@ def test_any_failure_on_one_rank_ends_every_rank_with_the_completed_iterations_s
     line = re.search(r"^error: rank 1: OutOfMemoryError: CUDA out of memory\. Tried to allocate 2\.00 GiB \(injected "
                      r"on rank 1\) \(traceback: (.+)\) \(newest checkpoint: iteration 1\)$", stderr, re.M)
     assert line and "raise torch.OutOfMemoryError" in Path(line[1]).read_text()
-    assert "Traceback" not in stderr
+    assert 'sd35/train.py", line' not in stderr  # no traceback from a rank (torchrun's agent prints its own)
     assert checkpoint.newest(out).name == "iter_000001"
     assert [e.get("iteration") for e in read_log(out / "log.jsonl")] == [0, 1, None]  # and the error line
     ended_cleanly(records)
@@ -382,7 +382,7 @@ def test_nan_gradients_are_skipped_then_stop_the_run(tmp_path, monkeypatch, caps
         return loss * float("nan"), stats
     monkeypatch.setattr(sd35_train.minflow, "policy_loss", nan_loss)
     with pytest.raises(SystemExit) as stop:
-        main(tmp_path / "run", "--iters=10", "--max_bad_steps=3", "--save_every=1")
+        main(tmp_path / "run", "--iters=10", "--max_bad_steps=3", "--save_every=1", "--ema_decay=0")  # saved = live
     err = capsys.readouterr().err
     assert stop.value.code == 1 and "3 optimiser steps in a row had a NaN or infinite gradient" in err
     entries = read_log(tmp_path / "run" / "log.jsonl")
