@@ -115,11 +115,8 @@ def load(folder, state, identity, evaluated_only=False):
             raise ValueError(f"checkpoint {folder} has LoRA weights this model lacks: {unexpected[:3]}")
         return saved["iteration"]
     tensors = load_file(folder / STATE_FILE)
-    per_param = {}
-    for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, index, name = key.split(".", 2)
-            per_param.setdefault(int(index), {})[name] = value
+    per_param = {i: {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"optimizer.{i}.")}
+                 for i in range(len(state.params))}
     state.optimizer.load_state_dict({"state": per_param, "param_groups": state.optimizer.state_dict()["param_groups"]})
     if saved["scaler"]:
         state.scaler.load_state_dict(saved["scaler"])
