@@ -76,7 +76,7 @@ class Config:
     gradient_checkpointing: bool = flag(False, (False, True))  # recompute activations in backward: less memory, slower
     text_encoders: str = flag("free", ("free", "keep"))  # free: embed every prompt at start-up, then drop the encoders; keep: encode each iteration
     report_to: str = flag("none", ("none", "tensorboard", "wandb"))  # also mirror the log to tensorboard or wandb (wandb reads its WANDB_* environment)
-    device: str = flag("", cli.DEVICE)  # "" = cuda:LOCAL_RANK if CUDA is there, else cpu
+    device: str = flag("", cli.DEVICE)  # "" = cuda:0 (under torchrun cuda:LOCAL_RANK) if CUDA is there, else cpu
     seed: int = flag(0, "[0, 1e18]")  # seeds every random draw, per iteration and rank
     out: str = flag("runs/sd35", text_range("a folder"))  # run folder: log.jsonl, curves.png, eval/ grids, checkpoints/
     resume: str = flag("", "text")  # a run folder (its newest checkpoint) or a checkpoint folder; a bare --resume means --out
