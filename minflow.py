@@ -432,10 +432,9 @@ def grpo_loss(log_prob, old_log_prob, advantage, clip_range, weight=None):
     """Eq. (PPO-clip): mean of max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps)) -> (loss, stats).
 
     With `weight` [N], the weighted sum instead: a data-parallel trainer weights each row by
-    1 / (rows in the global batch) and padding rows by 0, so that the gradients summed (not
-    averaged) over the ranks equal one big batch's mean gradient. stats over the real rows:
-    the ratio's mean, clipfrac (share outside the clip range), approx_kl = mean(log_ratio^2) / 2,
-    the usual estimate of KL(old || new)."""
+    1 / (the optimiser step's rows over all ranks), so that the ranks' gradients, summed, equal
+    one big batch's. stats over the rows of nonzero weight: the ratio's mean, clipfrac (share
+    outside the clip range), approx_kl = mean(log_ratio^2) / 2, the usual estimate of KL(old || new)."""
     log_ratio = log_prob - old_log_prob
     ratio = torch.exp(log_ratio)
     per_row = torch.maximum(-advantage * ratio, -advantage * ratio.clamp(1 - clip_range, 1 + clip_range))

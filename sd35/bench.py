@@ -47,7 +47,7 @@ class Settings:
     train_batch: int = flag(8, "[1, inf)")  # transitions per forward-backward when training
     repeats: int = flag(3, "[1, inf)")  # timed runs per measurement (the median is reported)
     warmup: int = flag(1, "[0, inf)")  # untimed runs before each (allocator, kernel choice)
-    device: str = flag("", cli.DEVICE)  # "" = cuda if available, else cpu
+    device: str = flag("", cli.DEVICE)  # "" = cuda:0 if CUDA is there, else cpu
     seed: int = flag(0, "[0, 1e18]")  # seeds the noise, the LoRA and the advantages
     trainer: bool = flag(False, (False, True))  # also run 2 iterations of each of TRAINER_ALGOS through sd35/train.py
 
@@ -258,7 +258,7 @@ def main(argv):
     """Run every measurement and print its table -> the numbers, for tests."""
     try:
         s = cli.read_flags(Settings, argv)
-        device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = models.choose_device(s.device, torch.cuda.device_count())
         amp = models.autocast_dtype(s.mixed_precision, device)
         resolution, _ = models.resolution(s.model, s.resolution)
     except (ValueError, OSError) as e:
@@ -269,12 +269,14 @@ def main(argv):
     verbosity = [library.get_verbosity() for library in libraries]
     for library in libraries:
         library.set_verbosity_error()
+    if device.type == "cuda":  # what allocates on the current device (kernels' workspaces) uses this one too
+        torch.cuda.set_device(device)
     try:
         plan = models.MemoryPlan(resolution, s.train_batch, LORA_RANK, trajectories=s.group_size,
                                  num_steps=s.num_steps, decode_batch=s.group_size)
         rows = models.memory_estimate(s.model, amp or torch.float32, plan)
         print(models.format_memory_table(rows, torch.cuda.get_device_properties(device).total_memory
-                                         if "cuda" in device else None))
+                                         if device.type == "cuda" else None))
         bench, out = Bench(s, amp, device), {}
         print(f"\n{s.model} on {device} ({str(bench.dtype)[6:]}), {resolution} px, CFG "
               f"{s.guidance_scale}; built in {bench.seconds['build']:.1f} s, prompts encoded in "

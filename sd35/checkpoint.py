@@ -1,9 +1,10 @@
-"""Checkpoints: one folder per iteration, OUT/checkpoints/iter_000020/, with the LoRA in diffusers'
-format (LORA_FILE, for pipe.load_lora_weights(folder)), the optimiser's, tracker's and EMA's tensors
-(STATE_FILE) and, in RUN_FILE, what it belongs to (model, LoRA rank, algorithm), the iteration and
-the rest of the state as plain numbers. No pickle, so loading can never run code. A folder is
-written under a temporary name, fsynced and renamed when complete: a kill at any moment leaves the
-previous checkpoint intact. The random state needs no saving: every draw of iteration i comes from
+"""Checkpoints: one folder per iteration, OUT/checkpoints/iter_000020/, with the LoRA the evaluation
+scored (the EMA of the weights when it is on) in diffusers' format (LORA_FILE, for
+pipe.load_lora_weights(folder)), the live LoRA and the optimiser's, tracker's and EMA's tensors
+(STATE_FILE) and, in RUN_FILE, what it belongs to (check_identity), the iteration and the rest of
+the state as plain numbers. No pickle, so loading can never run code. A folder is written under a
+temporary name, fsynced and renamed when complete: a kill at any moment leaves the previous
+checkpoint intact. The random state needs no saving: every draw of iteration i comes from
 generators seeded with (seed, i, ...), so a resumed run draws what an uninterrupted one would.
 """
 import json
@@ -11,6 +12,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -38,27 +40,40 @@ class TrainState:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
 
-def save(run_dir, iteration, state, identity):
-    """Write checkpoint `iteration` atomically; returns its folder."""
-    final = Path(run_dir) / "checkpoints" / f"iter_{iteration:06d}"
+def capture(state, iteration):
+    """What a checkpoint of `state` after `iteration` holds, copied to the CPU: its iteration, the evaluated
+    LoRA (LORA_FILE's, under peft's names), STATE_FILE's tensors, the numbers for RUN_FILE and the LoRA's
+    config. Taken after every iteration, so that a failure or a stop in the middle of the next one, with
+    the weights part-updated, still saves this one."""
+    def copy(tensor):
+        return tensor.detach().to("cpu", copy=True).contiguous()
+    names = [name for name, p in state.transformer.named_parameters() if p.requires_grad]  # state.params' order
+    evaluated = state.ema.average if state.ema else state.params
+    lora = get_peft_model_state_dict(state.transformer, state_dict={n: copy(t) for n, t in zip(names, evaluated)})
+    tensors = {f"lora.{i}": copy(p) for i, p in enumerate(state.params)}
+    tensors.update({f"optimizer.{i}.{k}": copy(v) for i, s in state.optimizer.state_dict()["state"].items()
+                    for k, v in s.items()})
+    tracker = state.tracker.state_dict() if state.tracker is not None else {}  # copies already
+    tensors.update({f"tracker.{k}": v for k, v in tracker.items() if isinstance(v, torch.Tensor)})
+    tensors.update({f"ema.{i}": copy(a) for i, a in enumerate(state.ema.average if state.ema else [])})
+    numbers = {"scaler": state.scaler.state_dict(), "ema_steps": state.ema.steps if state.ema else None,
+               "tracker": {k: v for k, v in tracker.items() if not isinstance(v, torch.Tensor)} if tracker else None}
+    return SimpleNamespace(iteration=iteration, lora=lora, tensors=tensors, numbers=numbers,
+                           adapter=state.transformer.peft_config["default"].to_dict())
+
+
+def save(run_dir, snapshot, identity):
+    """Write a capture()d snapshot as checkpoint folder iter_N atomically; returns its iteration."""
+    final = Path(run_dir) / "checkpoints" / f"iter_{snapshot.iteration:06d}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     # The adapter's config travels as metadata: without it diffusers' loader assumes
     # lora_alpha = rank and would apply the LoRA at the wrong scale.
-    StableDiffusion3Pipeline.save_lora_weights(
-        tmp, transformer_lora_layers=get_peft_model_state_dict(state.transformer),
-        transformer_lora_adapter_metadata=state.transformer.peft_config["default"].to_dict())
-    opt = state.optimizer.state_dict()
-    tensors = {f"optimizer.{i}.{k}": v.contiguous() for i, s in opt["state"].items() for k, v in s.items()}
-    tracker = state.tracker.state_dict() if state.tracker is not None else {}
-    tensors.update({f"tracker.{k}": v for k, v in tracker.items() if isinstance(v, torch.Tensor)})
-    tensors.update({f"ema.{i}": a.contiguous() for i, a in enumerate(state.ema.average if state.ema else [])})
-    save_file(tensors, tmp / STATE_FILE)
-    numbers = {"param_groups": opt["param_groups"], "scaler": state.scaler.state_dict(),
-               "tracker": {k: v for k, v in tracker.items() if not isinstance(v, torch.Tensor)} if state.tracker else None,
-               "ema_steps": state.ema.steps if state.ema else None}
-    (tmp / RUN_FILE).write_text(json.dumps({**identity, "iteration": iteration, **numbers}))
+    StableDiffusion3Pipeline.save_lora_weights(tmp, transformer_lora_layers=snapshot.lora,
+                                               transformer_lora_adapter_metadata=snapshot.adapter)
+    save_file(snapshot.tensors, tmp / STATE_FILE)
+    (tmp / RUN_FILE).write_text(json.dumps({**identity, "iteration": snapshot.iteration, **snapshot.numbers}))
     for path in tmp.iterdir():
         with open(path, "rb") as f:
             os.fsync(f.fileno())
@@ -67,7 +82,7 @@ def save(run_dir, iteration, state, identity):
         shutil.rmtree(final)
     os.replace(tmp, final)
     cli.fsync_dir(final.parent)
-    return final
+    return snapshot.iteration
 
 
 def newest(path):
@@ -80,33 +95,39 @@ def newest(path):
 
 
 def check_identity(folder, identity):
-    """Refuse (one line) a checkpoint of another model, LoRA rank or algorithm, before any model loads."""
+    """Refuse (one line) a checkpoint made with other values of `identity`, the flags that decide what a
+    checkpoint holds and how it is read, before any model loads; returns what its RUN_FILE holds."""
     saved = json.loads((Path(folder) / RUN_FILE).read_text())
     for key, value in identity.items():
         if saved.get(key) != value:
             raise ValueError(f"checkpoint {folder} was made with {key}={saved.get(key)!r}, this run has {value!r}")
+    return saved
 
 
-def load(folder, state, identity):
-    """Restore a checkpoint into the live objects of `state`; returns the iteration to continue from."""
-    check_identity(folder, identity)
-    saved = json.loads((folder / RUN_FILE).read_text())
-    lora = {k.removeprefix("transformer."): v for k, v in load_file(folder / LORA_FILE).items()}
-    if unexpected := set_peft_model_state_dict(state.transformer, lora).unexpected_keys:
-        raise ValueError(f"checkpoint {folder} has LoRA weights this model lacks: {unexpected[:3]}")
+def load(folder, state, identity, evaluated_only=False):
+    """Restore a checkpoint into the live objects of `state`, or with `evaluated_only` only its evaluated
+    LoRA into the weights; returns the iteration to continue from. The optimiser keeps this run's
+    param_groups (--lr, --weight_decay), and a grad scaler state only loads where one was saved (fp16)."""
+    saved = check_identity(folder, identity)
+    if evaluated_only:
+        lora = {k.removeprefix("transformer."): v for k, v in load_file(folder / LORA_FILE).items()}
+        if unexpected := set_peft_model_state_dict(state.transformer, lora).unexpected_keys:
+            raise ValueError(f"checkpoint {folder} has LoRA weights this model lacks: {unexpected[:3]}")
+        return saved["iteration"]
     tensors = load_file(folder / STATE_FILE)
-    per_param = {}
-    for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, index, name = key.split(".", 2)
-            per_param.setdefault(int(index), {})[name] = value
-    state.optimizer.load_state_dict({"state": per_param, "param_groups": saved["param_groups"]})
-    state.scaler.load_state_dict(saved["scaler"])
+    per_param = {i: {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"optimizer.{i}.")}
+                 for i in range(len(state.params))}
+    state.optimizer.load_state_dict({"state": per_param, "param_groups": state.optimizer.state_dict()["param_groups"]})
+    if saved["scaler"]:
+        state.scaler.load_state_dict(saved["scaler"])
+    with torch.no_grad():
+        for i, p in enumerate(state.params):
+            p.copy_(tensors[f"lora.{i}"])
+        for i, average in enumerate(state.ema.average if state.ema else []):
+            average.copy_(tensors[f"ema.{i}"])
+    if state.ema:
+        state.ema.steps = saved["ema_steps"]
     if state.tracker is not None:
         state.tracker.load_state_dict({**saved["tracker"], **{k.removeprefix("tracker."): v for k, v in tensors.items()
                                                               if k.startswith("tracker.")}})
-    if state.ema is not None and saved["ema_steps"] is not None:  # a run saved without EMA starts it afresh
-        for i, average in enumerate(state.ema.average):
-            average.copy_(tensors[f"ema.{i}"])
-        state.ema.steps = saved["ema_steps"]
     return saved["iteration"]

@@ -21,11 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cli  # noqa: E402
 from cli import flag  # noqa: E402
 
+WANDB_ID_FILE = "wandb-run-id"  # in --out: the id of the wandb run that the run's resumes continue
 # (title, [(log key, label)]) of the panels drawn as plain lines, after the reward panels.
 PANELS = [
     ("KL", [("kl", "KL to the reference"), ("approx_kl", "approx KL(old || new)")]),
     ("clip fraction", [("clipfrac", "clipfrac")]),
-    ("importance ratio (mean)", [("ratio", "ratio")]),
+    ("importance ratio (mean)", [("ratio", "all optimiser steps"), ("ratio_first", "the first step (must be 1)")]),
     ("zero-variance group share", [("zero_std_ratio", "groups with zero reward spread")]),
     ("tracker uncertainty of the prompt draw", [("drawn_uncertainty", "drawn prompts"), ("pool_uncertainty", "whole pool")]),
     ("gradient norm (before clipping)", [("grad_norm", "largest finite gradient norm")]),
@@ -104,17 +105,22 @@ class Mirror:
     """The log mirrored to a tracker, log.jsonl staying the source of truth: `log(step, entry, images)`
     sends an entry's numbers and named uint8 [H, W, 3] images; with report_to "none" it does nothing.
     tensorboard writes to OUT/tensorboard; wandb reads its own environment (WANDB_MODE=offline runs
-    without a network, WANDB_PROJECT names the project) and writes to OUT."""
+    without a network, WANDB_PROJECT names the project) and writes to OUT. A run that keeps its log up
+    to iteration `kept` (as RunLog) continues the tracker's run: tensorboard hides the steps after it
+    that an earlier attempt logged, wandb resumes the run whose id OUT/WANDB_ID_FILE holds."""
 
-    def __init__(self, report_to, out, config):
+    def __init__(self, report_to, out, config, kept=None):
         self.writer = self.run = None
         if report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(log_dir=str(out / "tensorboard"))
+            self.writer = SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=None if kept is None else kept + 1)
         elif report_to == "wandb":
             import wandb
-            self.wandb = wandb
-            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "minflow-sd35"), dir=str(out), config=config)
+            self.wandb, id_file = wandb, out / WANDB_ID_FILE
+            run_id = id_file.read_text() if kept != -1 and id_file.exists() else None
+            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "minflow-sd35"), dir=str(out), config=config,
+                                  id=run_id, resume="allow")
+            cli.atomic_write(id_file, self.run.id.encode())
 
     def log(self, step, entry=None, images=None):
         numbers = {k: float(v) for k, v in (entry or {}).items() if isinstance(v, (int, float)) and k != "iteration"}
@@ -128,23 +134,28 @@ class Mirror:
         elif self.run:
             self.run.log({**numbers, **{name: self.wandb.Image(pixels) for name, pixels in images.items()}}, step=step)
 
-    def close(self):
+    def close(self, failure=None):
+        """End the tracker's run, recording the one-line `failure` that ended it, if one did."""
         if self.writer:
+            if failure:
+                self.writer.add_text("error", failure)
             self.writer.close()
         elif self.run:
-            self.run.finish()
+            if failure:
+                self.run.summary["error"] = failure
+            self.run.finish(exit_code=1 if failure else 0)
 
 
 class RunLog:
     """Rank 0's log.jsonl, fsynced a line at a time and mirrored; `log(iteration, entry, redraw)` also
-    redraws curves.png. Opened at `start` (None: appended to as it is), it keeps the lines up to
-    that iteration; a line torn by a kill is dropped."""
+    redraws curves.png. Opened with `kept` (None: appended to as it is), it keeps the lines up to
+    that iteration (-1: none, a fresh run); a line torn by a kill is dropped."""
 
-    def __init__(self, path, master, mirror, start=None):
-        self.path, self.master, self.mirror, self.step = path, master, mirror, start or 0
-        if master and path.exists() and start is not None:
-            kept = [e for e in read_log(path) if e.get("iteration", 0) <= start]
-            cli.atomic_write(path, "".join(json.dumps(e) + "\n" for e in kept).encode())
+    def __init__(self, path, master, mirror, kept=None):
+        self.path, self.master, self.mirror, self.step = path, master, mirror, max(kept or 0, 0)
+        if master and path.exists() and kept is not None:
+            entries = [e for e in read_log(path) if e.get("iteration", 0) <= kept]
+            cli.atomic_write(path, "".join(json.dumps(e) + "\n" for e in entries).encode())
 
     def __call__(self, iteration, entry, redraw=False):
         if not self.master:

@@ -132,6 +132,23 @@ def autocast_dtype(mixed_precision, device):
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "no": None}[mixed_precision]
 
 
+def choose_device(flag, cuda_count, local_rank=None):
+    """--device -> the torch.device to run on, given this machine's CUDA device count and, under torchrun,
+    LOCAL_RANK: "" takes CUDA where there is some; under torchrun each rank takes cuda:LOCAL_RANK (which
+    GPUs is CUDA_VISIBLE_DEVICES's job). A ValueError of one line for a device this machine lacks."""
+    if flag == "cpu" or (flag == "" and cuda_count == 0):
+        return torch.device("cpu")
+    if local_rank is not None and ":" in flag:
+        raise ValueError(f"--device={flag}: under torchrun each rank uses cuda:LOCAL_RANK; pass --device=cuda and "
+                         "choose the GPUs with CUDA_VISIBLE_DEVICES")
+    index = int(flag.partition(":")[2] or 0) if local_rank is None else local_rank
+    if index >= cuda_count:
+        rank = "" if local_rank is None else f" for LOCAL_RANK={local_rank} (one GPU a rank)"
+        raise ValueError(f"--device={flag or 'cuda'}: needs cuda:{index}{rank}; this machine has {cuda_count} CUDA "
+                         "device(s)")
+    return torch.device("cuda", index)
+
+
 def freeze(module, dtype):
     """`module` frozen, in eval mode; in float16, as transformers' from_pretrained does, the modules
     its class names in _keep_in_fp32_modules (T5's feed-forward outputs, which overflow float16)

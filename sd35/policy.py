@@ -176,7 +176,7 @@ def write_embeddings(pipe, prompts, device, batch_size, path):
 
 
 def guided_velocity(model, cond, guidance_scale, dtype, batch_size=None, autocast=None):
-    """minflow's `velocity(x, t, traj_index)` for the transformer `model` (plain or DDP) under CFG,
+    """minflow's `velocity(x, t, traj_index)` for the transformer `model` under CFG,
     v = v_uncond + w (v_text - v_uncond), both branches in one batch as diffusers does, in forward
     passes of at most `batch_size` rows; traj_index picks each row's prompt in `cond` (default row
     i, prompt i). t is sigma (the transformer wants sigma * 1000); float32 out for minflow's math."""

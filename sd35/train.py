@@ -1,6 +1,6 @@
 """Fine-tune Stable Diffusion 3.5 Medium with Flow-GRPO, Stepwise-Flow-GRPO or SuperFlow, alone or
-under torchrun (its RANK, WORLD_SIZE, LOCAL_RANK switch DDP on: NCCL on GPUs, gloo on CPUs;
-rank 0 logs, evaluates and saves). docs/sd35.md has the commands for one GPU, many and resuming.
+under torchrun (its RANK, WORLD_SIZE, LOCAL_RANK switch data parallelism on: NCCL on GPUs, gloo
+on CPUs; rank 0 logs, evaluates and saves). docs/sd35.md has the commands for one GPU, many and resuming.
 
     python sd35/train.py --model=tiny --iters=2                      # CPU smoke run at 64 px, no download
     torchrun --nproc_per_node=8 sd35/train.py --algo=superflow --reward=pickscore --prompts=general
@@ -9,15 +9,16 @@ rank 0 logs, evaluates and saves). docs/sd35.md has the commands for one GPU, ma
 `--algo` picks a preset; a field of minflow.Algorithm given as a flag overrides that axis. Every
 RL formula lives in minflow.py; this file feeds it images, rewards and gradients.
 """
-import gc
 import hashlib
 import importlib.util
+import json
 import math
 import os
 import signal
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+import traceback
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -25,7 +26,6 @@ import torch
 import torch.distributed as dist
 from einops import rearrange
 from PIL import Image
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -79,7 +79,7 @@ class Config:
     text_encoders: str = flag("free", ("free", "keep"))  # free: embed every prompt at start-up, then drop the encoders; keep: encode each iteration
     prompt_cache: str = flag("", "text")  # folder of the prompt-embedding file with --text_encoders=free ("" = --out); runs of one model and prompt set share it
     report_to: str = flag("none", ("none", "tensorboard", "wandb"))  # also mirror the log to tensorboard or wandb (wandb reads its WANDB_* environment)
-    device: str = flag("", cli.DEVICE)  # "" = cuda:LOCAL_RANK if CUDA is there, else cpu
+    device: str = flag("", cli.DEVICE)  # "" = cuda:0 (under torchrun cuda:LOCAL_RANK) if CUDA is there, else cpu
     seed: int = flag(0, "[0, 1e18]")  # seeds every random draw, per iteration and rank
     out: str = flag("runs/sd35", text_range("a folder"))  # run folder: log.jsonl, curves.png, eval/ grids, checkpoints/
     resume: str = flag("", "text")  # a run folder (its newest checkpoint) or a checkpoint folder; a bare --resume means --out
@@ -101,10 +101,6 @@ class Config:
     def budget(self):
         """Trajectories per iteration over all ranks."""
         return self.group_size * self.prompts_per_iter
-
-
-class RunError(RuntimeError):
-    """Something at run time that training cannot go on from; the message is one line."""
 
 
 def parse_args(argv):
@@ -133,25 +129,49 @@ def parse_args(argv):
     return cfg, algo, train_prompts, test_prompts
 
 
+class RunError(RuntimeError):
+    """Something at run time that training cannot go on from; the message is one line."""
+
+
+class Stop(Exception):
+    """A stop signal seen on this rank: the work in progress is abandoned, then the ranks agree to stop."""
+
+
+class Ended(Exception):
+    """Every rank agreed to end the run: on a stop signal (`signal`), else on a failure (the one-line message)."""
+
+    def __init__(self, message="", signal=0):
+        super().__init__(message)
+        self.signal = signal
+
+
+MESSAGE_BYTES = 2000  # of a failing rank's one line, sent to every rank at an agreement
+
+
 class Ranks:
     """The ranks under torchrun, or one. Every rank plans each iteration from the same seeded
     generator, samples its contiguous share and all-gathers the rewards, so advantages come from
     the whole batch and a group spanning ranks is normalised whole (per rank would bias the
-    baseline); each rank then trains on its share."""
+    baseline); each rank then trains on its share. A stop signal only sets `stop_signal`; the
+    ranks act on it together, at an agreement (see `together`)."""
 
-    def __init__(self, device_flag):
-        self.ddp = "RANK" in os.environ
+    def __init__(self, device_flag, out):
+        self.distributed = "RANK" in os.environ
         self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        cuda = torch.cuda.is_available() and not device_flag.startswith("cpu")
-        default = (f"cuda:{os.environ['LOCAL_RANK']}" if self.ddp else "cuda") if cuda else "cpu"
-        self.device = torch.device(device_flag if device_flag and not self.ddp else default)
-        self.master = self.rank == 0
+        local_rank = int(os.environ["LOCAL_RANK"]) if self.distributed else None
+        self.device = models.choose_device(device_flag, torch.cuda.device_count(), local_rank)
+        self.master, self.out = self.rank == 0, Path(out)
+        self.stop_signal = 0
 
     def start(self):
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        if self.ddp:
+        if self.distributed:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+    def check_stop(self):
+        if self.stop_signal:
+            raise Stop
 
     def share(self, total, rank=None):
         """A rank's contiguous slice of `total` items; shares differ by at most one item."""
@@ -163,7 +183,7 @@ class Ranks:
     def gather(self, local, total=None):
         """Concatenate every rank's tensor in rank order (CPU in, CPU out): its share(total) rows, padded
         here to one size for the collective (without `total`, every rank holds as many)."""
-        if not self.ddp:
+        if not self.distributed:
             return local
         total = len(local) * self.world if total is None else total
         padded = torch.zeros((-(-total // self.world), *local.shape[1:]), dtype=local.dtype, device=self.device)
@@ -173,21 +193,53 @@ class Ranks:
         shares = [self.share(total, rank) for rank in range(self.world)]
         return torch.cat([part[:share.stop - share.start] for part, share in zip(parts, shares)]).cpu()
 
+    def sum_gradients(self, params):
+        """Sum the ranks' gradients of `params` in one all-reduce of a flat buffer (a rank without rows adds 0)."""
+        if self.distributed:
+            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+            dist.all_reduce(flat)
+            for p, grad in zip(params, flat.split([p.numel() for p in params])):
+                p.grad = grad.view_as(p)
+
+    def agree(self, failure=None):
+        """An agreement point, which every rank reaches: each tells the others whether it failed (the one
+        line `failure`) or saw a stop signal; if any did, every rank raises the same Ended."""
+        text = (failure or "").encode()[:MESSAGE_BYTES]
+        mine = torch.zeros(1, 2 + MESSAGE_BYTES, dtype=torch.uint8)
+        mine[0, :2 + len(text)] = torch.tensor([failure is not None, self.stop_signal, *text], dtype=torch.uint8)
+        try:
+            everyone = self.gather(mine)
+        except Exception as error:  # a rank that died (gloo notices at once) or a broken device
+            raise Ended(failure or f"rank {self.rank} cannot reach the other ranks: {' '.join(str(error).split())}")
+        failed = everyone[:, 0].nonzero().flatten().tolist()
+        if failed:
+            message = bytes(everyone[failed[0], 2:].tolist()).rstrip(b"\0").decode(errors="ignore")
+            raise Ended(message if len(failed) == self.world else f"rank {failed[0]}: {message}")
+        if everyone[:, 1].any():
+            raise Ended(signal=int(everyone[:, 1].max()))
+
 
 @contextmanager
-def failing_together(ranks):
-    """Run a block that may raise RewardError on some ranks; then raise RunError on every rank together
-    if it did on any: a rank failing alone would leave the others waiting in their next collective forever."""
+def together(ranks):
+    """Run a block on every rank, then agree (Ranks.agree) on whether it failed or saw a stop anywhere.
+    A rank that fails sends its line at its next agreement, which must be the others' next collective
+    too: so every other collective directly follows an agreement, with nothing that can fail between
+    them. Blocks nest; an Ended from an inner one passes through, already agreed."""
     failure = None
     try:
         yield
-    except RewardError as error:
-        failure = str(error)
-    failed = ranks.gather(torch.tensor([failure is not None]))
-    if failed.any():
-        if failure and not ranks.master:
-            print(f"error on rank {ranks.rank}: {failure}", file=sys.stderr)
-        raise RunError(failure or f"a reward failed on rank {int(failed.nonzero()[0])}; its output says which")
+    except Ended:
+        raise
+    except Stop:
+        pass  # ranks.stop_signal says so at the agreement
+    except (RunError, RewardError) as error:  # messages of ours: they say all
+        failure = " ".join(str(error).split())
+    except Exception as error:  # unexpected: its type, and its traceback in a file that the line names
+        path = ranks.out / f"error-rank{ranks.rank}.txt"
+        with suppress(OSError):  # the line matters more than the file
+            path.write_text("".join(traceback.format_exception(error)))
+        failure = f"{type(error).__name__}: {' '.join(str(error).split())} (traceback: {path})"
+    ranks.agree(failure)
 
 
 def generator(*key, device="cpu"):
@@ -202,7 +254,6 @@ class Run:
     cfg: Config
     algo: minflow.Algorithm
     pipe: object
-    model: torch.nn.Module  # the transformer, DDP-wrapped under torchrun
     dtype: torch.dtype
     autocast: object  # a context factory for mixed precision, or None
     ranks: Ranks
@@ -211,8 +262,12 @@ class Run:
     train_prompts: list
     test_prompts: list
 
-    def velocity(self, model, cond, batch_size):
-        return policy.guided_velocity(model, cond, self.cfg.guidance_scale, self.dtype, batch_size, self.autocast)
+    def velocity(self, cond, batch_size):
+        """The transformer's guided velocity, which raises Stop before its forward pass once a stop signal
+        came: sampling, the evaluation and training all stop within one pass."""
+        guided = policy.guided_velocity(self.pipe.transformer, cond, self.cfg.guidance_scale, self.dtype, batch_size,
+                                        self.autocast)
+        return lambda *args: self.ranks.check_stop() or guided(*args)
 
 
 def plan_iteration(run, it, tracker):
@@ -235,14 +290,14 @@ def plan_iteration(run, it, tracker):
 
 def sample_and_score(run, it, tracker):
     """Roll out this rank's share of the groups and score it (for gains also the states the trained
-    gains need) -> (local trajectories, conditioning, advantages [b, T], logs)."""
+    gains need) -> (local trajectories, conditioning, the whole batch's advantages [budget, T], logs)."""
     timer, cfg, ranks, budget = time.perf_counter(), run.cfg, run.ranks, run.cfg.budget
     prompt_ids, group_ids, noise, logs = plan_iteration(run, it, tracker)
     mine = ranks.share(budget)
     index = prompt_ids[group_ids[mine]]
     texts, metadata = zip(*[run.train_prompts[i] for i in index.tolist()])
     cond = run.prompts(index)
-    velocity = run.velocity(run.pipe.transformer, cond, cfg.sample_batch)
+    velocity = run.velocity(cond, cfg.sample_batch)
     images_seen = []
 
     def score(latents, traj_index, total_only=False):
@@ -253,7 +308,7 @@ def sample_and_score(run, it, tracker):
         return run.reward.submit(images, [texts[i] for i in traj_index], [metadata[i] for i in traj_index], total_only)
 
     along = None
-    with failing_together(ranks), run.reward.leave_cores_to_workers():
+    with together(ranks), run.reward.leave_cores_to_workers():
         traj, finals = policy.rollout_in_chunks(
             velocity, noise[mine].to(ranks.device), policy.sigma_grid(run.pipe.scheduler, cfg.num_steps), run.algo,
             generator(cfg.seed, it, "sde", ranks.rank, device=ranks.device), cfg.sample_batch, score)
@@ -269,14 +324,15 @@ def sample_and_score(run, it, tracker):
         if along is not None:
             along = policy.reward_table(traj.xs.shape[1], [(b, k, p.result()) for b, k, p in along],
                                         local["reward"], groups)
-    if not torch.equal(ranks.gather(index, budget), prompt_ids[group_ids]):
-        raise RunError("ranks disagree on the iteration's prompts; check that every rank runs the same flags")
+    with together(ranks):  # a rank may see the others disagree while they see nothing wrong
+        if not torch.equal(ranks.gather(index, budget), prompt_ids[group_ids]):
+            raise RunError("ranks disagree on the iteration's prompts; check that every rank runs the same flags")
     gathered = {key: ranks.gather(value.float().cpu(), budget) for key, value in local.items()}
     along = None if along is None else ranks.gather(along, budget)
     logs["seconds_reward"] = time.perf_counter() - timer
     adv, credit_logs = credit(run, it, tracker, prompt_ids[group_ids], group_ids, traj.stds, gathered, along)
     logs.update(**credit_logs, **{k: v.mean().item() for k, v in gathered.items() if k.startswith("image_")})
-    return traj, cond, adv[mine], logs
+    return traj, cond, adv, logs
 
 
 def credit(run, it, tracker, ids, group_ids, stds, gathered, along):
@@ -302,31 +358,32 @@ def credit(run, it, tracker, ids, group_ids, stds, gathered, along):
 
 
 def optimise(run, it, state, traj, cond, adv):
-    """The PPO update: cfg.minibatches optimiser steps over this rank's informative transitions.
-    Every rank runs as many forward-backward passes (DDP needs that), short ranks padding with
-    rows of weight 0; a real row weighs world / N (N: the step's rows on all ranks), so DDP's
-    gradient average is one big batch's mean, whatever the ranks' shares."""
-    cfg, ranks = run.cfg, run.ranks
-    rows = minflow.transitions(traj, adv, minflow.trained_steps(traj.stds).expand_as(adv))
-    shuffle = generator(cfg.seed, it, "shuffle", ranks.rank)
+    """The PPO update: cfg.minibatches optimiser steps over the informative transitions (nonzero advantage),
+    each rank computing the gradient of its share's rows, from the whole batch's `adv` [budget, T]. A row
+    weighs 1 / N (N: the step's rows on all ranks, known to every rank from `adv`) and the ranks' gradients
+    are summed once per step, after they agree: the step is one big batch's mean whatever the shares, and
+    a rank that failed in its passes is known before any rank waits in the sum."""
+    cfg, ranks, trained = run.cfg, run.ranks, minflow.trained_steps(traj.stds)
+    mine = adv[ranks.share(cfg.budget)]
+    counts = [int(((adv[ranks.share(cfg.budget, r)] != 0) & trained).sum()) for r in range(ranks.world)]
+    totals = torch.tensor([[len(c) for c in torch.arange(n).tensor_split(cfg.minibatches)] for n in counts]).sum(0)
+    rows = minflow.transitions(traj, mine, trained.expand_as(mine))
     informative = (rows["advantage"] != 0).nonzero()[:, 0]
+    shuffle = generator(cfg.seed, it, "shuffle", ranks.rank)
     informative = informative[torch.randperm(len(informative), generator=shuffle)]
-    padding = torch.randperm(len(rows["advantage"]), generator=shuffle)
-    stats, grad_norms = [], []
-    for step_rows in informative.tensor_split(cfg.minibatches):
-        counts = ranks.gather(torch.tensor([len(step_rows)]))
-        if counts.sum() == 0:
+    stats, first_ratios, grad_norms = [], [], []
+    for step_rows, total in zip(informative.tensor_split(cfg.minibatches), totals.tolist()):
+        if total == 0:  # no rank has a row for this step
             continue
-        passes = math.ceil(int(counts.max()) / cfg.train_batch)
-        fill = passes * cfg.train_batch - len(step_rows)
-        order = torch.cat([step_rows, padding[torch.arange(fill) % len(padding)]])
-        weight = (torch.arange(len(order)) < len(step_rows)) * (ranks.world / counts.sum())
-        for p, (idx, w) in enumerate(zip(order.split(cfg.train_batch), weight.split(cfg.train_batch))):
-            with run.model.no_sync() if ranks.ddp and p < passes - 1 else nullcontext():
-                loss, s = train_pass(run, cond, {k: v[idx] for k, v in rows.items()}, w)
+        with together(ranks):
+            for idx in step_rows.split(cfg.train_batch):
+                weight = torch.full((len(idx),), 1 / total)
+                loss, s = train_pass(run, cond, {k: v[idx] for k, v in rows.items()}, weight)
                 state.scaler.scale(loss).backward()
-            if w.any():
                 stats.append({**s, "policy_loss": loss.item()})
+                if not grad_norms:  # before this iteration's first step the policy is the one that sampled
+                    first_ratios.append(s["ratio"])
+        ranks.sum_gradients(state.params)
         state.scaler.unscale_(state.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(state.params, cfg.grad_clip)
         if torch.isfinite(grad_norm):  # a NaN/inf loss or gradient: skip the step (all ranks agree)
@@ -335,6 +392,8 @@ def optimise(run, it, state, traj, cond, adv):
         state.optimizer.zero_grad(set_to_none=True)
         grad_norms.append(grad_norm.item())
     logs = {key: sum(s[key] for s in stats) / len(stats) for key in (stats[0] if stats else {})}
+    if first_ratios:
+        logs["ratio_first"] = sum(first_ratios) / len(first_ratios)
     finite = [g for g in grad_norms if math.isfinite(g)]
     return {**logs, "grad_norm": max(finite, default=0.0), "optimiser_steps": len(grad_norms),
             "skipped_steps": [not math.isfinite(g) for g in grad_norms]}
@@ -342,11 +401,11 @@ def optimise(run, it, state, traj, cond, adv):
 
 def train_pass(run, cond, rows, weight):
     """One forward pass of the loss over a micro-batch of transitions -> (loss, stats)."""
-    step_cond, transformer = cond.select(rows["sample"]), run.pipe.transformer
-    ref_velocity = policy.reference_velocity(transformer, run.velocity(transformer, step_cond, None))
+    step_cond = cond.select(rows["sample"])
+    ref_velocity = policy.reference_velocity(run.pipe.transformer, run.velocity(step_cond, None))
     rows = {k: v.to(run.ranks.device) for k, v in rows.items() if k != "sample"}
-    return minflow.policy_loss(run.velocity(run.model, step_cond, None), rows, run.algo, run.cfg.clip_range,
-                               run.cfg.beta, ref_velocity, weight.to(run.ranks.device))
+    return minflow.policy_loss(run.velocity(step_cond, None), rows, run.algo, run.cfg.clip_range, run.cfg.beta,
+                               ref_velocity, weight.to(run.ranks.device))
 
 
 @torch.no_grad()
@@ -357,14 +416,14 @@ def evaluate(run, it, out, mirror):
     per_rank = math.ceil(chosen / ranks.world)  # every rank scores as many, the last ones repeating the first
     mine = torch.arange(ranks.rank * per_rank, (ranks.rank + 1) * per_rank) % chosen
     latent = cfg.resolution // 8
-    noise = torch.randn((per_rank * ranks.world, run.pipe.transformer.config.in_channels, latent, latent),
+    noise = torch.randn((chosen, run.pipe.transformer.config.in_channels, latent, latent),
                         generator=generator(cfg.seed, "eval"))
-    velocity = run.velocity(run.pipe.transformer, run.prompts(mine + len(run.train_prompts)), cfg.sample_batch)
+    velocity = run.velocity(run.prompts(mine + len(run.train_prompts)), cfg.sample_batch)
     sigmas = policy.sigma_grid(run.pipe.scheduler, cfg.eval_num_steps)
     traj = minflow.rollout(velocity, noise[mine].to(ranks.device), sigmas, "ode")
     images = policy.decode(run.pipe.vae, traj.xs[:, -1], cfg.sample_batch)
     texts, metadata = zip(*[run.test_prompts[i] for i in mine.tolist()])
-    with failing_together(ranks):
+    with together(ranks):
         total, terms = run.reward(images, list(texts), list(metadata))
     logs = {"eval_reward": ranks.gather(total.float().cpu())[:chosen].mean().item(),
             **{f"eval_reward_{k}": ranks.gather(v.float().cpu())[:chosen].mean().item() for k, v in terms.items()}}
@@ -380,14 +439,20 @@ def evaluate(run, it, out, mirror):
 
 
 def check_before_loading(argv):
-    """Every check that needs no weights -> (cfg, algo, train and test prompts, ranks, the checkpoint
-    to resume or None, the run's identity, the model's default resolution)."""
+    """Every check that needs no weights -> (cfg, algo, train and test prompts, ranks, the checkpoint to
+    resume or None, its iteration or 0, the run's identity: the flags a checkpoint must match)."""
     cfg, algo, train_prompts, test_prompts = parse_args(argv)
-    ranks = Ranks(cfg.device)
+    ranks = Ranks(cfg.device, cfg.out)
     if cfg.budget < ranks.world:
         raise cli.FlagError(f"--prompts_per_iter={cfg.prompts_per_iter}: expected group_size x prompts_per_iter "
                             f"(now {cfg.budget}) to be at least the {ranks.world} ranks")
-    identity = {"model": cfg.model, "lora_rank": cfg.lora_rank, "algorithm": asdict(algo)}
+    identity = {"model": cfg.model, "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha}  # what LORA_FILE needs
+    if not cfg.eval_only:  # and what resuming the training reads
+        identity.update(algorithm=asdict(algo), ema_decay=cfg.ema_decay, ema_every=cfg.ema_every)
+        if algo.uses_tracker:  # its tensors are per train prompt, on the reward's range
+            digest = hashlib.sha256(json.dumps(train_prompts).encode()).hexdigest()[:12]
+            identity.update(tracked_prompts=f"{len(train_prompts)} prompts, sha256 {digest}",
+                            tracked_reward=parse_reward_spec(cfg.reward))
     out = Path(cfg.out)
     # A folder with a checkpoint holds a run to continue, not to overwrite. (A log alone is a
     # run killed before its first save: starting afresh replays exactly what it lost.)
@@ -396,14 +461,12 @@ def check_before_loading(argv):
     resume_from = checkpoint.newest(cfg.resume) if cfg.resume else None
     if cfg.resume and resume_from is None:
         raise ValueError(f"--resume={cfg.resume}: no complete checkpoint there")
-    if resume_from:
-        checkpoint.check_identity(resume_from, identity)
-    resolution, default_resolution = models.resolution(cfg.model, cfg.resolution)
-    cfg = replace(cfg, resolution=resolution)
+    start = checkpoint.check_identity(resume_from, identity)["iteration"] if resume_from else 0
+    cfg = replace(cfg, resolution=models.resolution(cfg.model, cfg.resolution)[0])
     out.mkdir(parents=True, exist_ok=True)
     (out / f".write-test-{ranks.rank}").write_bytes(b"")
     (out / f".write-test-{ranks.rank}").unlink()
-    return cfg, algo, train_prompts, test_prompts, ranks, resume_from, identity, default_resolution
+    return cfg, algo, train_prompts, test_prompts, ranks, resume_from, start, identity
 
 
 def build(cfg, algo, train_prompts, test_prompts, ranks):
@@ -433,13 +496,11 @@ def build(cfg, algo, train_prompts, test_prompts, ranks):
         transformer, torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay),
         torch.amp.GradScaler(ranks.device.type, enabled=dtype == torch.float16),
         minflow.new_tracker(algo, len(train_prompts), reward_range=reward.range),
-        policy.LoraEMA(params, cfg.ema_decay, cfg.ema_every) if cfg.ema_decay > 0 else None)
-    model = DDP(transformer, device_ids=[ranks.device.index] if ranks.device.type == "cuda" else None) \
-        if ranks.ddp else transformer
-    return Run(cfg, algo, pipe, model, dtype, autocast, ranks, reward, prompts, train_prompts, test_prompts), state
+        policy.LoraEMA(params, cfg.ema_decay, cfg.ema_every) if cfg.ema_decay > 0 and not cfg.eval_only else None)
+    return Run(cfg, algo, pipe, dtype, autocast, ranks, reward, prompts, train_prompts, test_prompts), state
 
 
-def describe_run(run, state, start, default_resolution):
+def describe_run(run, state, start):
     """The start-up lines: the batch arithmetic, resolution, algorithm and tracker."""
     cfg, algo, world, budget = run.cfg, run.algo, run.ranks.world, run.cfg.budget
     per, extra = divmod(budget, world)
@@ -452,9 +513,10 @@ def describe_run(run, state, start, default_resolution):
           f"trained -> up to {budget * trained} transitions per iteration in {cfg.minibatches} optimiser steps of "
           f"micro-batches of {cfg.train_batch}; {len(run.train_prompts)} train / {len(run.test_prompts)} test prompts; "
           f"{str(run.dtype).removeprefix('torch.')}; {sum(p.numel() for p in state.params) / 1e6:.2f}M LoRA "
-          f"parameters; from iteration {start}")
+          f"parameters; from iteration {start}; {run.ranks.device}")
+    default = models.resolution(cfg.model, 0)[0]
     print(f"resolution: {cfg.resolution} px" + (" (the model's default; --resolution changes it)"
-                                                if cfg.resolution == default_resolution else ""))
+                                                if cfg.resolution == default else ""))
     print(f"algorithm: --algo={cfg.algo} samples with the {algo.sampler} SDE"
           f"{f' ({algo.ddim_noise} schedule)' if algo.sampler == 'ddim' else ''} at noise level {algo.noise_level}; {algo}")
     if state.tracker is not None:
@@ -464,108 +526,104 @@ def describe_run(run, state, start, default_resolution):
             else "the running min..max seen (this reward mix declares no range)"))
 
 
-def train_loop(run, state, start, log, save, evaluated):
-    """The RL iterations -> (the RunError that ended them or None, the newest saved iteration). A
-    failure all ranks agree on (a reward failing on any rank, NaN rewards or gradients) ends the loop
-    on every rank together, after saving the iterations it completed."""
-    cfg, ranks, ema = run.cfg, run.ranks, state.ema
-    stop = {"signal": 0}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: stop.update(signal=signum))
-    saved, done, bad_steps, failure = start, start, 0, None
-    for it in tqdm(range(start, cfg.iters), disable=not ranks.master, desc="RL iterations"):
-        try:  # a RunError from sampling and scoring comes before the iteration changes any state
-            traj, cond, adv, logs = sample_and_score(run, it, state.tracker)
-        except RunError as error:
-            failure = error
-            break
-        timer, done = time.perf_counter(), it + 1
-        logs.update(optimise(run, it, state, traj, cond, adv), seconds_training=time.perf_counter() - timer)
-        if ranks.device.type == "cuda":  # the run's peak so far, for sd35/bench.py --trainer
-            logs["peak_memory_bytes"] = torch.cuda.max_memory_allocated(ranks.device)
-        for skipped in logs["skipped_steps"]:
-            if ema and not skipped:
-                ema.step()
-            bad_steps = bad_steps + 1 if skipped else 0
-            if bad_steps >= cfg.max_bad_steps:  # the iteration ran (its updates skipped): it counts as done
-                failure = RunError(f"{bad_steps} optimiser steps in a row had a NaN or infinite gradient (all "
-                                   f"skipped); lower --lr, or check the rewards and --mixed_precision")
-                break
-        evaluating = (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.iters
-        if evaluating:
-            try:
-                logs.update(evaluated(done))
-            except RunError as error:  # the iteration trained: it is logged and saved without its evaluation
-                failure = failure or error
-        log(done, logs, redraw=evaluating)
-        if failure:
-            break
-        interrupted = ranks.gather(torch.tensor([stop["signal"]]))  # every rank stops together
-        if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.iters or interrupted.any():
-            saved = save(done)
-        if interrupted.any():
-            if ranks.master:
-                print(f"stopped by signal {int(interrupted.max())} after iteration {done}; checkpoint saved")
-            break
-    if failure and done > saved:  # keep the iterations not yet in a checkpoint
-        saved = save(done)
-    return failure, saved
+def train_loop(run, state, start, log, evaluated, save):
+    """The RL iterations, from a fresh run's evaluation of the base model at iteration 0 -> (None, or the
+    Ended that stopped them on every rank together; the newest saved iteration). Rank 0 copies the
+    state after each iteration, so what it saves on an Ended is the last completed one: an iteration
+    cut short in its sampling or its optimisation leaves no trace."""
+    cfg, ranks = run.cfg, run.ranks
+    completed, saved, bad_steps = checkpoint.capture(state, start) if ranks.master else None, start, 0
+    try:
+        if start == 0:
+            with together(ranks):
+                log(0, evaluated(0), redraw=True)
+        for it in tqdm(range(start, cfg.iters), disable=not ranks.master, desc="RL iterations"):
+            with together(ranks):
+                traj, cond, adv, logs = sample_and_score(run, it, state.tracker)
+                timer, done, worst = time.perf_counter(), it + 1, 0
+                logs.update(optimise(run, it, state, traj, cond, adv), seconds_training=time.perf_counter() - timer)
+                if ranks.device.type == "cuda":  # the run's peak so far, for sd35/bench.py --trainer
+                    logs["peak_memory_bytes"] = torch.cuda.max_memory_allocated(ranks.device)
+                for skipped in logs["skipped_steps"]:
+                    if state.ema and not skipped:
+                        state.ema.step()
+                    bad_steps = bad_steps + 1 if skipped else 0
+                    worst = max(worst, bad_steps)
+                completed = checkpoint.capture(state, done) if ranks.master else None
+                evaluating = (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.iters
+                try:
+                    logs.update(evaluated(done) if evaluating else {})
+                finally:  # an iteration that trained is logged, with its evaluation or without
+                    log(done, logs, redraw=evaluating)
+                if worst >= cfg.max_bad_steps:  # the iteration ran (its updates skipped): it counts as done
+                    raise RunError(f"{cfg.max_bad_steps} optimiser steps in a row had a NaN or infinite gradient (all "
+                                   "skipped); lower --lr, or check the rewards and --mixed_precision")
+                if ranks.master and ((cfg.save_every and done % cfg.save_every == 0) or done == cfg.iters):
+                    saved = save(completed)
+    except Ended as ended:
+        if ranks.master and completed.iteration > saved:  # keep the iterations not yet in a checkpoint
+            saved = save(completed)
+        return ended, saved
+    return None, saved
 
 
 def main(argv):
     try:
-        cfg, algo, train_prompts, test_prompts, ranks, resume_from, identity, default_resolution = \
-            check_before_loading(argv)
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
-    ranks.start()
-    run, state = build(cfg, algo, train_prompts, test_prompts, ranks)
-    start = checkpoint.load(resume_from, state, identity) if resume_from else 0
-    out = Path(cfg.out)
-    if ranks.master:
-        describe_run(run, state, start, default_resolution)
-    mirror = curves.Mirror(cfg.report_to if ranks.master else "none", out, asdict(cfg))
-    log = curves.RunLog(out / "log.jsonl", ranks.master, mirror, None if cfg.eval_only else start)
+        cfg, algo, train_prompts, test_prompts, ranks, resume_from, start, identity = check_before_loading(argv)
+        ranks.start()
+    except (ValueError, OSError, RuntimeError) as error:  # RuntimeError: a device or process group that fails
+        sys.exit(f"error: {' '.join(str(error).split())}")
+    for sig in (signal.SIGINT, signal.SIGTERM):  # a stop is only noted here; the ranks act on it together
+        signal.signal(sig, lambda signum, frame: setattr(ranks, "stop_signal", signum))
+    out, run, log = Path(cfg.out), None, None
+    kept = None if cfg.eval_only else start if resume_from else -1  # earlier log lines kept: up to it (-1: none)
+    ended, saved = None, start
+    try:
+        with together(ranks):  # the tracker first, so that it records any failure from here on
+            log = curves.RunLog(out / "log.jsonl", ranks.master,
+                                curves.Mirror(cfg.report_to if ranks.master else "none", out, asdict(cfg), kept), kept)
+            run, state = build(cfg, algo, train_prompts, test_prompts, ranks)
+            if resume_from:
+                checkpoint.load(resume_from, state, identity, evaluated_only=cfg.eval_only)
+            if ranks.master:
+                describe_run(run, state, start)
 
-    def evaluated(it):
-        with state.ema.applied() if state.ema else nullcontext():
-            return evaluate(run, it, out, mirror)
+        def evaluated(it):
+            with state.ema.applied() if state.ema else nullcontext():
+                return evaluate(run, it, out, log.mirror)
 
-    def save(it):
-        if ranks.master:
-            checkpoint.save(out, it, state, identity)
-        if ranks.ddp:
-            dist.barrier()
-        return it
-
-    if cfg.eval_only:
-        failure, saved = None, start
-        try:
-            log(start, evaluated(start), redraw=True)
-        except RunError as error:
-            failure = error
-    else:
-        failure, saved = train_loop(run, state, start, log, save, evaluated)
-    finish(run, state, log, failure, saved)
+        if cfg.eval_only:
+            with together(ranks):
+                log(start, evaluated(start), redraw=True)
+        else:
+            ended, saved = train_loop(run, state, start, log, evaluated,
+                                      lambda snapshot: checkpoint.save(out, snapshot, identity))
+    except Ended as error:
+        ended = error
+    finish(ranks, run, log, ended, saved)
 
 
-def finish(run, state, log, failure, saved):
-    """Stop the workers and the tracker, check the ranks agree, free DDP, report a failure."""
-    ranks = run.ranks
-    run.reward.close()  # the scoring workers, now rather than at interpreter exit
-    if ranks.ddp:
-        if failure is None:
-            flat = torch.cat([p.detach().float().flatten().cpu() for p in state.params])
+def finish(ranks, run, log, ended, saved):
+    """Say how the run ended (a stop first: its checkpoint is saved), stop the workers, check that the
+    ranks agree, close the tracker; a failure exits 1."""
+    newest = f"iteration {saved}" if saved else "none"
+    if ranks.master and ended is not None and ended.signal:
+        print(f"stopped by signal {ended.signal} after iteration {saved}; newest checkpoint: {newest}")
+    if run:
+        run.reward.close()  # the scoring workers, now rather than at interpreter exit
+    if ranks.distributed:
+        if ended is None:
+            flat = torch.cat([p.detach().flatten().cpu() for p in run.pipe.transformer.parameters() if p.requires_grad])
             log(None, {"ranks_in_sync": bool((ranks.gather(flat[None]) == flat).all())})
-        # Free DDP while the process group is registered: else DDP's Reducer, its last owner,
-        # destroys it holding the GIL, which can deadlock with gloo's thread (pytorch/pytorch#56297).
-        run.model = None
-        gc.collect()
         dist.destroy_process_group()
-    log.mirror.close()
-    if failure:
+    failure = str(ended) if ended is not None and not ended.signal else None
+    if log:
+        if failure is not None:
+            log(None, {"error": failure})
+        log.mirror.close(failure)
+    if failure is not None:
         if ranks.master:
-            print(f"error: {failure} (newest checkpoint: iteration {saved})", file=sys.stderr)
+            print(f"error: {failure} (newest checkpoint: {newest})", file=sys.stderr)
         sys.exit(1)
 
 

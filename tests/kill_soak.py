@@ -7,7 +7,8 @@ that a kill never costs more than the work since the last checkpoint.
 A reference run goes uninterrupted; the same run is SIGKILLed after random delays and resumed
 `kills` times, then left to finish. After every kill each complete checkpoint must load and
 every log line but a torn last one must parse; the finished run must log each iteration once
-and end with the reference's LoRA, bitwise. Exits non-zero if anything failed.
+and end with the reference's checkpoint (evaluated and live LoRA, optimiser, EMA), bitwise.
+Exits non-zero if anything failed.
 """
 import json
 import random
@@ -92,12 +93,13 @@ def soak(settings):
         report["problems"].append(f"the final resume failed: {finish.stderr.read()[-500:]}")
     entries = [json.loads(line) for line in (soaked / "log.jsonl").read_text().splitlines()]
     iterations = [e["iteration"] for e in entries if "iteration" in e]
-    if iterations != list(range(1, settings.iters + 1)):
-        report["problems"].append(f"logged iterations {iterations}, expected 1..{settings.iters} once each")
-    a, b = (load_file(checkpoint.newest(run) / checkpoint.LORA_FILE) for run in (reference, soaked))
+    if iterations != list(range(settings.iters + 1)):  # 0: the base model's evaluation
+        report["problems"].append(f"logged iterations {iterations}, expected 0..{settings.iters} once each")
+    a, b = ({k: v for name in (checkpoint.LORA_FILE, checkpoint.STATE_FILE) for k, v in
+             load_file(checkpoint.newest(run) / name).items()} for run in (reference, soaked))
     report["lora_equal"] = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     if not report["lora_equal"]:
-        report["problems"].append("the soaked run's final LoRA differs from the uninterrupted run's")
+        report["problems"].append("the soaked run's final checkpoint differs from the uninterrupted run's")
     return report
 
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 import cli
 import minflow
 import kill_soak
-from sd35 import checkpoint, models, rewards
+from sd35 import bench, checkpoint, models, rewards
 from sd35.curves import read_log
 from sd35 import train as sd35_train
 
@@ -50,7 +50,7 @@ def test_a_torn_log_line_is_ignored_on_resume(tmp_path):
     with open(out / "log.jsonl", "a") as f:
         f.write('{"iteration": 3, "reward_me')  # a kill in the middle of a write
     entries = main(out, "--iters=3", f"--resume={out}")
-    assert [e["iteration"] for e in entries if "iteration" in e] == [1, 2, 3]
+    assert [e["iteration"] for e in entries if "iteration" in e] == [0, 1, 2, 3]
     assert (out / "log.jsonl").read_text().endswith("}\n")
 
 
@@ -70,21 +70,26 @@ def test_short_kill_soak(tmp_path):
     assert report["kills"] >= 1
 
 
+def iteration_1_logged(proc, out):
+    """Wait until the run in `out` has logged the base model's evaluation and its iteration 1."""
+    deadline = time.time() + 300
+    while not ((out / "log.jsonl").exists() and len(read_log(out / "log.jsonl")) >= 2):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its first iteration"
+        time.sleep(0.1)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_sigint_and_sigterm_save_before_exiting(tmp_path, sig):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, str(ROOT / "sd35" / "train.py"), *TINY, "--iters=1000", "--save_every=0",
                              f"--out={out}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not ((out / "log.jsonl").exists() and read_log(out / "log.jsonl")):
-        assert proc.poll() is None and time.time() < deadline, "the run ended before its first iteration"
-        time.sleep(0.1)
-    proc.send_signal(sig)
+    iteration_1_logged(proc, out)
+    proc.send_signal(sig)  # in iteration 2 or later: it is abandoned and the one before saved
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr[-2000:]
     reached = read_log(out / "log.jsonl")[-1]["iteration"]
-    assert f"stopped by signal {int(sig)} after iteration {reached}" in stdout
-    assert checkpoint.newest(out).name == f"iter_{reached:06d}"
+    assert f"stopped by signal {int(sig)} after iteration {reached}; newest checkpoint: iteration {reached}" in stdout
+    assert checkpoint.newest(out).name == f"iter_{reached:06d}" and reached >= 1
 
 
 def test_ctrl_c_with_ocr_workers_saves_exits_0_and_leaves_no_process(tmp_path):
@@ -175,6 +180,7 @@ def prompt_folder(path, train_bytes):
     (["--guidance_scale=nan"], "--guidance_scale=nan: expected a number in [1, 100]"),
     (["--lora_rank=0"], "--lora_rank=0: expected an integer >= 1"),
     (["--device=gpu"], "--device=gpu: expected empty, cpu, cuda or cuda:N"),
+    (["--device=cuda:99"], "--device=cuda:99: needs cuda:99; this machine has "),
     (["--resume={tmp}/nothing"], "--resume={tmp}/nothing: no complete checkpoint there"),
     (["--resume"], "--resume={tmp}/out: no complete checkpoint there"),  # bare: the run in --out, which has none
     (["--out={tmp}/a-file/run"], "a-file"),
@@ -201,15 +207,60 @@ def test_a_budget_smaller_than_the_ranks(tmp_path, monkeypatch, no_model_loads):
         sd35_train.main([*TINY, f"--out={tmp_path / 'out'}"])
 
 
-def test_a_checkpoint_of_another_model_rank_or_algorithm_is_refused_before_loading(tmp_path, monkeypatch):
-    out = tmp_path / "run"
-    main(out, "--iters=1")
-    monkeypatch.setattr(models, "load_pipeline", lambda *a: pytest.fail("a model loaded before the checkpoint was checked"))
-    for flag, message in [("--model=stabilityai/stable-diffusion-3.5-large", "made with model='tiny'"),
-                          ("--lora_rank=4", "lora_rank=32, this run has 4"), ("--algo=stepwise", "made with algorithm="),
-                          ("--noise_level=0.5", "made with algorithm=")]:
-        with pytest.raises(SystemExit, match=message):
-            main(out, "--iters=2", f"--resume={out}", flag)
+def test_choose_device_for_every_case():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    for flag, count, local_rank, expected in [
+            ("", 0, None, cpu), ("", 2, None, cuda), ("cpu", 2, None, cpu), ("cuda", 1, None, cuda),
+            ("cuda:1", 2, None, torch.device("cuda", 1)), ("", 0, 1, cpu), ("cpu", 8, 3, cpu),
+            ("", 8, 3, torch.device("cuda", 3)), ("cuda", 8, 3, torch.device("cuda", 3))]:
+        assert models.choose_device(flag, count, local_rank) == expected, (flag, count, local_rank)
+    for flag, count, local_rank, message in [
+            ("cuda", 0, None, "--device=cuda: needs cuda:0; this machine has 0 CUDA device(s)"),
+            ("cuda:0", 0, 1, "--device=cuda:0: under torchrun each rank uses cuda:LOCAL_RANK"),
+            ("cuda:2", 2, None, "--device=cuda:2: needs cuda:2; this machine has 2 CUDA device(s)"),
+            ("cuda:1", 8, 0, "--device=cuda:1: under torchrun each rank uses cuda:LOCAL_RANK; pass --device=cuda and "
+                             "choose the GPUs with CUDA_VISIBLE_DEVICES"),
+            ("", 2, 2, "--device=cuda: needs cuda:2 for LOCAL_RANK=2 (one GPU a rank); this machine has 2 CUDA "
+                       "device(s)")]:
+        with pytest.raises(ValueError) as refused:
+            models.choose_device(flag, count, local_rank)
+        assert str(refused.value).startswith(message)
+
+
+def test_a_device_that_is_not_here_is_refused_in_one_line_by_the_bench(capsys):
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--device=cuda:99"])
+    assert str(stop.value.code).startswith("error: --device=cuda:99: needs cuda:99; this machine has ")
+
+
+def test_resuming_with_flags_that_change_what_a_checkpoint_holds(tmp_path, monkeypatch):
+    """Each flag that decides what a checkpoint holds or how it is read: refused in one line before any
+    model loads, or resumed as asked (another --mixed_precision, a new --lr and --weight_decay)."""
+    out, flags = tmp_path / "run", ["--algo=superflow", "--iters=2", f"--resume={tmp_path / 'run'}"]
+    main(out, "--iters=1", "--algo=superflow", "--mixed_precision=no")
+    with monkeypatch.context() as patched:
+        patched.setattr(models, "load_pipeline", lambda *a: pytest.fail("a model loaded before the checkpoint was checked"))
+        for flag, message in [("--model=stabilityai/stable-diffusion-3.5-large", "model='tiny', this run has"),
+                              ("--lora_rank=4", "lora_rank=32, this run has 4"),
+                              ("--lora_alpha=32", "lora_alpha=64, this run has 32"),
+                              ("--algo=stepwise", "made with algorithm="), ("--noise_level=0.5", "made with algorithm="),
+                              ("--ema_decay=0", "ema_decay=0.9, this run has 0.0"),
+                              ("--ema_every=4", "ema_every=8, this run has 4"),
+                              ("--prompts=ocr", "tracked_prompts='60 prompts, sha256 "),
+                              ("--reward=ocr", "tracked_reward={'jpeg_compressibility': 1.0}, this run has {'ocr': 1.0}")]:
+            with pytest.raises(SystemExit) as stop:
+                main(out, *flags, flag)
+            assert str(stop.value.code).startswith(f"error: checkpoint {out}") and message in str(stop.value.code)
+    seen, real_load = {}, checkpoint.load
+
+    def load_and_look(folder, state, *args, **kwargs):
+        iteration = real_load(folder, state, *args, **kwargs)
+        seen.update(state.optimizer.param_groups[0], scale=state.scaler.get_scale())
+        return iteration
+    monkeypatch.setattr(checkpoint, "load", load_and_look)
+    entries = main(out, *flags, "--mixed_precision=fp16", "--lr=1e-3", "--weight_decay=0.02")
+    assert entries[-1]["iteration"] == 2 and checkpoint.newest(out).name == "iter_000002"
+    assert seen["lr"] == 1e-3 and seen["weight_decay"] == 0.02 and seen["scale"] == 2.0 ** 16  # a fresh scaler
 
 
 # ---------------------------------------------------------------------------------- bad data at run time
@@ -227,8 +278,8 @@ def test_nan_rewards_are_dropped_and_counted(tmp_path, monkeypatch):
         return scores
     register(monkeypatch, "sometimes_nan", sometimes_nan)
     entries = main(tmp_path / "run", "--iters=2", "--reward=sometimes_nan")
-    assert [e["dropped_samples"] for e in entries[:2]] == [2, 2]
-    assert all(torch.isfinite(torch.tensor(e["reward_mean"])) for e in entries[:2])
+    assert [e["dropped_samples"] for e in entries[1:3]] == [2, 2]  # entry 0: the base model's evaluation
+    assert all(torch.isfinite(torch.tensor(e["reward_mean"])) for e in entries[1:3])
 
 
 def test_an_iteration_of_only_nan_rewards_stops_the_run(tmp_path, monkeypatch, capsys):
@@ -242,9 +293,9 @@ def test_an_iteration_of_only_nan_rewards_stops_the_run(tmp_path, monkeypatch, c
 def test_a_failing_reward_names_itself_and_the_prompt_and_keeps_the_work_done(tmp_path, monkeypatch, capsys):
     calls = {"n": 0}
 
-    def flaky(images, prompts, metadata):  # scores two iterations, then fails for good
+    def flaky(images, prompts, metadata):  # scores the base model and two iterations, then fails for good
         calls["n"] += 1
-        if calls["n"] > 2:
+        if calls["n"] > 3:
             raise ConnectionError("model server gone")
         return images.mean((1, 2, 3))
     register(monkeypatch, "flaky", flaky)
@@ -271,25 +322,114 @@ def test_a_reward_server_that_is_down_gives_a_clear_error(tmp_path, capsys):
     assert "reward 'remote' failed" in err and f"127.0.0.1:{port}" in err
 
 
+def two_ranks(records, out, *args, env=None):
+    """sd35/train.py with the test rewards under torchrun on 2 CPU ranks, started (a Popen); each rank
+    records its pid in `records`, and that it destroyed its process group."""
+    records.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", str(ROOT / "tests" / "sd35_with_test_rewards.py"), *TINY, f"--out={out}", *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "RECORD_DIR": str(records), **(env or {})})
+
+
+def ended_cleanly(records):
+    """Both ranks destroyed their process group, exited and were reaped by torchrun."""
+    assert sorted(p.name for p in records.iterdir()) == ["destroyed-0", "destroyed-1", "pid-0", "pid-1"]
+    for rank in (0, 1):
+        with pytest.raises(ProcessLookupError):
+            os.kill(int((records / f"pid-{rank}").read_text()), 0)
+
+
 def test_a_reward_failing_on_one_rank_ends_every_rank_cleanly(tmp_path):
     """Under torchrun, rank 1's reward fails: both ranks save what is done, destroy the process
     group, and exit 1; no rank is left waiting in a collective, and no process is left."""
-    records = tmp_path / "records"
-    records.mkdir()
-    out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", str(ROOT / "tests" / "sd35_with_test_rewards.py"), *TINY,
-           "--reward=fails_on_rank_1", "--iters=3", f"--out={out}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "RECORD_DIR": str(records)})
-    assert proc.returncode == 1, proc.stderr[-3000:]
-    assert "error on rank 1: reward 'fails_on_rank_1' failed on prompt" in proc.stderr
-    assert "error: a reward failed on rank 1; its output says which (newest checkpoint: iteration 0)" in proc.stderr
-    assert 'sd35/train.py", line' not in proc.stderr  # no traceback from a rank
-    assert sorted(p.name for p in records.iterdir()) == ["destroyed-0", "destroyed-1", "pid-0", "pid-1"]
-    for rank in (0, 1):
-        with pytest.raises(ProcessLookupError):  # exited and reaped by torchrun
-            os.kill(int((records / f"pid-{rank}").read_text()), 0)
+    records, out = tmp_path / "records", tmp_path / "run"
+    proc = two_ranks(records, out, "--reward=fails_on_rank_1", "--iters=3")
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 1, stderr[-3000:]
+    assert re.search(r"^error: rank 1: reward 'fails_on_rank_1' failed on prompt '.+': rank 1 lost its reward "
+                     r"server \(newest checkpoint: none\)$", stderr, re.M)
+    assert 'sd35/train.py", line' not in stderr  # no traceback from a rank
+    ended_cleanly(records)
+
+
+def test_any_failure_on_one_rank_ends_every_rank_with_the_completed_iterations_saved(tmp_path):
+    """Rank 1 runs out of memory in iteration 2's training passes, while rank 0 trains on: both end at
+    the optimiser step's agreement, rank 0 saves iteration 1 (not due with --save_every=10) and prints
+    one line naming rank 1 and its error; the traceback is in the file that line names."""
+    records, out = tmp_path / "records", tmp_path / "run"
+    proc = two_ranks(records, out, "--iters=3", "--save_every=10", env={"OOM_ON_RANK_1_AT": "2"})
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 1, stderr[-3000:]
+    line = re.search(r"^error: rank 1: OutOfMemoryError: CUDA out of memory\. Tried to allocate 2\.00 GiB \(injected "
+                     r"on rank 1\) \(traceback: (.+)\) \(newest checkpoint: iteration 1\)$", stderr, re.M)
+    assert line and "raise torch.OutOfMemoryError" in Path(line[1]).read_text()
+    assert 'sd35/train.py", line' not in stderr  # no traceback from a rank (torchrun's agent prints its own)
+    assert checkpoint.newest(out).name == "iter_000001"
+    assert [e.get("iteration") for e in read_log(out / "log.jsonl")] == [0, 1, None]  # and the error line
+    ended_cleanly(records)
+
+
+def test_a_stop_signal_to_one_rank_stops_both_at_the_same_point(tmp_path):
+    records, out = tmp_path / "records", tmp_path / "run"
+    proc = two_ranks(records, out, "--iters=1000", "--save_every=0")
+    iteration_1_logged(proc, out)
+    os.kill(int((records / "pid-1").read_text()), signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    reached = read_log(out / "log.jsonl")[-1]["iteration"]
+    assert f"stopped by signal 15 after iteration {reached}; newest checkpoint: iteration {reached}" in stdout
+    assert checkpoint.newest(out).name == f"iter_{reached:06d}"
+    ended_cleanly(records)
+
+
+def test_a_rank_killed_outright_leaves_rank_0_to_save_the_completed_iterations(tmp_path):
+    """SIGKILL rank 1: with gloo, rank 0 notices at its next collective, saves the last completed
+    iteration and says so in one line (torchrun's own report follows, as the killed rank failed)."""
+    records, out = tmp_path / "records", tmp_path / "run"
+    proc = two_ranks(records, out, "--iters=1000", "--save_every=0")
+    iteration_1_logged(proc, out)
+    os.kill(int((records / "pid-1").read_text()), signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=300)
+    reached = [e["iteration"] for e in read_log(out / "log.jsonl") if "iteration" in e][-1]
+    assert re.search(rf"^error: rank 0 cannot reach the other ranks: .+ \(newest checkpoint: iteration {reached}\)$",
+                     stderr, re.M) and proc.returncode != 0
+    assert checkpoint.newest(out).name == f"iter_{reached:06d}" and (records / "destroyed-0").exists()
+
+
+def test_a_failure_or_a_stop_in_the_middle_of_the_optimisation_saves_the_iteration_before(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """Iteration 2 ends after its first optimiser step changed the weights: what is saved is iteration 1,
+    bitwise as an uninterrupted run saves it."""
+    flags = ["--lr=1e-2", "--ema_every=1", "--save_every=10"]
+    main(tmp_path / "whole", *flags, "--iters=1")
+    real_clip, real_pass = torch.nn.utils.clip_grad_norm_, sd35_train.train_pass
+    for ending in ("failure", "stop"):
+        steps = []
+
+        def cut_short(*args):
+            if len(steps) == 3:  # iteration 1 took its 2 optimiser steps, iteration 2 its first
+                if ending == "failure":
+                    raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real_pass(*args)
+        monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: steps.append(1) or real_clip(*a, **k))
+        monkeypatch.setattr(sd35_train, "train_pass", cut_short)
+        if ending == "failure":
+            with pytest.raises(SystemExit) as stop:
+                main(tmp_path / ending, *flags, "--iters=3")
+            assert stop.value.code == 1
+            assert re.search(r"^error: OutOfMemoryError: CUDA out of memory \(injected\) \(traceback: .+error-rank0.txt\) "
+                             r"\(newest checkpoint: iteration 1\)$", capsys.readouterr().err, re.M)
+        else:
+            main(tmp_path / ending, *flags, "--iters=3")
+            assert "stopped by signal 15 after iteration 1; newest checkpoint: iteration 1" in capsys.readouterr().out
+        assert len(steps) == 3 and checkpoint.newest(tmp_path / ending).name == "iter_000001"
+        for name in (checkpoint.LORA_FILE, checkpoint.STATE_FILE):
+            a, b = (load_file(tmp_path / run / "checkpoints" / "iter_000001" / name) for run in ("whole", ending))
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (ending, name)
+        logged = [e.get("iteration") for e in read_log(tmp_path / ending / "log.jsonl")]
+        assert logged == ([0, 1, None] if ending == "failure" else [0, 1])  # None: the line of the error
 
 
 def test_nan_gradients_are_skipped_then_stop_the_run(tmp_path, monkeypatch, capsys):
@@ -300,11 +440,11 @@ def test_nan_gradients_are_skipped_then_stop_the_run(tmp_path, monkeypatch, caps
         return loss * float("nan"), stats
     monkeypatch.setattr(sd35_train.minflow, "policy_loss", nan_loss)
     with pytest.raises(SystemExit) as stop:
-        main(tmp_path / "run", "--iters=10", "--max_bad_steps=3", "--save_every=1")
+        main(tmp_path / "run", "--iters=10", "--max_bad_steps=3", "--save_every=1", "--ema_decay=0")  # saved = live
     err = capsys.readouterr().err
     assert stop.value.code == 1 and "3 optimiser steps in a row had a NaN or infinite gradient" in err
     entries = read_log(tmp_path / "run" / "log.jsonl")
-    assert entries[0]["skipped_steps"] == [True, True]
+    assert entries[1]["skipped_steps"] == [True, True]
     lora = load_file(checkpoint.newest(tmp_path / "run") / checkpoint.LORA_FILE)
     assert all((v == 0).all() for k, v in lora.items() if "lora_B" in k)  # skipped steps never touched the weights
 

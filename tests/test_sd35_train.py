@@ -1,13 +1,14 @@
 """sd35/train.py on the tiny pipeline: the same minflow functions, real diffusers, peft and
 torch.distributed (gloo), all on CPU and offline."""
-import gc
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -16,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 import minflow
 from PIL import Image
-from sd35 import checkpoint, curves, models, policy, rewards
+from sd35 import checkpoint, curves, data, models, policy, rewards
 from sd35 import train as sd35_train
 from sd35.curves import read_log
 from sd35.rewards import reward_range
@@ -84,13 +85,15 @@ def lora(out, iteration):
 
 @pytest.mark.parametrize("algo", ["flow_grpo", "stepwise", "superflow"])
 def test_one_iteration_of_each_algorithm_trains_and_logs(tmp_path, algo, capsys):
-    out, logs = run(tmp_path, algo, f"--algo={algo}", "--iters=1")
+    out, logs = run(tmp_path, algo, f"--algo={algo}", "--iters=1", "--ema_every=1")  # the saved EMA moves at once
+    assert logs[0].keys() == {"iteration", "eval_reward", "eval_reward_jpeg_compressibility"}  # the base model
+    assert logs[0]["iteration"] == 0 and (out / "eval" / "iter_000000.png").exists()
     entry = logs[-1]
     for key in ("reward_mean", "reward_std", "zero_std_ratio", "ratio", "clipfrac", "approx_kl", "kl", "policy_loss",
                 "grad_norm", "seconds_sampling", "seconds_reward", "seconds_training", "eval_reward"):
         assert torch.isfinite(torch.tensor(entry[key])), (key, entry[key])
     assert sum(entry["group_sizes"]) == 8 and entry["optimiser_steps"] >= 1
-    assert abs(entry["ratio"] - 1) < 1e-3
+    assert abs(entry["ratio"] - 1) < 1e-3 and abs(entry["ratio_first"] - 1) < 1e-5  # the first step is on-policy
     assert len(entry["prompt_ids"]) == 2 and entry["distinct_prompts"] == 2
     if algo == "superflow":  # the tracker's view of the draw, and JPEG sizes have no fixed range
         assert entry["prompts_seen"] == 0 and entry["tracker_clipped"] == 0  # seen before this first draw
@@ -114,7 +117,7 @@ def test_curves_are_redrawn_at_every_evaluation_and_by_the_standalone_command(tm
     real_draw = curves.draw
     monkeypatch.setattr(curves, "draw", lambda entries, path: (drawn.append(len(entries)), real_draw(entries, path)))
     out, logs = run(tmp_path, "curves", "--algo=superflow", "--iters=2", "--eval_every=1", "--eval_images=1")
-    assert drawn == [1, 2]  # after the log line of each iteration, as each evaluates
+    assert drawn == [1, 2, 3]  # after the log lines of the base model's evaluation and of each iteration
     figure = Image.open(out / "curves.png")
     assert figure.format == "PNG" and figure.size[0] > 1000
     curves.main([f"--log={out / 'log.jsonl'}", f"--png={tmp_path / 'home.png'}"])
@@ -129,15 +132,15 @@ def test_resumed_superflow_run_ends_bitwise_equal_to_an_uninterrupted_one(tmp_pa
     whole, whole_logs = run(tmp_path, "whole", *flags, "--iters=3")
     part, _ = run(tmp_path, "part", *flags, "--iters=2")
     _, logs = run(tmp_path, "part", *flags, "--iters=3", "--resume")  # bare: the run in --out
-    assert [e["iteration"] for e in logs if "iteration" in e] == [1, 2, 3]
-    assert [e["prompt_ids"] for e in logs] == [e["prompt_ids"] for e in whole_logs]
+    assert [e["iteration"] for e in logs if "iteration" in e] == [0, 1, 2, 3]
+    assert [e.get("prompt_ids") for e in logs] == [e.get("prompt_ids") for e in whole_logs]
     a, b = lora(whole, 3), lora(part, 3)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], lora(whole, 2)[k]) for k in a)
     # Optimiser moments, the SuperFlow tracker (tensors and numbers) and the EMA too, bitwise.
     folders = [run_dir / "checkpoints" / "iter_000003" for run_dir in (whole, part)]
     state = [load_file(folder / checkpoint.STATE_FILE) for folder in folders]
-    assert {k.split(".")[0] for k in state[0]} == {"optimizer", "tracker", "ema"}
+    assert {k.split(".")[0] for k in state[0]} == {"lora", "optimizer", "tracker", "ema"}
     assert state[0].keys() == state[1].keys() and all(torch.equal(state[0][k], state[1][k]) for k in state[0])
     numbers = [json.loads((folder / checkpoint.RUN_FILE).read_text())["tracker"] for folder in folders]
     assert numbers[0] == numbers[1] and numbers[0]["fixed_range"] is False  # JPEG sizes: a running range
@@ -150,14 +153,15 @@ def test_scoring_in_workers_while_sampling_goes_on_gives_the_run_of_scoring_in_t
     # LoRA really trains. Chunks of 2 trajectories: each is scored in the workers while the
     # next samples (and, for Stepwise, while the clean estimates run).
     monkeypatch.setattr(rewards, "CPU_BOUND", ("jpeg_compressibility",))
-    flags = [f"--algo={algo}", "--iters=2", "--eval_every=0", "--save_every=1", "--lr=1e-2", "--sample_batch=2"]
+    flags = [f"--algo={algo}", "--iters=2", "--eval_every=0", "--save_every=1", "--lr=1e-2", "--sample_batch=2",
+             "--ema_every=1"]  # the saved (evaluated) LoRA moves each iteration
     in_turn, in_turn_logs = run(tmp_path, "in_turn", *flags, "--reward_workers=0")
     pooled, pooled_logs = run(tmp_path, "pooled", *flags, "--reward_workers=2")
     a, b = lora(in_turn, 2), lora(pooled, 2)
     assert all(torch.equal(a[k], b[k]) for k in a) and not all(torch.equal(a[k], lora(in_turn, 1)[k]) for k in a)
     for key in ("reward_mean", "reward_std", "reward_jpeg_compressibility", "policy_loss", "ratio", "kl"):
-        assert [e[key] for e in pooled_logs] == [e[key] for e in in_turn_logs], key
-    assert pooled_logs[0]["reward_std"] > 0
+        assert [e.get(key) for e in pooled_logs] == [e.get(key) for e in in_turn_logs], key
+    assert pooled_logs[1]["reward_std"] > 0
 
 
 def test_the_tracker_range_of_a_reward_mix():
@@ -199,7 +203,7 @@ def test_lora_ema_averages_every_few_steps_and_swaps_back():
 
 
 def test_saved_lora_loads_with_diffusers_and_changes_the_output(tmp_path):
-    out, _ = run(tmp_path, "lora", "--iters=2", "--lr=1e-2", "--eval_every=0")
+    out, _ = run(tmp_path, "lora", "--iters=2", "--lr=1e-2", "--eval_every=0", "--ema_decay=0")  # saved = live
     folder = out / "checkpoints" / "iter_000002"
     noise = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
 
@@ -222,6 +226,37 @@ def test_saved_lora_loads_with_diffusers_and_changes_the_output(tmp_path):
     torch.testing.assert_close(sample(ours), after)
 
 
+def test_the_saved_lora_is_the_evaluated_one_and_diffusers_draws_the_evaluation_image(tmp_path):
+    """With the EMA on, pipe.load_lora_weights(checkpoint) draws the trainer's own evaluation image
+    from the evaluation's noise; the live weights, kept for resuming, draw another one."""
+    out, _ = run(tmp_path, "ema", "--iters=2", "--lr=0.1", "--ema_every=1", "--ema_decay=0.5", "--eval_every=0")
+    folder = out / "checkpoints" / "iter_000002"
+    tile = np.asarray(Image.open(out / "eval" / "iter_000002.png"))[:64, :64].astype(int)  # the first of 2 x 2
+    noise = torch.randn((4, 16, 8, 8), generator=sd35_train.generator(0, "eval"))[:1]  # 4: --eval_images
+
+    def draw(pipe):
+        image = pipe(prompt=data.load_prompts("general")[1][0][0], latents=noise.clone(), num_inference_steps=4,
+                     guidance_scale=4.5, height=64, width=64, output_type="np").images[0]
+        return (image * 255).round().astype(int)
+
+    pipe = models.load_pipeline("tiny", torch.float32, "cpu")
+    pipe.load_lora_weights(folder)
+    assert abs(draw(pipe) - tile).max() <= 1  # a rounding step at most (measured: 1)
+    live, params = tiny_policy(rank=sd35_train.Config.lora_rank)
+    identity = json.loads((folder / checkpoint.RUN_FILE).read_text())
+    checkpoint.load(folder, checkpoint.TrainState(live.transformer, torch.optim.AdamW(params),
+                                                  torch.amp.GradScaler("cpu", enabled=False)), identity)
+    assert abs(draw(live) - tile).max() > 4  # (measured: 18)
+
+
+def test_evaluating_a_checkpoint_scores_what_its_run_scored_whatever_the_ema_flags(tmp_path):
+    out, logs = run(tmp_path, "run", "--iters=1", "--lr=1e-2", "--ema_decay=0")
+    _, evaluated = run(tmp_path, "eval", "--eval_only", f"--resume={out}")  # --ema_decay=0.9 by default
+    assert evaluated[-1]["eval_reward"] == logs[-1]["eval_reward"] != logs[0]["eval_reward"]  # not the base model
+    png = [folder / "eval" / "iter_000001.png" for folder in (out, tmp_path / "eval")]
+    assert png[0].read_bytes() == png[1].read_bytes()
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -241,7 +276,7 @@ def test_torchrun_three_ranks_take_unequal_shares_train_and_stay_in_sync(tmp_pat
                     nproc=3)
     assert proc.returncode == 0, proc.stderr[-3000:]
     logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert [e.get("iteration") for e in logs[:2]] == [1, 2] and logs[-1] == {"ranks_in_sync": True}
+    assert [e.get("iteration") for e in logs[:3]] == [0, 1, 2] and logs[-1] == {"ranks_in_sync": True}
     assert "8 trajectories per iteration, 3 rank(s) x 2-3 (3 on the first 2, 2 on the rest)" in proc.stdout  # 8 = 3 + 3 + 2
     assert (out / "checkpoints" / "iter_000002" / checkpoint.LORA_FILE).exists()
 
@@ -255,7 +290,7 @@ def test_two_ranks_draw_the_same_prompts_and_track_the_same_as_one_rank(tmp_path
                          capture_output=True, text=True, timeout=300)
     two = torchrun(WITH_TEST_REWARDS, *flags, f"--out={tmp_path / 'two'}")
     assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
-    logs = [read_log(tmp_path / name / "log.jsonl")[:2] for name in ("one", "two")]
+    logs = [read_log(tmp_path / name / "log.jsonl")[1:3] for name in ("one", "two")]
     draws = [[(e["prompt_ids"], e["group_sizes"]) for e in run_logs] for run_logs in logs]
     assert draws[0] == draws[1]
     assert draws[0][0][0] != draws[0][1][0]  # the draws do change between iterations
@@ -270,7 +305,7 @@ def _gradient_step(rank, world, port, result_path):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    ranks = sd35_train.Ranks("cpu")
+    ranks = sd35_train.Ranks("cpu", result_path.parent)
     ranks.start()
     pipe, params = tiny_policy(lora_seed=2)
     n = 64
@@ -284,18 +319,13 @@ def _gradient_step(rank, world, port, result_path):
     local = minflow.Trajectory(traj.xs[mine], traj.log_probs[mine], traj.stds, traj.sigmas)
     cfg = sd35_train.Config(minibatches=1, train_batch=16, grad_clip=1e9, beta=0.05, guidance_scale=4.5,
                             group_size=8, prompts_per_iter=n // 8)
-    model = torch.nn.parallel.DistributedDataParallel(pipe.transformer)
-    run = sd35_train.Run(cfg, minflow.Algorithm(), pipe, model, torch.float32, None, ranks, None, None, [], [])
+    run = sd35_train.Run(cfg, minflow.Algorithm(), pipe, torch.float32, None, ranks, None, None, [], [])
     before = [p.detach().clone() for p in params]
     state = checkpoint.TrainState(pipe.transformer, torch.optim.SGD(params, lr=1.0),
                                   torch.amp.GradScaler("cpu", enabled=False))
-    sd35_train.optimise(run, 0, state, local, cond.select(torch.arange(n)[mine]), adv[mine])
+    sd35_train.optimise(run, 0, state, local, cond.select(torch.arange(n)[mine]), adv)
     if rank == 0:
         save_file({str(i): b - p.detach() for i, (b, p) in enumerate(zip(before, params))}, result_path)
-    # Free DDP before its process group, as sd35/train.py does: a Reducer freed after the group
-    # can deadlock with gloo's thread (pytorch/pytorch#56297).
-    del model, run
-    gc.collect()
     dist.destroy_process_group()
 
 
@@ -314,7 +344,7 @@ def test_gradients_from_ranks_with_unequal_shares_equal_one_rank_on_the_same_glo
 def test_rank_shares_cover_the_budget_and_differ_by_at_most_one(monkeypatch):
     for world, total in [(3, 64), (8, 12), (5, 5), (1, 7)]:
         monkeypatch.setenv("WORLD_SIZE", str(world))
-        ranks = sd35_train.Ranks("cpu")
+        ranks = sd35_train.Ranks("cpu", ".")
         shares = [ranks.share(total, r) for r in range(world)]
         assert [s.start for s in shares[1:]] == [s.stop for s in shares[:-1]] and shares[-1].stop == total
         sizes = [s.stop - s.start for s in shares]
@@ -342,13 +372,13 @@ def test_prompts_embedded_once_give_the_rewards_of_encoding_every_iteration(tmp_
     built = []
     real_bank = policy.PromptBank
     monkeypatch.setattr(policy, "PromptBank", lambda pipe, *a: built.append(pipe) or real_bank(pipe, *a))
-    flags = ["--algo=stepwise", "--iters=2", "--eval_every=1", "--save_every=2", "--lr=1e-2"]
+    flags = ["--algo=stepwise", "--iters=2", "--eval_every=1", "--save_every=2", "--lr=1e-2", "--ema_decay=0"]
     _, free = run(tmp_path, "free", *flags)
     assert all(getattr(built[-1], name) is None for name in policy.TEXT_ENCODERS)
     _, keep = run(tmp_path, "keep", *flags, "--text_encoders=keep")
     assert all(getattr(built[-1], name) is not None for name in policy.TEXT_ENCODERS)
     for key in ("reward_mean", "reward_std", "policy_loss", "kl", "eval_reward"):
-        assert [e[key] for e in free] == [e[key] for e in keep], key
+        assert [e.get(key) for e in free] == [e.get(key) for e in keep], key
     a, b = lora(tmp_path / "free", 2), lora(tmp_path / "keep", 2)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -359,19 +389,43 @@ def test_tensorboard_holds_the_logged_scalars_and_the_eval_grid(tmp_path):
     events = event_accumulator.EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0})
     events.Reload()
     for key in ("reward_mean", "kl", "image_edge_density", "eval_reward", "grad_norm"):
-        logged = [(e["iteration"], e[key]) for e in logs]
+        logged = [(e["iteration"], e[key]) for e in logs if key in e]
         read = [(s.step, s.value) for s in events.Scalars(key)]
         assert read == [(i, pytest.approx(v, rel=1e-6)) for i, v in logged], key
-    assert [image.step for image in events.Images("eval_grid")] == [1, 2]
+    assert [image.step for image in events.Images("eval_grid")] == [0, 1, 2]
 
 
-def test_wandb_offline_writes_its_run_folder(tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
+def test_a_resumed_run_continues_its_tensorboard_log_and_a_failure_is_recorded(tmp_path, monkeypatch):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    flags = ["--eval_every=0", "--eval_images=1", "--report_to=tensorboard", "--save_every=1", "--iters=2"]
+    out, _ = run(tmp_path, "tb", *flags)
+    shutil.rmtree(out / "checkpoints" / "iter_000002")  # as if killed after logging iteration 2, before saving it
+    run(tmp_path, "tb", *flags, "--resume")
+    monkeypatch.setitem(rewards.REWARDS, "unreachable", lambda options: (_ for _ in ()).throw(
+        ConnectionError("the reward's hub is unreachable")))  # fails while the model loads
+    with pytest.raises(SystemExit):
+        run(tmp_path, "tb", *flags, "--iters=3", "--resume", "--reward=unreachable")
+    events = event_accumulator.EventAccumulator(str(out / "tensorboard"), size_guidance={"tensors": 0})
+    events.Reload()
+    assert [s.step for s in events.Scalars("reward_mean")] == [1, 2]  # iteration 2 once: its rerun
+    assert [s.step for s in events.Scalars("eval_reward")] == [0, 2]
+    assert b"the reward's hub is unreachable" in events.Tensors("error/text_summary")[-1].tensor_proto.string_val[0]
+
+
+def test_wandb_offline_continues_its_run_on_resume_and_records_a_failure(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    out, logs = run(tmp_path, "wb", "--iters=1", "--eval_images=1", "--report_to=wandb")
-    runs = list((out / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1 and list(runs[0].glob("*.wandb")) and logs[-1]["iteration"] == 1
+    flags = ["--eval_images=1", "--report_to=wandb", "--save_every=1"]
+    out, logs = run(tmp_path, "wb", *flags, "--iters=1")
+    monkeypatch.setattr(sd35_train, "optimise", lambda *a: (_ for _ in ()).throw(RuntimeError("a bug in iteration 2")))
+    with pytest.raises(SystemExit):
+        run(tmp_path, "wb", *flags, "--iters=2", "--resume")
+    wandb.teardown()  # wandb's service writes the run's last records on its own time
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    run_id = (out / curves.WANDB_ID_FILE).read_text()
+    assert len(runs) == 2 and all(folder.name.endswith(f"-{run_id}") for folder in runs)
+    assert b"a bug in iteration 2" in next(runs[-1].glob("*.wandb")).read_bytes()  # in the run's summary
 
 
 @pytest.mark.gpu
