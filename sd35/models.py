@@ -195,7 +195,7 @@ def load_pipeline(model, dtype, device) -> StableDiffusion3Pipeline:
     pipe.set_progress_bar_config(disable=True)
     # SD3's VAE can decode silent garbage in half precision, and every reward would score it
     # (Flow-GRPO keeps its VAE in float32 too); it is a small share of the memory.
-    pipe.vae.to(dtype=torch.float32)
+    pipe.vae.float()  # not .to(dtype): diffusers warns on that for every model
     for name in PARTS:
         freeze(getattr(pipe, name), dtype)
     return pipe
