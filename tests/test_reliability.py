@@ -98,10 +98,7 @@ def test_ctrl_c_with_ocr_workers_saves_exits_0_and_leaves_no_process(tmp_path):
                              "--group_size=2", "--reward_workers=2", "--iters=1000", "--save_every=0",
                              f"--out={out}"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.time() + 120
-    while not ((out / "log.jsonl").exists() and read_log(out / "log.jsonl")):
-        assert proc.poll() is None and time.time() < deadline, "the run ended before its first iteration"
-        time.sleep(0.1)
+    iteration_1_logged(proc, out)
     os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C at a terminal: the whole process group, workers included
     _, stderr = proc.communicate(timeout=120)  # the output ends once every process holding it has
     assert proc.returncode == 0, stderr[-2000:]
