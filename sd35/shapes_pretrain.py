@@ -5,7 +5,6 @@ the diffusers folder with its loss curves, and evaluate it as sd35/train.py does
     python sd35/shapes_pretrain.py                          # rebuilds sd35/shapes_model/
     python sd35/shapes_pretrain.py --out=runs/my_shapes     # elsewhere; then --model=runs/my_shapes
 """
-import io
 import json
 import math
 import shutil
@@ -15,14 +14,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 from tqdm import tqdm
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cli  # noqa: E402
@@ -30,19 +25,22 @@ from cli import flag, text_range  # noqa: E402
 from sd35 import models, policy, shapes, train  # noqa: E402
 from sd35.curves import read_log  # noqa: E402
 from sd35.data import load_prompts  # noqa: E402
+from toy import plots  # noqa: E402  (first: it chooses matplotlib's backend)
+import matplotlib.pyplot as plt  # noqa: E402
 
 SHIFT = 3.0  # SD3's timestep shift, as the saved scheduler and minflow.sd3_sigmas use it
-JITTERS, JITTER = 16, 0.02  # renders of each train prompt, each shape moved by up to 2 % of the width
+JITTER = 0.02  # each render moves its shape by up to 2 % of the width
 
 
 @dataclass
 class Settings:
     out: str = flag(str(models.SHIPPED["shapes"]), text_range("a folder"))  # where the diffusers folder goes
-    vae_steps: int = flag(4000, "[1, inf)")  # VAE optimiser steps
+    vae_steps: int = flag(3000, "[1, inf)")  # VAE optimiser steps
     vae_batch: int = flag(8, "[1, inf)")  # images per VAE step (small batches learn more per image here)
     vae_lr: float = flag(6e-3, "(0, 1]")  # the VAE's peak AdamW learning rate (cosine decay)
     steps: int = flag(2000, "[1, inf)")  # transformer optimiser steps
     batch: int = flag(64, "[1, inf)")  # latents per transformer step
+    renders: int = flag(16, "[1, inf)")  # renders of each train prompt, encoded once, that the transformer learns
     lr: float = flag(1e-3, "(0, 1]")  # the transformer's peak AdamW learning rate (cosine decay)
     cfg_dropout: float = flag(0.1, "[0, 1)")  # share of prompts replaced by the empty one, for CFG's unconditional branch
     seed: int = flag(0, "[0, 1e18]")  # seeds the weights, the renders and the noise
@@ -92,7 +90,7 @@ def train_transformer(pipe, s, generator):
     noise - x0, t logit-normal then shifted as SD3 trains; a prompt is dropped for the empty one
     with probability cfg_dropout, so that classifier-free guidance has an unconditional model."""
     prompts = [p for p, _ in load_prompts("shapes")[0]]
-    index = torch.arange(len(prompts)).repeat(JITTERS)
+    index = torch.arange(len(prompts)).repeat(s.renders)
     scenes = torch.tensor([shapes.parse(p) for p in prompts])[index]
     with torch.no_grad():  # the data, encoded once
         bank = torch.cat([pipe.vae.encode(shapes.render(part.T, 64, generator, jitter=JITTER) * 2 - 1)
@@ -125,11 +123,7 @@ def loss_figure(vae_losses, losses, path):
         ax.plot(np.convolve(values, np.ones(50) / 50, mode="valid"), label="mean of 50 steps")
         ax.set(yscale="log", xlabel="step", title=title)
     axes[0].legend()
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    cli.atomic_write(path, buffer.getvalue())
+    plots.save(fig, path)
 
 
 def main(argv):
