@@ -93,9 +93,9 @@ def main(argv):
     for algo in algos:
         seeds = np.stack([runs[algo, seed] for seed in range(s.seeds)])  # [seeds, evaluations, 3]
         base, final, best = seeds[:, 0, 2], seeds[:, -1, 2], seeds[:, :, 2].max(1)
-        rows.append(f"| {algo} | {base.mean():.3f} | {final.mean():.3f} ± {final.std():.3f} | "
-                    f"{(final - base).mean():+.3f} ± {(final - base).std():.3f} | {best.mean():.3f} ± {best.std():.3f} "
-                    f"| {seeds[:, -1, 1].mean():.0f} |")
+        gain = final - base
+        rows.append(f"| {algo} | {base.mean():.3f} | {final.mean():.3f} ± {final.std():.3f} | {gain.mean():+.3f} ± "
+                    f"{gain.std():.3f} | {best.mean():.3f} ± {best.std():.3f} | {seeds[:, -1, 1].mean():.0f} |")
     text = (f"# Shapes: the three algorithms at one budget\n\nMade by `python sd35/shapes_compare.py {' '.join(argv)}`"
             f": {s.iters} iterations of {budget} trajectories, seeds 0-{s.seeds - 1}, every run at --model=shapes' "
             "defaults (sd35/shapes.py: TRAIN_DEFAULTS), one CPU thread each. Held-out reward: the mean over the test "

@@ -42,7 +42,7 @@ class Settings:
     batch: int = flag(64, "[1, inf)")  # latents per transformer step
     renders: int = flag(16, "[1, inf)")  # renders of each train prompt, encoded once, that the transformer learns
     lr: float = flag(1e-3, "(0, 1]")  # the transformer's peak AdamW learning rate (cosine decay)
-    cfg_dropout: float = flag(0.1, "[0, 1)")  # share of prompts replaced by the empty one, for CFG's unconditional branch
+    cfg_dropout: float = flag(0.1, "[0, 1)")  # share of prompts swapped for the empty one: CFG's unconditional branch
     seed: int = flag(0, "[0, 1e18]")  # seeds the weights, the renders and the noise
 
 
@@ -77,7 +77,8 @@ def optimise(module, steps, lr, loss_of, desc):
 def train_vae(vae, s, generator):
     """Reconstruction (MSE) plus a small KL, as SD's VAEs weigh it, on any scene anywhere in its cell."""
     def loss_of():
-        scenes = [torch.randint(len(k), (s.vae_batch,), generator=generator) for k in (shapes.COLOURS, shapes.SHAPES, shapes.PLACES)]
+        scenes = [torch.randint(len(k), (s.vae_batch,), generator=generator)
+                  for k in (shapes.COLOURS, shapes.SHAPES, shapes.PLACES)]
         images = shapes.render(scenes, 64, generator, jitter=1 / 6) * 2 - 1
         posterior = vae.encode(images).latent_dist
         recon = vae.decode(posterior.sample(generator)).sample
