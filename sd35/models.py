@@ -50,9 +50,8 @@ T5_TOKENS = dict(pad_token_id=PAD_ID, eos_token_id=EOS_ID)
 
 
 def char_tokenizer(max_length: int, add_bos: bool, words=None) -> PreTrainedTokenizerFast:
-    """A lowercase, one-token-per-character tokenizer built in memory (with `words`, one token per
-    word of that list): <eos> ends each sequence, CLIP-style ones (add_bos) start with <bos>,
-    <pad> pads on the right (to max_length if asked)."""
+    """A lowercase tokenizer built in memory, a token per character (or per word of `words`): <eos> ends
+    each sequence, CLIP-style ones (add_bos) start with <bos>, <pad> pads on the right (to max_length if asked)."""
     vocab = VOCAB if words is None else {token: i for i, token in enumerate(SPECIAL_TOKENS + list(words))}
     tok = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()

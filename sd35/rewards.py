@@ -282,8 +282,7 @@ class RewardMix:
 
 
 def _collected(name, term, prompts):
-    """A term's scores {name: [B], name_part: [B]...}: as they are, or from a pooled reward's futures,
-    one an image."""
+    """A term's scores {name: [B]}: as they are, or from a pooled reward's futures, one an image."""
     if isinstance(term, dict):
         return term
     scores = []
@@ -296,9 +295,8 @@ def _collected(name, term, prompts):
 
 
 def _score(name, reward, images, prompts, metadata):
-    """One reward's checked scores {name: [B]}, and {name_part: [B]} of its parts if it returns them;
-    any failure as a RewardError naming the reward and the prompt, which a failing batch finds by
-    scoring one image at a time."""
+    """One reward's checked scores {name: [B], name_part: [B] of any parts}; any failure as a RewardError
+    naming the reward and the prompt, which a failing batch finds by scoring one image at a time."""
     where = f"on prompt {prompts[0]!r}" + (f" (first of {len(prompts)})" if len(prompts) > 1 else "")
     try:
         scores = reward(images, prompts, metadata)
