@@ -24,8 +24,9 @@ from cli import text_range
 from sd35 import policy
 from sd35.rewards import REWARD_MODEL_PARAMETERS
 
-MODEL = text_range("tiny, sd35m-random, a local diffusers folder or a hub id (owner/name)",
-                   lambda v: v in ("tiny", "sd35m-random") or v != "" and Path(v).is_dir()
+SHIPPED = {"shapes": Path(__file__).parent / "shapes_model"}  # pretrained models in the repository (sd35/shapes.py)
+MODEL = text_range("tiny, sd35m-random, shapes, a local diffusers folder or a hub id (owner/name)",
+                   lambda v: v in ("tiny", "sd35m-random", *SHIPPED) or v != "" and Path(v).is_dir()
                    or re.fullmatch(r"[\w.-]+/[\w.-]+", v) is not None)
 MIXED_PRECISION = ("auto", "fp16", "bf16", "no")  # the --mixed_precision flag's range
 RESOLUTION = text_range("0 (the model's own default) or a positive multiple of 16 (VAE 8x, patch 2)",
@@ -48,14 +49,16 @@ CLIP_TOKENS = dict(pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID
 T5_TOKENS = dict(pad_token_id=PAD_ID, eos_token_id=EOS_ID)
 
 
-def char_tokenizer(max_length: int, add_bos: bool) -> PreTrainedTokenizerFast:
-    """A lowercase, one-token-per-character tokenizer built in memory: <eos> ends each sequence,
-    CLIP-style ones (add_bos) start with <bos>, <pad> pads on the right (to max_length if asked)."""
-    tok = Tokenizer(WordLevel(vocab=VOCAB, unk_token="<unk>"))
+def char_tokenizer(max_length: int, add_bos: bool, words=None) -> PreTrainedTokenizerFast:
+    """A lowercase tokenizer built in memory, a token per character (or per word of `words`): <eos> ends
+    each sequence, CLIP-style ones (add_bos) start with <bos>, <pad> pads on the right (to max_length if asked)."""
+    vocab = VOCAB if words is None else {token: i for i, token in enumerate(SPECIAL_TOKENS + list(words))}
+    tok = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
-    # Every single character is its own "word" for the WordLevel model.
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()  # join characters back without spaces
+    # Every single character (or word) is its own "word" for the WordLevel model.
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated") if words is None \
+        else pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.Fuse() if words is None else decoders.WordPiece()  # join characters, or words with spaces
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A <eos>" if add_bos else "$A <eos>",
                                                        special_tokens=[("<bos>", BOS_ID), ("<eos>", EOS_ID)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
@@ -182,6 +185,7 @@ def load_pipeline(model, dtype, device) -> StableDiffusion3Pipeline:
     tiny is built on the CPU from seed 0, so every device and run gets the same weights;
     sd35m-random is made on `device`.
     Those described in code get the per-character tokenizers and SD3.5's scheduler."""
+    model = str(SHIPPED.get(model, model))  # a shipped model is a folder in the repository
     if model in CONFIGS:
         seed = 0 if model == "tiny" else None
         parts = build_parts(CONFIGS[model](), "cpu" if seed == 0 else device, dtype, seed)
@@ -203,6 +207,7 @@ def load_pipeline(model, dtype, device) -> StableDiffusion3Pipeline:
 
 def transformer_config(model):
     """The transformer's config alone (for a hub id, its small JSON file), to check flags before loading."""
+    model = str(SHIPPED.get(model, model))  # a shipped model is a folder in the repository
     if model in CONFIGS:
         return dict(CONFIGS[model]()["transformer"])
     return SD3Transformer2DModel.load_config(model, subfolder="transformer")
@@ -211,6 +216,7 @@ def transformer_config(model):
 def part_configs(model):
     """{part: config} of `model` without its weights; None when a hub id's config files are not
     in the local cache (nothing is downloaded)."""
+    model = str(SHIPPED.get(model, model))  # a shipped model is a folder in the repository
     if model in CONFIGS:
         return CONFIGS[model]()
     folder = Path(model)

@@ -105,9 +105,10 @@ class PromptEmbeddings:
 
 
 @torch.no_grad()
-def encode_prompts(pipe, prompts, guidance_scale, device, max_sequence_length=T5_TOKENS):
-    """Embed the prompts without gradients; the empty negative prompt only with CFG."""
-    cfg = guidance_scale > 1
+def encode_prompts(pipe, prompts, guidance_scale, device):
+    """Embed the prompts without gradients; the empty negative prompt only with CFG. T5 sees T5_TOKENS
+    tokens, or fewer where the model's tokenizer says so (a model trained on short prompts)."""
+    cfg, max_sequence_length = guidance_scale > 1, min(T5_TOKENS, pipe.tokenizer_3.model_max_length)
     embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
         prompt=prompts, prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=cfg,
         negative_prompt=[""] * len(prompts) if cfg else None, max_sequence_length=max_sequence_length)

@@ -2,11 +2,13 @@
 
 Every reward is `reward(images, prompts, metadata) -> float32 tensor [B] on the CPU`, with images
 [B, 3, H, W] in [0, 1] on any device and B prompts and metadata dicts from the prompt file (e.g.
-{"text": "OPEN"}). `--reward=ocr=0.8,pickscore=0.2` weights rewards of REWARDS by name; RewardMix
-returns the weighted total with every term, so each can be logged. None need be differentiable.
+{"text": "OPEN"}); one made of parts may return (total [B], {part: [B]}), each part logged as
+name_part. `--reward=ocr=0.8,pickscore=0.2` weights rewards of REWARDS by name; RewardMix returns
+the weighted total with every term, so each can be logged. None need be differentiable.
 """
 import base64
 import http.client
+import importlib
 import json
 import math
 import time
@@ -152,6 +154,7 @@ REWARDS = {
     "ocr": lambda o: on_pixels(pixel_rewards.OcrReward(o.threads)),
     "pickscore": lambda o: ClipCosine(o.pickscore_model, o.pickscore_processor, o.device, pickscore=True),
     "remote": lambda o: RemoteReward(o.remote_url),
+    "shapes": lambda o: importlib.import_module("sd35.shapes").reward,  # colour, place and shape of one object
 }
 
 # The range that the real model's scores fill, for the prompt tracker, which maps each reward
@@ -160,6 +163,7 @@ REWARDS = {
 # follows the running min..max they show.
 REWARD_RANGES = {
     "ocr": (0.0, 1.0),  # a similarity, by construction
+    "shapes": (0.0, 1.0),  # a product of three shares
     # PickScore as Flow-GRPO scales it (100 cos / 26): SD3.5-M's images score about 0.9 on their
     # prompts (Stepwise-Flow-GRPO, arXiv:2603.28718, fig. 1), and RL moves that by hundredths.
     "pickscore": (0.7, 1.0),
@@ -255,8 +259,8 @@ class RewardMix:
         terms.update({name: _score(name, reward, images, prompts, metadata) for name, reward in self.rewards.items()})
 
         def result():  # waits for the workers
-            scores = {name: _collected(name, terms[name], prompts) for name in self.weights}
-            total = sum(self.weights[name] * scores[name] for name in scores)
+            scores = {key: s for name in self.weights for key, s in _collected(name, terms[name], prompts).items()}
+            total = sum(self.weights[name] * scores[name] for name in self.weights)
             return total if total_only else (total, scores)
         return SimpleNamespace(result=result)
 
@@ -278,8 +282,8 @@ class RewardMix:
 
 
 def _collected(name, term, prompts):
-    """A term's scores [B]: as they are, or from a pooled reward's futures, one an image."""
-    if isinstance(term, torch.Tensor):
+    """A term's scores {name: [B]}: as they are, or from a pooled reward's futures, one an image."""
+    if isinstance(term, dict):
         return term
     scores = []
     for prompt, future in zip(prompts, term):
@@ -287,15 +291,18 @@ def _collected(name, term, prompts):
             scores += future.result()
         except WorkerError as error:
             raise RewardError(f"reward {name!r} failed on prompt {prompt!r}: {error}") from None
-    return torch.tensor(scores)
+    return {name: torch.tensor(scores)}
 
 
 def _score(name, reward, images, prompts, metadata):
-    """One reward's checked scores [B]; any failure as a RewardError naming the reward and the prompt,
-    which a failing batch finds by scoring one image at a time."""
+    """One reward's checked scores {name: [B], name_part: [B] of any parts}; any failure as a RewardError
+    naming the reward and the prompt, which a failing batch finds by scoring one image at a time."""
     where = f"on prompt {prompts[0]!r}" + (f" (first of {len(prompts)})" if len(prompts) > 1 else "")
     try:
-        scores = reward(images, prompts, metadata).detach().float().cpu()
+        scores = reward(images, prompts, metadata)
+        total, parts = scores if isinstance(scores, tuple) else (scores, {})
+        scores = {key: s.detach().float().cpu() for key, s in
+                  {name: total, **{f"{name}_{part}": s for part, s in parts.items()}}.items()}
     except RewardError:
         raise  # already names the reward and the prompt
     except RewardServerError as error:  # the server's fault, not any one prompt's
@@ -308,6 +315,7 @@ def _score(name, reward, images, prompts, metadata):
                 raise RewardError(f"reward {name!r} failed on prompt {prompt!r}: {single}") from error
         raise RewardError(f"reward {name!r} failed on a batch of {len(prompts)} starting with prompt "
                           f"{prompts[0]!r}, though not on any one image alone: {error}") from error
-    if scores.shape != (len(prompts),):
-        raise RewardError(f"reward {name!r} returned shape {list(scores.shape)} {where}; expected [{len(prompts)}]")
+    for s in scores.values():
+        if s.shape != (len(prompts),):
+            raise RewardError(f"reward {name!r} returned shape {list(s.shape)} {where}; expected [{len(prompts)}]")
     return scores  # non-finite scores pass: the trainer drops those samples and counts them

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cli  # noqa: E402
 import minflow  # noqa: E402
 from cli import flag, parses, text_range  # noqa: E402
-from sd35 import checkpoint, curves, models, policy  # noqa: E402
+from sd35 import checkpoint, curves, models, policy, shapes  # noqa: E402
 from sd35.data import SHIPPED_SETS, load_prompts  # noqa: E402
 from sd35.rewards import (REWARDS, RewardError, RewardMix, RewardOptions, encoded, parse_range,  # noqa: E402
                           parse_reward_spec)
@@ -49,7 +49,7 @@ PROMPT_SET = text_range(f"a shipped set ({', '.join(SHIPPED_SETS)}) or a folder"
 
 @dataclass
 class Config:
-    model: str = flag("stabilityai/stable-diffusion-3.5-medium", models.MODEL)  # the model to fine-tune; tiny and sd35m-random are built in code, no download
+    model: str = flag("stabilityai/stable-diffusion-3.5-medium", models.MODEL)  # the model to fine-tune; tiny and sd35m-random are built in code, no download; shapes (pretrained, shipped) brings its own defaults
     algo: str = flag("flow_grpo", PRESET)  # stepwise runs on Flow-GRPO's SDE, stepwise_ddim on the DDIM-inspired one; axis flags override
     reward: str = flag("ocr", REWARD_SPEC)  # one reward or a weighted mix, e.g. ocr=0.8,pickscore=0.2 (sd35/rewards.py)
     reward_url: str = flag("", URL)  # the reward server, for --reward=remote
@@ -114,7 +114,9 @@ def parse_args(argv):
     argv = [a for a in argv if a != "--resume"]
     axis_names = {f.name for f in fields(minflow.Algorithm)}
     axis_flags = [a for a in argv if a.removeprefix("--").partition("=")[0] in axis_names]
-    cfg = Config(**cli.parse_flags(Config, [a for a in argv if a not in axis_flags]))
+    given = cli.parse_flags(Config, [a for a in argv if a not in axis_flags])
+    own = shapes.TRAIN_DEFAULTS if given.get("model") == "shapes" else {}  # sized for it, under the flags given
+    cfg = Config(**{**own, **given})
     cfg = replace(cfg, resume=cfg.out) if bare_resume else cfg
     cli.check_flags(cfg)
     algo = cli.read_flags(minflow.Algorithm, axis_flags, base=cli.make_algorithm(cfg.algo))

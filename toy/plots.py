@@ -12,7 +12,7 @@ import cli  # noqa: E402
 from toy import flow  # noqa: E402
 
 
-def _save(fig, path):
+def save(fig, path):
     """Render to memory, then write atomically: a killed run never leaves a torn PNG."""
     buffer = io.BytesIO()
     fig.tight_layout()
@@ -27,7 +27,7 @@ def _styles(names):
     return {n: dict(color=colours[i % 10], linestyle=["-", "--", ":", "-."][i // 10 % 4]) for i, n in enumerate(names)}
 
 
-def reward_curves(results, path):
+def reward_curves(results, path, ylabel="eval reward (ODE, whole pool)"):
     """Eval reward against trajectories and against training seconds: seed mean, min..max band."""
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     styles = _styles(results["curves"])
@@ -37,10 +37,10 @@ def reward_curves(results, path):
             xs, ys = points[..., 0].mean(0), points[..., 1]
             ax.plot(xs, ys.mean(0), label=name, **styles[name])
             ax.fill_between(xs, ys.min(0), ys.max(0), color=styles[name]["color"], alpha=0.12)
-    axes[0].set(xlabel="trajectories sampled", ylabel="eval reward (ODE, whole pool)", title="reward vs samples")
+    axes[0].set(xlabel="trajectories sampled", ylabel=ylabel, title="reward vs samples")
     axes[1].set(xlabel="training seconds (sampling + update, no eval)", title="reward vs wall-clock")
     axes[0].legend(fontsize=7)
-    _save(fig, path)
+    save(fig, path)
 
 
 def sample_clouds(results, path):
@@ -60,7 +60,7 @@ def sample_clouds(results, path):
         ax.title.set_fontsize(7)
     fig.suptitle("ODE samples of the whole pool after training (first seed), coloured by target mode (circled)",
                  fontsize=9)
-    _save(fig, path)
+    save(fig, path)
 
 
 def prompts(results, path):
@@ -82,7 +82,7 @@ def prompts(results, path):
                                 "final eval reward (mean over seeds)"]):
         ax.set(xlabel=f"pool prompt, easy to hard (p_c from {p[0]:.2f} to {p[-1]:.2f})", title=title)
     axes[0].legend(fontsize=6)
-    _save(fig, path)
+    save(fig, path)
 
 
 def all_figures(results, out):
