@@ -195,7 +195,7 @@ def load_pipeline(model, dtype, device) -> StableDiffusion3Pipeline:
             tokenizer_2=char_tokenizer(CLIP_MAX_LENGTH, add_bos=True),
             tokenizer_3=char_tokenizer(T5_MAX_LENGTH, add_bos=False)).to(device)
     else:
-        pipe = StableDiffusion3Pipeline.from_pretrained(model, torch_dtype=dtype).to(device)
+        pipe = StableDiffusion3Pipeline.from_pretrained(model, dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     # SD3's VAE can decode silent garbage in half precision, and every reward would score it
     # (Flow-GRPO keeps its VAE in float32 too); it is a small share of the memory.
