@@ -1,8 +1,11 @@
 """What happens when things go wrong: crashes, kills, bad flags, bad rewards, bad gradients,
 unsafe files. One test per case of the README's failure table; all on CPU with the tiny model."""
+import errno
+import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -444,6 +447,110 @@ def test_nan_gradients_are_skipped_then_stop_the_run(tmp_path, monkeypatch, caps
     assert entries[1]["skipped_steps"] == [True, True]
     lora = load_file(checkpoint.newest(tmp_path / "run") / checkpoint.LORA_FILE)
     assert all((v == 0).all() for k, v in lora.items() if "lora_B" in k)  # skipped steps never touched the weights
+
+
+# ---------------------------------------------------------------------------------- full disks, corrupt files
+
+FAULT_FLAGS = ["--iters=2", "--save_every=1", "--lr=1e-2", "--ema_every=1", "--eval_every=1", "--keep_best"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """A run of 2 iterations with a checkpoint after each, met by no fault: what every resumed run must equal."""
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    return out, main(out, *FAULT_FLAGS)
+
+
+def test_the_best_evaluation_is_kept_loadable_with_its_iteration_and_reward(uninterrupted):
+    out, entries = uninterrupted
+    rewards_seen = [e["eval_reward"] for e in entries]
+    best = json.loads((out / "best" / checkpoint.BEST_FILE).read_text())
+    assert best == {"iteration": rewards_seen.index(max(rewards_seen)), "eval_reward": max(rewards_seen)}
+    lora = load_file(out / "best" / checkpoint.LORA_FILE)
+    if best["iteration"]:  # the base model's LoRA (iteration 0) is in no checkpoint
+        kept = load_file(out / "checkpoints" / f"iter_{best['iteration']:06d}" / checkpoint.LORA_FILE)
+        assert lora.keys() == kept.keys() and all(torch.equal(lora[k], kept[k]) for k in lora)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("best")) == ["best"]
+
+
+def corrupt(run, case):
+    """Damage checkpoint iteration 2 of `run` as `case` says -> the line that names the damage."""
+    folder = run / "checkpoints" / "iter_000002"
+    if case == "flipped byte":
+        data = bytearray((folder / checkpoint.STATE_FILE).read_bytes())
+        data[len(data) // 2] ^= 1
+        (folder / checkpoint.STATE_FILE).write_bytes(data)
+        return f"checkpoint {folder}: {checkpoint.STATE_FILE} does not match the checksum its save recorded"
+    if case == "truncated file":
+        os.truncate(folder / checkpoint.LORA_FILE, 1000)
+        return f"checkpoint {folder}: {checkpoint.LORA_FILE} does not match the checksum its save recorded"
+    (folder / checkpoint.RUN_FILE).unlink()
+    return f"checkpoint {folder} lacks {checkpoint.RUN_FILE}"
+
+
+def fill_the_disk_at_iteration_2(monkeypatch, run):
+    """The trainer's state file of iteration 2 gets half written, then the disk is full (injected: no
+    small filesystem can be mounted here)."""
+    real = checkpoint.save_file
+
+    def half_then_full(tensors, path):
+        real(tensors, path)
+        if "iter_000002" in str(path):
+            os.truncate(path, os.path.getsize(path) // 2)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    monkeypatch.setattr(checkpoint, "save_file", half_then_full)
+    return rf"\[Errno 28\] No space left on device: '{run}/checkpoints/iter_000002\.tmp/trainer_state\.safetensors'"
+
+
+def unmount_after_iteration_1(monkeypatch, run):
+    """The run folder vanishes once iteration 1 is saved, as a network filesystem that unmounts does; it is
+    moved away, a real fault even as root (a read-only folder is not: root writes there anyway)."""
+    real = checkpoint.save
+
+    def save_then_vanish(run_dir, snapshot, *args):
+        saved = real(run_dir, snapshot, *args)
+        if saved == 1:
+            run.rename(run.with_name("unmounted"))
+        return saved
+    monkeypatch.setattr(checkpoint, "save", save_then_vanish)
+    return rf"\[Errno 2\] No such file or directory: '{run}/.+'"
+
+
+@pytest.mark.parametrize("case", ["flipped byte", "truncated file", "deleted file", "full disk", "folder gone"])
+def test_a_fault_loses_nothing_written_and_resume_ends_bitwise_equal(tmp_path, uninterrupted, monkeypatch, capsys,
+                                                                     case):
+    """A checkpoint damaged on disk is named and refused before any model loads, and --resume falls back
+    to the newest that verifies; a write that fails (a full disk, the folder gone) stops the run in one
+    line naming the newest checkpoint, removes its partial folder and damages nothing. Either way the
+    resumed run ends bitwise equal to the uninterrupted one."""
+    whole, run = uninterrupted[0], tmp_path / "run"
+    if case in ("full disk", "folder gone"):
+        with monkeypatch.context() as patched:
+            error = (fill_the_disk_at_iteration_2 if case == "full disk" else unmount_after_iteration_1)(patched, run)
+            with pytest.raises(SystemExit) as stop:
+                main(run, *FAULT_FLAGS)
+        assert re.search(rf"^error: {error} \(newest checkpoint: iteration 1\)$", capsys.readouterr().err, re.M)
+        assert stop.value.code == 1
+        if case == "folder gone":  # mounted again
+            run.with_name("unmounted").rename(run)
+        assert [p.name for p in (run / "checkpoints").iterdir()] == ["iter_000001"]
+        assert checkpoint.verify(run / "checkpoints" / "iter_000001") is None
+        assert [e.get("iteration") for e in read_log(run / "log.jsonl")][:2] == [0, 1]
+    else:
+        shutil.copytree(whole, run)
+        problem = corrupt(run, case)
+        bad = run / "checkpoints" / "iter_000002"
+        with monkeypatch.context() as patched, pytest.raises(SystemExit) as stop:
+            patched.setattr(models, "load_pipeline", lambda *a: pytest.fail("a model loaded before the check"))
+            main(run, *FAULT_FLAGS, f"--resume={bad}")
+        assert str(stop.value.code) == f"error: --resume={bad}: no checkpoint there verifies: {problem}"
+    main(run, *FAULT_FLAGS, "--resume")
+    if case not in ("full disk", "folder gone"):
+        assert f"{problem}; resuming from the newest checkpoint that verifies, {run / 'checkpoints' / 'iter_000001'}\n" \
+            in capsys.readouterr().out
+    for name in (checkpoint.LORA_FILE, checkpoint.STATE_FILE):
+        a, b = (load_file(r / "checkpoints" / "iter_000002" / name) for r in (whole, run))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
 # ---------------------------------------------------------------------------------- security
