@@ -1,6 +1,7 @@
 """What happens when things go wrong: crashes, kills, bad flags, bad rewards, bad gradients,
 unsafe files. One test per case of the README's failure table; all on CPU with the tiny model."""
 import errno
+import http.server
 import json
 import os
 import random
@@ -370,6 +371,50 @@ def test_any_failure_on_one_rank_ends_every_rank_with_the_completed_iterations_s
     ended_cleanly(records)
 
 
+class HangsOnItsThirdRequest(http.server.BaseHTTPRequestHandler):
+    """A reward server: /score scores each image by its PNG's size; /hang answers its first two requests
+    (rank 1's evaluation of the base model and its share of iteration 1), then never again."""
+
+    def do_POST(self):
+        images = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["images"]
+        self.server.hangs += self.path == "/hang"
+        if self.path == "/hang" and self.server.hangs > 2:
+            self.server.released.wait()  # connected, and silent until the test ends
+            return
+        reply = json.dumps({"scores": [len(png) % 97 / 97 for png in images]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_reward_server_that_hangs_for_one_rank_ends_every_rank_with_the_completed_iterations(tmp_path):
+    """Rank 1's server stops answering in iteration 2: --reward_timeout ends each of its 3 tries, then both
+    ranks stop at the next agreement, iteration 1 saved, with one line naming the rank and the server."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HangsOnItsThirdRequest)
+    server.hangs, server.released = 0, threading.Event()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    records, out = tmp_path / "records", tmp_path / "run"
+    try:
+        proc = two_ranks(records, out, "--reward=remote", f"--reward_url={url}/score", "--reward_timeout=1",
+                         "--iters=3", env={"RANK_1_REWARD_URL": f"{url}/hang"})
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        server.released.set()
+        server.shutdown()
+    assert proc.returncode == 1, stderr[-3000:]
+    assert re.search(rf"^error: rank 1: reward 'remote' failed on prompt '.+' \(first of 4\): reward server {url}/hang "
+                     r"failed after 3 attempts \(last error: no answer within 1\.0 s\); is it running\? "
+                     r"\(newest checkpoint: iteration 1\)$", stderr, re.M), stderr[-3000:]
+    assert 'sd35/train.py", line' not in stderr
+    assert checkpoint.newest(out).name == "iter_000001" and server.hangs == 2 + 3
+    ended_cleanly(records)
+
+
 def test_a_stop_signal_to_one_rank_stops_both_at_the_same_point(tmp_path):
     records, out = tmp_path / "records", tmp_path / "run"
     proc = two_ranks(records, out, "--iters=1000", "--save_every=0")
@@ -551,6 +596,48 @@ def test_a_fault_loses_nothing_written_and_resume_ends_bitwise_equal(tmp_path, u
     for name in (checkpoint.LORA_FILE, checkpoint.STATE_FILE):
         a, b = (load_file(r / "checkpoints" / "iter_000002" / name) for r in (whole, run))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+# A process that saves checkpoints with --keep_checkpoints=2 in a loop: for each line read, it forks a
+# saver, prints its pid and, once it is killed, "reaped" (one import of the packages for all the kills).
+SAVER = """
+import os, sys, torch
+from types import SimpleNamespace
+from sd35 import checkpoint
+def snapshot(iteration):
+    return SimpleNamespace(iteration=iteration, lora={"a.lora_A.weight": torch.full((4, 1000), float(iteration))},
+                           tensors={"state": torch.full((1_000_000,), float(iteration))}, numbers={}, adapter={})
+checkpoint.save(sys.argv[1], snapshot(1), {}, keep=2)
+for line in sys.stdin:
+    if (pid := os.fork()) == 0:
+        iteration = int(checkpoint.newest(sys.argv[1]).name[5:])
+        while True:
+            iteration = checkpoint.save(sys.argv[1], snapshot(iteration + 1), {}, keep=2)
+    print(pid, flush=True)
+    os.waitpid(pid, 0)
+    print("reaped", flush=True)
+"""
+
+
+def test_a_kill_during_saves_with_retention_always_leaves_a_complete_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    saver = subprocess.Popen([sys.executable, "-c", SAVER, str(run)], cwd=ROOT, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    rng, reached = random.Random(0), []
+    for _ in range(5):
+        saver.stdin.write("save\n")
+        saver.stdin.flush()
+        pid = int(saver.stdout.readline())
+        time.sleep(rng.uniform(0.05, 0.5))  # each save takes about 0.05 s: most kills land in one
+        os.kill(pid, signal.SIGKILL)
+        assert saver.stdout.readline() == "reaped\n"
+        listed = checkpoint.checkpoints(run)
+        assert checkpoint.newest(run) is not None and 1 <= len(listed) <= 3, listed  # 2 kept, 1 maybe half deleted
+        reached.append(int(checkpoint.newest(run).name[5:]))
+    saver.stdin.close()
+    saver.wait(timeout=60)
+    assert reached == sorted(reached) and reached[-1] > 5 and len(checkpoint.checkpoints(run)) <= 3, reached
 
 
 # ---------------------------------------------------------------------------------- security
