@@ -567,7 +567,7 @@ def test_a_fault_loses_nothing_written_and_resume_ends_bitwise_equal(tmp_path, u
     """A checkpoint damaged on disk is named and refused before any model loads, and --resume falls back
     to the newest that verifies; a write that fails (a full disk, the folder gone) stops the run in one
     line naming the newest checkpoint, removes its partial folder and damages nothing. Either way the
-    resumed run ends bitwise equal to the uninterrupted one."""
+    resumed run (keeping one checkpoint) ends bitwise equal to the uninterrupted one."""
     whole, run = uninterrupted[0], tmp_path / "run"
     if case in ("full disk", "folder gone"):
         with monkeypatch.context() as patched:
@@ -589,7 +589,8 @@ def test_a_fault_loses_nothing_written_and_resume_ends_bitwise_equal(tmp_path, u
             patched.setattr(models, "load_pipeline", lambda *a: pytest.fail("a model loaded before the check"))
             main(run, *FAULT_FLAGS, f"--resume={bad}")
         assert str(stop.value.code) == f"error: --resume={bad}: no checkpoint there verifies: {problem}"
-    main(run, *FAULT_FLAGS, "--resume")
+    main(run, *FAULT_FLAGS, "--resume", "--keep_checkpoints=1")
+    assert [p.name for p in checkpoint.checkpoints(run)] == ["iter_000002"]  # iteration 1 deleted once 2 was saved
     if case not in ("full disk", "folder gone"):
         assert f"{problem}; resuming from the newest checkpoint that verifies, {run / 'checkpoints' / 'iter_000001'}\n" \
             in capsys.readouterr().out
