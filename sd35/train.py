@@ -53,7 +53,7 @@ class Config:
     algo: str = flag("flow_grpo", PRESET)  # stepwise runs on Flow-GRPO's SDE, stepwise_ddim on the DDIM-inspired one; axis flags override
     reward: str = flag("ocr", REWARD_SPEC)  # one reward or a weighted mix, e.g. ocr=0.8,pickscore=0.2 (sd35/rewards.py)
     reward_url: str = flag("", URL)  # the reward server, for --reward=remote
-    reward_timeout: float = flag(120.0, "(0, 3600]")  # seconds the reward server may take to answer, in each of 3 tries
+    reward_timeout: float = flag(120.0, "(0, 180]")  # seconds the reward server has for each of 3 tries; 3 x 180 s fits NCCL's 10-minute collective timeout
     remote_range: str = flag("", RANGE)  # the server's score range, for the prompt tracker; "" = its running min..max
     prompts: str = flag("ocr", PROMPT_SET)  # shipped set (ocr, general) or a folder with train/test .txt or .jsonl
     group_size: int = flag(8, "[2, inf)")  # G, trajectories per prompt (the mean size under binned sizes); 24 in the paper
@@ -87,8 +87,8 @@ class Config:
     eval_every: int = flag(20, "[0, inf)")  # iterations between evaluations (0 = only at the end)
     eval_images: int = flag(16, "[0, inf)")  # test prompts per evaluation (0 = all)
     save_every: int = flag(20, "[0, inf)")  # iterations between checkpoints (and always at the end and on SIGINT/SIGTERM)
-    keep_checkpoints: int = flag(0, "[0, inf)")  # delete all but this many newest checkpoints, each once a newer one is complete; 0 = keep all
-    keep_best: bool = flag(False, (False, True))  # also keep the LoRA of the best evaluation in OUT/best/, with best.json (its iteration, eval_reward)
+    keep_checkpoints: int = flag(0, "[0, inf)")  # keep this many newest checkpoints, deleting older ones once a newer one is complete; 0 = keep all
+    keep_best: bool = flag(False, (False, True))  # also keep the best evaluation's LoRA in OUT/best/, its iteration and eval_reward in best.json
     eval_only: bool = flag(False, (False, True))  # evaluate the loaded (or base) model once and exit
     max_bad_steps: int = flag(5, "[1, inf)")  # stop after this many optimiser steps in a row with a NaN/inf gradient (each is skipped)
     reward_workers: int = flag(-1, "[-1, 1024]")  # processes scoring OCR (rewards.CPU_BOUND); -1 = CPU cores per local rank, 0 = in this process

@@ -512,9 +512,11 @@ def test_the_best_evaluation_is_kept_loadable_with_its_iteration_and_reward(unin
     best = json.loads((out / "best" / checkpoint.BEST_FILE).read_text())
     assert best == {"iteration": rewards_seen.index(max(rewards_seen)), "eval_reward": max(rewards_seen)}
     lora = load_file(out / "best" / checkpoint.LORA_FILE)
-    if best["iteration"]:  # the base model's LoRA (iteration 0) is in no checkpoint
+    if best["iteration"]:
         kept = load_file(out / "checkpoints" / f"iter_{best['iteration']:06d}" / checkpoint.LORA_FILE)
         assert lora.keys() == kept.keys() and all(torch.equal(lora[k], kept[k]) for k in lora)
+    else:  # the base model's LoRA, in no checkpoint: B starts at zero
+        assert all((v == 0).all() for k, v in lora.items() if "lora_B" in k)
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("best")) == ["best"]
 
 
