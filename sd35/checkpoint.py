@@ -70,6 +70,7 @@ def capture(state, iteration):
 def save(run_dir, snapshot, identity, keep=0):
     """Write a capture()d snapshot as checkpoint folder iter_N, then delete all but the `keep` newest
     checkpoints (0: keep all); returns its iteration."""
+    (Path(run_dir) / "checkpoints").mkdir(exist_ok=True)  # not the run folder: one that vanished is not made anew
     with written(Path(run_dir) / "checkpoints" / f"iter_{snapshot.iteration:06d}") as tmp:
         save_lora(tmp, snapshot)
         save_file(snapshot.tensors, tmp / STATE_FILE)
@@ -107,7 +108,6 @@ def written(final):
     tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        final.parent.mkdir(exist_ok=True)  # not its parents: a run folder that vanished is not made anew
         tmp.mkdir()
         yield tmp
         for path in tmp.iterdir():
