@@ -1,15 +1,19 @@
 """Checkpoints: one folder per iteration, OUT/checkpoints/iter_000020/, with the LoRA the evaluation
 scored (the EMA of the weights when it is on) in diffusers' format (LORA_FILE, for
 pipe.load_lora_weights(folder)), the live LoRA and the optimiser's, tracker's and EMA's tensors
-(STATE_FILE) and, in RUN_FILE, what it belongs to (check_identity), the iteration and the rest of
-the state as plain numbers. No pickle, so loading can never run code. A folder is written under a
-temporary name, fsynced and renamed when complete: a kill at any moment leaves the previous
-checkpoint intact. The random state needs no saving: every draw of iteration i comes from
-generators seeded with (seed, i, ...), so a resumed run draws what an uninterrupted one would.
+(STATE_FILE), in RUN_FILE what it belongs to (check_identity), the iteration and the rest of the
+state as plain numbers, and in CHECKSUMS_FILE the sha256 of those three files, which --resume
+verifies before any model loads. No pickle, so loading can never run code. A folder is written
+under a temporary name, fsynced and renamed when complete: a kill at any moment, or a write that
+fails (a full disk), leaves the previous checkpoints intact. The random state needs no saving:
+every draw of iteration i comes from generators seeded with (seed, i, ...), so a resumed run
+draws what an uninterrupted one would.
 """
+import hashlib
 import json
 import os
 import shutil
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,6 +27,7 @@ from diffusers import StableDiffusion3Pipeline  # noqa: E402
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict  # noqa: E402
 
 LORA_FILE, STATE_FILE, RUN_FILE = "pytorch_lora_weights.safetensors", "trainer_state.safetensors", "run.json"
+CHECKSUMS_FILE, BEST_FILE = "checksums.json", "best.json"
 
 
 @dataclass
@@ -62,36 +67,105 @@ def capture(state, iteration):
                            adapter=state.transformer.peft_config["default"].to_dict())
 
 
-def save(run_dir, snapshot, identity):
-    """Write a capture()d snapshot as checkpoint folder iter_N atomically; returns its iteration."""
-    final = Path(run_dir) / "checkpoints" / f"iter_{snapshot.iteration:06d}"
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    # The adapter's config travels as metadata: without it diffusers' loader assumes
-    # lora_alpha = rank and would apply the LoRA at the wrong scale.
-    StableDiffusion3Pipeline.save_lora_weights(tmp, transformer_lora_layers=snapshot.lora,
-                                               transformer_lora_adapter_metadata=snapshot.adapter)
-    save_file(snapshot.tensors, tmp / STATE_FILE)
-    (tmp / RUN_FILE).write_text(json.dumps({**identity, "iteration": snapshot.iteration, **snapshot.numbers}))
-    for path in tmp.iterdir():
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-    cli.fsync_dir(tmp)
-    if final.exists():  # only when the same iteration is saved twice
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    cli.fsync_dir(final.parent)
+def save(run_dir, snapshot, identity, keep=0):
+    """Write a capture()d snapshot as checkpoint folder iter_N, then delete all but the `keep` newest
+    checkpoints (0: keep all); returns its iteration."""
+    (Path(run_dir) / "checkpoints").mkdir(exist_ok=True)  # not the run folder: one that vanished is not made anew
+    with written(Path(run_dir) / "checkpoints" / f"iter_{snapshot.iteration:06d}") as tmp:
+        save_lora(tmp, snapshot)
+        save_file(snapshot.tensors, tmp / STATE_FILE)
+        (tmp / RUN_FILE).write_text(json.dumps({**identity, "iteration": snapshot.iteration, **snapshot.numbers}))
+        (tmp / CHECKSUMS_FILE).write_text(json.dumps({name: sha256(tmp / name) for name in CHECKSUMMED}))
+    for old in checkpoints(run_dir)[keep:] if keep else []:  # only now that the new one is complete
+        shutil.rmtree(old)
     return snapshot.iteration
 
 
-def newest(path):
-    """`path` if it is a complete checkpoint, else the highest-numbered one under path/checkpoints/, else None."""
+def keep_best(run_dir, snapshot, eval_reward):
+    """Keep the evaluated LoRA of `snapshot` in run_dir/best/ (LORA_FILE, and BEST_FILE with its iteration
+    and `eval_reward`) unless an earlier evaluation there scored at least as high."""
+    final = Path(run_dir) / "best"
+    with suppress(OSError, ValueError, KeyError):
+        if json.loads((final / BEST_FILE).read_text())["eval_reward"] >= eval_reward:
+            return
+    with written(final) as tmp:
+        save_lora(tmp, snapshot)
+        (tmp / BEST_FILE).write_text(json.dumps({"iteration": snapshot.iteration, "eval_reward": eval_reward}))
+
+
+def save_lora(folder, snapshot):
+    # The adapter's config travels as metadata: without it diffusers' loader assumes
+    # lora_alpha = rank and would apply the LoRA at the wrong scale.
+    StableDiffusion3Pipeline.save_lora_weights(folder, transformer_lora_layers=snapshot.lora,
+                                               transformer_lora_adapter_metadata=snapshot.adapter)
+
+
+@contextmanager
+def written(final):
+    """A temporary folder to write the folder `final` in, fsynced and renamed to `final` when the block ends:
+    a kill at any moment leaves the old folder or the new one (for an instant, the old one at final.old);
+    a write that fails (a full disk) removes the temporary folder and leaves the old one as it was."""
+    tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        yield tmp
+        for path in tmp.iterdir():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        cli.fsync_dir(tmp)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():  # a checkpoint saved again (after a corrupt one), or a better evaluation
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    cli.fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+CHECKSUMMED = (LORA_FILE, STATE_FILE, RUN_FILE)
+
+
+def sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def verify(folder):
+    """None if every file of the checkpoint `folder` has the checksum its save recorded, else the first
+    problem in one line: a flipped byte, a truncated or a deleted file."""
+    try:
+        recorded = json.loads((folder / CHECKSUMS_FILE).read_text())
+    except (OSError, ValueError):
+        return f"checkpoint {folder} has no readable {CHECKSUMS_FILE}"
+    for name in CHECKSUMMED:
+        if not (folder / name).is_file():
+            return f"checkpoint {folder} lacks {name}"
+        if sha256(folder / name) != recorded.get(name):
+            return f"checkpoint {folder}: {name} does not match the checksum its save recorded"
+    return None
+
+
+def checkpoints(path):
+    """The checkpoints at `path`, newest first: `path` itself if it is one, else path/checkpoints/iter_N
+    (not a save's .tmp, nor an .old being replaced)."""
     path = Path(path)
-    if (path / RUN_FILE).exists():
-        return path
-    done = sorted(p for p in (path / "checkpoints").glob("iter_*") if p.suffix != ".tmp" and (p / RUN_FILE).exists())
-    return done[-1] if done else None
+    if (path / RUN_FILE).exists() or (path / CHECKSUMS_FILE).exists():
+        return [path]
+    return sorted((p for p in (path / "checkpoints").glob("iter_*") if p.name[5:].isdigit()), reverse=True)
+
+
+def newest(path, skipped=None):
+    """The newest checkpoint at `path` whose files verify, or None; the problem of each newer one is
+    appended to the list `skipped`."""
+    for folder in checkpoints(path):
+        if (problem := verify(folder)) is None:
+            return folder
+        if skipped is not None:
+            skipped.append(problem)
+    return None
 
 
 def check_identity(folder, identity):

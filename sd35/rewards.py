@@ -136,6 +136,7 @@ class RewardOptions:
     """What the reward constructors need; each reads only its own."""
     device: str = "cpu"
     remote_url: str | None = None
+    remote_timeout: float = 120.0  # seconds, per try
     clip_model: str = "openai/clip-vit-large-patch14"  # also its processor
     pickscore_model: str = "yuvalkirstain/PickScore_v1"
     pickscore_processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # PickScore was tuned from CLIP-H
@@ -153,7 +154,7 @@ REWARDS = {
     "jpeg_compressibility": lambda o: on_pixels(pixel_rewards.jpeg_compressibility),
     "ocr": lambda o: on_pixels(pixel_rewards.OcrReward(o.threads)),
     "pickscore": lambda o: ClipCosine(o.pickscore_model, o.pickscore_processor, o.device, pickscore=True),
-    "remote": lambda o: RemoteReward(o.remote_url),
+    "remote": lambda o: RemoteReward(o.remote_url, o.remote_timeout),
     "shapes": lambda o: importlib.import_module("sd35.shapes").reward,  # colour, place and shape of one object
 }
 

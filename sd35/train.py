@@ -53,6 +53,7 @@ class Config:
     algo: str = flag("flow_grpo", PRESET)  # stepwise runs on Flow-GRPO's SDE, stepwise_ddim on the DDIM-inspired one; axis flags override
     reward: str = flag("ocr", REWARD_SPEC)  # one reward or a weighted mix, e.g. ocr=0.8,pickscore=0.2 (sd35/rewards.py)
     reward_url: str = flag("", URL)  # the reward server, for --reward=remote
+    reward_timeout: float = flag(120.0, "(0, 180]")  # seconds the reward server has for each of 3 tries; 3 x 180 s fits NCCL's 10-minute collective timeout
     remote_range: str = flag("", RANGE)  # the server's score range, for the prompt tracker; "" = its running min..max
     prompts: str = flag("ocr", PROMPT_SET)  # shipped set (ocr, general) or a folder with train/test .txt or .jsonl
     group_size: int = flag(8, "[2, inf)")  # G, trajectories per prompt (the mean size under binned sizes); 24 in the paper
@@ -86,6 +87,8 @@ class Config:
     eval_every: int = flag(20, "[0, inf)")  # iterations between evaluations (0 = only at the end)
     eval_images: int = flag(16, "[0, inf)")  # test prompts per evaluation (0 = all)
     save_every: int = flag(20, "[0, inf)")  # iterations between checkpoints (and always at the end and on SIGINT/SIGTERM)
+    keep_checkpoints: int = flag(0, "[0, inf)")  # keep this many newest checkpoints, deleting older ones once a newer one is complete; 0 = keep all
+    keep_best: bool = flag(False, (False, True))  # also keep the best evaluation's LoRA in OUT/best/, its iteration and eval_reward in best.json
     eval_only: bool = flag(False, (False, True))  # evaluate the loaded (or base) model once and exit
     max_bad_steps: int = flag(5, "[1, inf)")  # stop after this many optimiser steps in a row with a NaN/inf gradient (each is skipped)
     reward_workers: int = flag(-1, "[-1, 1024]")  # processes scoring OCR (rewards.CPU_BOUND); -1 = CPU cores per local rank, 0 = in this process
@@ -234,7 +237,7 @@ def together(ranks):
         raise
     except Stop:
         pass  # ranks.stop_signal says so at the agreement
-    except (RunError, RewardError) as error:  # messages of ours: they say all
+    except (RunError, RewardError, OSError) as error:  # messages of ours, or a write's (a full disk): they say all
         failure = " ".join(str(error).split())
     except Exception as error:  # unexpected: its type, and its traceback in a file that the line names
         path = ranks.out / f"error-rank{ranks.rank}.txt"
@@ -458,11 +461,15 @@ def check_before_loading(argv):
     out = Path(cfg.out)
     # A folder with a checkpoint holds a run to continue, not to overwrite. (A log alone is a
     # run killed before its first save: starting afresh replays exactly what it lost.)
-    if not cfg.resume and not cfg.eval_only and checkpoint.newest(out):
+    if not cfg.resume and not cfg.eval_only and checkpoint.checkpoints(out):
         raise ValueError(f"--out={out} already holds a run; pass --resume to continue it, or another --out")
-    resume_from = checkpoint.newest(cfg.resume) if cfg.resume else None
+    corrupt = []  # a checkpoint whose files do not match their checksums, newer than the one resumed
+    resume_from = checkpoint.newest(cfg.resume, corrupt) if cfg.resume else None
     if cfg.resume and resume_from is None:
-        raise ValueError(f"--resume={cfg.resume}: no complete checkpoint there")
+        raise ValueError(f"--resume={cfg.resume}: " + ("no checkpoint there verifies: " + "; ".join(corrupt) if corrupt
+                                                       else "no complete checkpoint there"))
+    if corrupt and ranks.master:
+        print(f"{'; '.join(corrupt)}; resuming from the newest checkpoint that verifies, {resume_from}")
     start = checkpoint.check_identity(resume_from, identity)["iteration"] if resume_from else 0
     cfg = replace(cfg, resolution=models.resolution(cfg.model, cfg.resolution)[0])
     out.mkdir(parents=True, exist_ok=True)
@@ -485,6 +492,7 @@ def build(cfg, algo, train_prompts, test_prompts, ranks):
     workers = cfg.reward_workers if cfg.reward_workers >= 0 else \
         max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     reward = RewardMix(cfg.reward, RewardOptions(device=str(ranks.device), remote_url=cfg.reward_url or None,
+                                                 remote_timeout=cfg.reward_timeout,
                                                  remote_range=parse_range(cfg.remote_range)), workers)
     pipe = models.load_pipeline(cfg.model, dtype, ranks.device)
     prompts = policy.PromptBank(pipe, [p for p, _ in train_prompts + test_prompts], cfg.guidance_scale, ranks.device,
@@ -564,7 +572,10 @@ def train_loop(run, state, start, log, evaluated, save):
                     saved = save(completed)
     except Ended as ended:
         if ranks.master and completed.iteration > saved:  # keep the iterations not yet in a checkpoint
-            saved = save(completed)
+            try:
+                saved = save(completed)
+            except OSError as error:  # a failed write ends even a stop as a failure
+                ended = Ended(" ".join(str(error).split())) if ended.signal else ended
         return ended, saved
     return None, saved
 
@@ -592,14 +603,17 @@ def main(argv):
 
         def evaluated(it):
             with state.ema.applied() if state.ema else nullcontext():
-                return evaluate(run, it, out, log.mirror)
+                logs = evaluate(run, it, out, log.mirror)
+            if cfg.keep_best and ranks.master and not cfg.eval_only:
+                checkpoint.keep_best(out, checkpoint.capture(state, it), logs["eval_reward"])
+            return logs
 
         if cfg.eval_only:
             with together(ranks):
                 log(start, evaluated(start), redraw=True)
         else:
             ended, saved = train_loop(run, state, start, log, evaluated,
-                                      lambda snapshot: checkpoint.save(out, snapshot, identity))
+                                      lambda snapshot: checkpoint.save(out, snapshot, identity, cfg.keep_checkpoints))
     except Ended as error:
         ended = error
     finish(ranks, run, log, ended, saved)
@@ -621,7 +635,8 @@ def finish(ranks, run, log, ended, saved):
     failure = str(ended) if ended is not None and not ended.signal else None
     if log:
         if failure is not None:
-            log(None, {"error": failure})
+            with suppress(OSError):  # the folder that failed a write may fail this one: the line below says all
+                log(None, {"error": failure})
         log.mirror.close(failure)
     if failure is not None:
         if ranks.master:

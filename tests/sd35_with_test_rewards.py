@@ -8,7 +8,9 @@ worker is a fresh process, so the tests cannot monkeypatch it and run this scrip
 With RECORD_DIR set, every rank writes its pid there when it starts and a file when it has
 destroyed its process group, so a test can tell that every rank ended cleanly. With
 OOM_ON_RANK_1_AT=N, rank 1's training passes of iteration N run out of memory (as CUDA would say).
+With RANK_1_REWARD_URL, rank 1 asks that reward server instead of --reward_url's.
 """
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -52,6 +54,10 @@ rewards.REWARDS.update(by_prompt=lambda options: by_prompt, fails_on_rank_1=lamb
 if RECORD_DIR:
     (Path(RECORD_DIR) / f"pid-{RANK}").write_text(str(os.getpid()))
     destroy_process_group, dist.destroy_process_group = dist.destroy_process_group, destroy_and_record
+if RANK == "1" and os.environ.get("RANK_1_REWARD_URL"):
+    remote = rewards.REWARDS["remote"]
+    rewards.REWARDS["remote"] = lambda options: remote(dataclasses.replace(options,
+                                                                           remote_url=os.environ["RANK_1_REWARD_URL"]))
 if OOM_AT:
     optimise, train_pass, train.optimise = train.optimise, train.train_pass, optimise_with_oom_on_rank_1
 

@@ -1,8 +1,12 @@
 """What happens when things go wrong: crashes, kills, bad flags, bad rewards, bad gradients,
 unsafe files. One test per case of the README's failure table; all on CPU with the tiny model."""
+import errno
+import http.server
+import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -367,6 +371,50 @@ def test_any_failure_on_one_rank_ends_every_rank_with_the_completed_iterations_s
     ended_cleanly(records)
 
 
+class HangsOnItsThirdRequest(http.server.BaseHTTPRequestHandler):
+    """A reward server: /score scores each image by its PNG's size; /hang answers its first two requests
+    (rank 1's evaluation of the base model and its share of iteration 1), then never again."""
+
+    def do_POST(self):
+        images = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["images"]
+        self.server.hangs += self.path == "/hang"
+        if self.path == "/hang" and self.server.hangs > 2:
+            self.server.released.wait()  # connected, and silent until the test ends
+            return
+        reply = json.dumps({"scores": [len(png) % 97 / 97 for png in images]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_reward_server_that_hangs_for_one_rank_ends_every_rank_with_the_completed_iterations(tmp_path):
+    """Rank 1's server stops answering in iteration 2: --reward_timeout ends each of its 3 tries, then both
+    ranks stop at the next agreement, iteration 1 saved, with one line naming the rank and the server."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HangsOnItsThirdRequest)
+    server.hangs, server.released = 0, threading.Event()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    records, out = tmp_path / "records", tmp_path / "run"
+    try:
+        proc = two_ranks(records, out, "--reward=remote", f"--reward_url={url}/score", "--reward_timeout=1",
+                         "--iters=3", env={"RANK_1_REWARD_URL": f"{url}/hang"})
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        server.released.set()
+        server.shutdown()
+    assert proc.returncode == 1, stderr[-3000:]
+    assert re.search(rf"^error: rank 1: reward 'remote' failed on prompt '.+' \(first of 4\): reward server {url}/hang "
+                     r"failed after 3 attempts \(last error: no answer within 1\.0 s\); is it running\? "
+                     r"\(newest checkpoint: iteration 1\)$", stderr, re.M), stderr[-3000:]
+    assert 'sd35/train.py", line' not in stderr
+    assert checkpoint.newest(out).name == "iter_000001" and server.hangs == 2 + 3
+    ended_cleanly(records)
+
+
 def test_a_stop_signal_to_one_rank_stops_both_at_the_same_point(tmp_path):
     records, out = tmp_path / "records", tmp_path / "run"
     proc = two_ranks(records, out, "--iters=1000", "--save_every=0")
@@ -444,6 +492,155 @@ def test_nan_gradients_are_skipped_then_stop_the_run(tmp_path, monkeypatch, caps
     assert entries[1]["skipped_steps"] == [True, True]
     lora = load_file(checkpoint.newest(tmp_path / "run") / checkpoint.LORA_FILE)
     assert all((v == 0).all() for k, v in lora.items() if "lora_B" in k)  # skipped steps never touched the weights
+
+
+# ---------------------------------------------------------------------------------- full disks, corrupt files
+
+FAULT_FLAGS = ["--iters=2", "--save_every=1", "--lr=1e-2", "--ema_every=1", "--eval_every=1", "--keep_best"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """A run of 2 iterations with a checkpoint after each, met by no fault: what every resumed run must equal."""
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    return out, main(out, *FAULT_FLAGS)
+
+
+def test_the_best_evaluation_is_kept_loadable_with_its_iteration_and_reward(uninterrupted):
+    out, entries = uninterrupted
+    rewards_seen = [e["eval_reward"] for e in entries]
+    best = json.loads((out / "best" / checkpoint.BEST_FILE).read_text())
+    assert best == {"iteration": rewards_seen.index(max(rewards_seen)), "eval_reward": max(rewards_seen)}
+    lora = load_file(out / "best" / checkpoint.LORA_FILE)
+    if best["iteration"]:
+        kept = load_file(out / "checkpoints" / f"iter_{best['iteration']:06d}" / checkpoint.LORA_FILE)
+        assert lora.keys() == kept.keys() and all(torch.equal(lora[k], kept[k]) for k in lora)
+    else:  # the base model's LoRA, in no checkpoint: B starts at zero
+        assert all((v == 0).all() for k, v in lora.items() if "lora_B" in k)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("best")) == ["best"]
+
+
+def corrupt(run, case):
+    """Damage checkpoint iteration 2 of `run` as `case` says -> the line that names the damage."""
+    folder = run / "checkpoints" / "iter_000002"
+    if case == "flipped byte":
+        data = bytearray((folder / checkpoint.STATE_FILE).read_bytes())
+        data[len(data) // 2] ^= 1
+        (folder / checkpoint.STATE_FILE).write_bytes(data)
+        return f"checkpoint {folder}: {checkpoint.STATE_FILE} does not match the checksum its save recorded"
+    if case == "truncated file":
+        os.truncate(folder / checkpoint.LORA_FILE, 1000)
+        return f"checkpoint {folder}: {checkpoint.LORA_FILE} does not match the checksum its save recorded"
+    (folder / checkpoint.RUN_FILE).unlink()
+    return f"checkpoint {folder} lacks {checkpoint.RUN_FILE}"
+
+
+def fill_the_disk_at_iteration_2(monkeypatch, run):
+    """The trainer's state file of iteration 2 gets half written, then the disk is full (injected: no
+    small filesystem can be mounted here)."""
+    real = checkpoint.save_file
+
+    def half_then_full(tensors, path):
+        real(tensors, path)
+        if "iter_000002" in str(path):
+            os.truncate(path, os.path.getsize(path) // 2)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    monkeypatch.setattr(checkpoint, "save_file", half_then_full)
+    return rf"\[Errno 28\] No space left on device: '{run}/checkpoints/iter_000002\.tmp/trainer_state\.safetensors'"
+
+
+def unmount_after_iteration_1(monkeypatch, run):
+    """The run folder vanishes once iteration 1 is saved, as a network filesystem that unmounts does; it is
+    moved away, a real fault even as root (a read-only folder is not: root writes there anyway)."""
+    real = checkpoint.save
+
+    def save_then_vanish(run_dir, snapshot, *args):
+        saved = real(run_dir, snapshot, *args)
+        if saved == 1:
+            run.rename(run.with_name("unmounted"))
+        return saved
+    monkeypatch.setattr(checkpoint, "save", save_then_vanish)
+    return rf"\[Errno 2\] No such file or directory: '{run}/.+'"
+
+
+@pytest.mark.parametrize("case", ["flipped byte", "truncated file", "deleted file", "full disk", "folder gone"])
+def test_a_fault_loses_nothing_written_and_resume_ends_bitwise_equal(tmp_path, uninterrupted, monkeypatch, capsys,
+                                                                     case):
+    """A checkpoint damaged on disk is named and refused before any model loads, and --resume falls back
+    to the newest that verifies; a write that fails (a full disk, the folder gone) stops the run in one
+    line naming the newest checkpoint, removes its partial folder and damages nothing. Either way the
+    resumed run (keeping one checkpoint) ends bitwise equal to the uninterrupted one."""
+    whole, run = uninterrupted[0], tmp_path / "run"
+    if case in ("full disk", "folder gone"):
+        with monkeypatch.context() as patched:
+            error = (fill_the_disk_at_iteration_2 if case == "full disk" else unmount_after_iteration_1)(patched, run)
+            with pytest.raises(SystemExit) as stop:
+                main(run, *FAULT_FLAGS)
+        assert re.search(rf"^error: {error} \(newest checkpoint: iteration 1\)$", capsys.readouterr().err, re.M)
+        assert stop.value.code == 1
+        if case == "folder gone":  # mounted again
+            run.with_name("unmounted").rename(run)
+        assert [p.name for p in (run / "checkpoints").iterdir()] == ["iter_000001"]
+        assert checkpoint.verify(run / "checkpoints" / "iter_000001") is None
+        assert [e.get("iteration") for e in read_log(run / "log.jsonl")][:2] == [0, 1]
+    else:
+        shutil.copytree(whole, run)
+        problem = corrupt(run, case)
+        bad = run / "checkpoints" / "iter_000002"
+        with monkeypatch.context() as patched, pytest.raises(SystemExit) as stop:
+            patched.setattr(models, "load_pipeline", lambda *a: pytest.fail("a model loaded before the check"))
+            main(run, *FAULT_FLAGS, f"--resume={bad}")
+        assert str(stop.value.code) == f"error: --resume={bad}: no checkpoint there verifies: {problem}"
+    main(run, *FAULT_FLAGS, "--resume", "--keep_checkpoints=1")
+    assert [p.name for p in checkpoint.checkpoints(run)] == ["iter_000002"]  # iteration 1 deleted once 2 was saved
+    if case not in ("full disk", "folder gone"):
+        assert f"{problem}; resuming from the newest checkpoint that verifies, {run / 'checkpoints' / 'iter_000001'}\n" \
+            in capsys.readouterr().out
+    for name in (checkpoint.LORA_FILE, checkpoint.STATE_FILE):
+        a, b = (load_file(r / "checkpoints" / "iter_000002" / name) for r in (whole, run))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+# A process that saves checkpoints with --keep_checkpoints=2 in a loop: for each line read, it forks a
+# saver, prints its pid and, once it is killed, "reaped" (one import of the packages for all the kills).
+SAVER = """
+import os, sys, torch
+from types import SimpleNamespace
+from sd35 import checkpoint
+def snapshot(iteration):
+    return SimpleNamespace(iteration=iteration, lora={"a.lora_A.weight": torch.full((4, 1000), float(iteration))},
+                           tensors={"state": torch.full((1_000_000,), float(iteration))}, numbers={}, adapter={})
+checkpoint.save(sys.argv[1], snapshot(1), {}, keep=2)
+for line in sys.stdin:
+    if (pid := os.fork()) == 0:
+        iteration = int(checkpoint.newest(sys.argv[1]).name[5:])
+        while True:
+            iteration = checkpoint.save(sys.argv[1], snapshot(iteration + 1), {}, keep=2)
+    print(pid, flush=True)
+    os.waitpid(pid, 0)
+    print("reaped", flush=True)
+"""
+
+
+def test_a_kill_during_saves_with_retention_always_leaves_a_complete_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    saver = subprocess.Popen([sys.executable, "-c", SAVER, str(run)], cwd=ROOT, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    rng, reached = random.Random(0), []
+    for _ in range(5):
+        saver.stdin.write("save\n")
+        saver.stdin.flush()
+        pid = int(saver.stdout.readline())
+        time.sleep(rng.uniform(0.05, 0.5))  # each save takes about 0.05 s: most kills land in one
+        os.kill(pid, signal.SIGKILL)
+        assert saver.stdout.readline() == "reaped\n"
+        listed = checkpoint.checkpoints(run)
+        assert checkpoint.newest(run) is not None and 1 <= len(listed) <= 3, listed  # 2 kept, 1 maybe half deleted
+        reached.append(int(checkpoint.newest(run).name[5:]))
+    saver.stdin.close()
+    saver.wait(timeout=60)
+    assert reached == sorted(reached) and reached[-1] > 5 and len(checkpoint.checkpoints(run)) <= 3, reached
 
 
 # ---------------------------------------------------------------------------------- security
