@@ -55,7 +55,7 @@ class Config:
     reward_url: str = flag("", URL)  # the reward server, for --reward=remote
     reward_timeout: float = flag(120.0, "(0, 180]")  # seconds the reward server has for each of 3 tries; 3 x 180 s fits NCCL's 10-minute collective timeout
     remote_range: str = flag("", RANGE)  # the server's score range, for the prompt tracker; "" = its running min..max
-    prompts: str = flag("ocr", PROMPT_SET)  # shipped set (ocr, general) or a folder with train/test .txt or .jsonl
+    prompts: str = flag("ocr", PROMPT_SET)  # shipped set (ocr, general, shapes) or a folder with train/test .txt or .jsonl
     group_size: int = flag(8, "[2, inf)")  # G, trajectories per prompt (the mean size under binned sizes); 24 in the paper
     prompts_per_iter: int = flag(8, "[1, inf)")  # groups per iteration; trajectories per iteration = group_size x this, over all ranks
     num_steps: int = flag(10, "[2, 1000]")  # sampling steps in training (at most the scheduler's training timesteps)

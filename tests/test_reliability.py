@@ -171,7 +171,7 @@ def prompt_folder(path, train_bytes):
     (["--sampler=heun"], "--sampler=heun: expected one of flow_grpo, ddim, cps"),
     (["--reward=ocrr"], "--reward=ocrr: expected rewards from clipscore, jpeg_compressibility, ocr"),
     (["--reward=ocr=0.5=1"], "--reward=ocr=0.5=1: expected rewards from"),
-    (["--prompts={tmp}/missing"], "--prompts={tmp}/missing: expected a shipped set (general, ocr) or a folder"),
+    (["--prompts={tmp}/missing"], "--prompts={tmp}/missing: expected a shipped set (general, ocr, shapes) or a folder"),
     (["--prompts={tmp}/empty"], "--prompts={tmp}/empty: {tmp}/empty/train.txt holds no prompts"),
     (["--prompts={tmp}/latin1"], "--prompts={tmp}/latin1: {tmp}/latin1/train.txt is not UTF-8"),
     (["--group_size=1"], "--group_size=1: expected an integer >= 2"),
