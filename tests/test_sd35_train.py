@@ -20,6 +20,7 @@ from PIL import Image
 from sd35 import checkpoint, curves, data, models, policy, rewards
 from sd35 import train as sd35_train
 from sd35.curves import read_log
+from sd35.ranks import Ranks
 from sd35.rewards import reward_range
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -305,7 +306,7 @@ def _gradient_step(rank, world, port, result_path):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    ranks = sd35_train.Ranks("cpu", result_path.parent)
+    ranks = Ranks("cpu", result_path.parent)
     ranks.start()
     pipe, params = tiny_policy(lora_seed=2)
     n = 64
@@ -344,7 +345,7 @@ def test_gradients_from_ranks_with_unequal_shares_equal_one_rank_on_the_same_glo
 def test_rank_shares_cover_the_budget_and_differ_by_at_most_one(monkeypatch):
     for world, total in [(3, 64), (8, 12), (5, 5), (1, 7)]:
         monkeypatch.setenv("WORLD_SIZE", str(world))
-        ranks = sd35_train.Ranks("cpu", ".")
+        ranks = Ranks("cpu", ".")
         shares = [ranks.share(total, r) for r in range(world)]
         assert [s.start for s in shares[1:]] == [s.stop for s in shares[:-1]] and shares[-1].stop == total
         sizes = [s.stop - s.start for s in shares]
