@@ -81,16 +81,17 @@ def save(run_dir, snapshot, identity, keep=0):
     return snapshot.iteration
 
 
-def keep_best(run_dir, snapshot, eval_reward):
-    """Keep the evaluated LoRA of `snapshot` in run_dir/best/ (LORA_FILE, and BEST_FILE with its iteration
-    and `eval_reward`) unless an earlier evaluation there scored at least as high."""
+def keep_best(run_dir, state, iteration, eval_reward):
+    """Keep the evaluated LoRA of `state` after `iteration` in run_dir/best/ (LORA_FILE, and BEST_FILE with
+    the iteration and `eval_reward`) unless an earlier evaluation there scored at least as high; the state
+    is copied off the device only then."""
     final = Path(run_dir) / "best"
     with suppress(OSError, ValueError, KeyError):
         if json.loads((final / BEST_FILE).read_text())["eval_reward"] >= eval_reward:
             return
     with written(final) as tmp:
-        save_lora(tmp, snapshot)
-        (tmp / BEST_FILE).write_text(json.dumps({"iteration": snapshot.iteration, "eval_reward": eval_reward}))
+        save_lora(tmp, capture(state, iteration))
+        (tmp / BEST_FILE).write_text(json.dumps({"iteration": iteration, "eval_reward": eval_reward}))
 
 
 def save_lora(folder, snapshot):

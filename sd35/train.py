@@ -492,7 +492,7 @@ def main(argv):
             with state.ema.applied() if state.ema else nullcontext():
                 logs = evaluate(run, it, out, log.mirror)
             if cfg.keep_best and ranks.master and not cfg.eval_only:
-                checkpoint.keep_best(out, checkpoint.capture(state, it), logs["eval_reward"])
+                checkpoint.keep_best(out, state, it, logs["eval_reward"])
             return logs
 
         if cfg.eval_only:
