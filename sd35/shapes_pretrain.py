@@ -35,7 +35,7 @@ JITTER = 0.02  # each render moves its shape by up to 2 % of the width
 @dataclass
 class Settings:
     out: str = flag(str(models.SHIPPED["shapes"]), text_range("a folder"))  # where the diffusers folder goes
-    vae_steps: int = flag(3000, "[1, inf)")  # VAE optimiser steps
+    vae_steps: int = flag(4000, "[1, inf)")  # VAE optimiser steps (fewer round the corners that tell squares from circles)
     vae_batch: int = flag(8, "[1, inf)")  # images per VAE step (small batches learn more per image here)
     vae_lr: float = flag(6e-3, "(0, 1]")  # the VAE's peak AdamW learning rate (cosine decay)
     steps: int = flag(2000, "[1, inf)")  # transformer optimiser steps

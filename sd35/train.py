@@ -300,6 +300,19 @@ def train_pass(run, cond, rows, weight):
                                ref_velocity, weight.to(run.ranks.device))
 
 
+def framed(images, scores, score_range):
+    """Images [B, 3, H, W] in [0, 1] -> uint8 [B, 3, H, W], each in a frame from red (the bottom of the
+    reward's range; of these scores' own span for a remote reward without one) to green (its top):
+    a grid then shows which samples score, and one evaluation against another shows what moved."""
+    lo, hi = score_range or (scores.min().item(), scores.max().item())
+    share = ((scores.float().cpu() - lo) / max(hi - lo, 1e-6)).clamp(0, 1)[:, None, None, None]
+    width = max(1, images.shape[-1] // 32)
+    inside = torch.zeros(images.shape[-2:], dtype=torch.bool)
+    inside[width:-width, width:-width] = True
+    frame = torch.cat([1 - share, share, torch.zeros_like(share)], 1).expand(images.shape)
+    return (torch.where(inside, images.float().cpu(), frame) * 255).round().to(torch.uint8)
+
+
 @torch.no_grad()
 def evaluate(run, it, out, mirror):
     """ODE samples of the test prompts from fixed noise: mean reward per term, and a grid PNG."""
@@ -319,7 +332,7 @@ def evaluate(run, it, out, mirror):
         total, terms = run.reward(images, list(texts), list(metadata))
     logs = {"eval_reward": ranks.gather(total.float().cpu())[:chosen].mean().item(),
             **{f"eval_reward_{k}": ranks.gather(v.float().cpu())[:chosen].mean().item() for k, v in terms.items()}}
-    grid = ranks.gather((images * 255).round().to(torch.uint8).cpu())[:chosen]
+    grid = ranks.gather(framed(images, total, run.reward.range).cpu())[:chosen]
     if ranks.master:
         cols = math.ceil(math.sqrt(len(grid)))
         grid = torch.cat([grid, torch.zeros((-len(grid) % cols, *grid.shape[1:]), dtype=torch.uint8)])

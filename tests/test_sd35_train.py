@@ -227,18 +227,30 @@ def test_saved_lora_loads_with_diffusers_and_changes_the_output(tmp_path):
     torch.testing.assert_close(sample(ours), after)
 
 
+def test_the_evaluation_grid_frames_each_image_by_its_reward():
+    images = torch.full((3, 3, 64, 64), 0.5)
+    framed = sd35_train.framed(images, torch.tensor([0.0, 0.5, 1.0]), (0.0, 1.0))
+    assert framed.dtype == torch.uint8 and framed.shape == images.shape
+    assert framed[0, :, 0, 0].tolist() == [255, 0, 0] and framed[2, :, 63, 5].tolist() == [0, 255, 0]
+    assert framed[1, :, 10, 1].tolist() == [128, 128, 0]  # 64 px: a frame 2 pixels wide
+    assert (framed[:, :, 2:62, 2:62] == 128).all()  # the images themselves untouched
+    # A reward without a declared range: the span of the scores themselves.
+    assert sd35_train.framed(images, torch.tensor([3.0, 5.0, 4.0]), None)[1, :, 0, 0].tolist() == [0, 255, 0]
+
+
 def test_the_saved_lora_is_the_evaluated_one_and_diffusers_draws_the_evaluation_image(tmp_path):
     """With the EMA on, pipe.load_lora_weights(checkpoint) draws the trainer's own evaluation image
     from the evaluation's noise; the live weights, kept for resuming, draw another one."""
     out, _ = run(tmp_path, "ema", "--iters=2", "--lr=0.1", "--ema_every=1", "--ema_decay=0.5", "--eval_every=0")
     folder = out / "checkpoints" / "iter_000002"
-    tile = np.asarray(Image.open(out / "eval" / "iter_000002.png"))[:64, :64].astype(int)  # the first of 2 x 2
+    # The first of 2 x 2, inside the 2-pixel frame that shows its reward.
+    tile = np.asarray(Image.open(out / "eval" / "iter_000002.png"))[2:62, 2:62].astype(int)
     noise = torch.randn((4, 16, 8, 8), generator=sd35_train.generator(0, "eval"))[:1]  # 4: --eval_images
 
     def draw(pipe):
         image = pipe(prompt=data.load_prompts("general")[1][0][0], latents=noise.clone(), num_inference_steps=4,
                      guidance_scale=4.5, height=64, width=64, output_type="np").images[0]
-        return (image * 255).round().astype(int)
+        return (image * 255).round().astype(int)[2:62, 2:62]
 
     pipe = models.load_pipeline("tiny", torch.float32, "cpu")
     pipe.load_lora_weights(folder)
