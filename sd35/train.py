@@ -332,7 +332,7 @@ def evaluate(run, it, out, mirror):
         total, terms = run.reward(images, list(texts), list(metadata))
     logs = {"eval_reward": ranks.gather(total.float().cpu())[:chosen].mean().item(),
             **{f"eval_reward_{k}": ranks.gather(v.float().cpu())[:chosen].mean().item() for k, v in terms.items()}}
-    grid = ranks.gather(framed(images, total, run.reward.range).cpu())[:chosen]
+    grid = ranks.gather(framed(images, total, run.reward.range))[:chosen]
     if ranks.master:
         cols = math.ceil(math.sqrt(len(grid)))
         grid = torch.cat([grid, torch.zeros((-len(grid) % cols, *grid.shape[1:]), dtype=torch.uint8)])
